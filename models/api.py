@@ -1,0 +1,88 @@
+"""The public inference contract of :mod:`models`, used by the worker pipeline.
+
+Images cross this boundary as 2-D ``float32`` numpy arrays in [0, 1], 0 = black, already decoded
+and windowed (MONOCHROME1 inverted) by :mod:`dicom_node.pixels`, at their original resolution.
+Nothing here knows about DICOM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MaskQuality:
+    """Plausibility checks of a lung mask. ``ok`` is False when the crop fell back to the full image."""
+
+    area_fraction: float
+    components: int
+    left_right_balance: float  # smaller lung area / larger lung area, 0..1
+    ok: bool
+    reason: str = ""  # why the mask was rejected, empty when ok
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """Pixel box in the original image: rows [y0, y1), columns [x0, x1)."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+
+@dataclass(frozen=True)
+class LungMaskResult:
+    mask: np.ndarray  # uint8 0/1 at the original resolution
+    crop: CropBox  # lungs' bounding box + margin, or the full image when quality.ok is False
+    quality: MaskQuality
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the Structured Report's Algorithm Identification needs about one model."""
+
+    name: str
+    version: str
+    sha256: str
+    architecture: str
+
+
+@dataclass(frozen=True)
+class Finding:
+    label: str  # one of the model card's labels (the 14 CheXpert observations for Model 2)
+    probability: float
+    threshold: float
+
+    @property
+    def present(self) -> bool:
+        return self.probability >= self.threshold
+
+
+@dataclass(frozen=True)
+class StudyInput:
+    """One study to analyse: a frontal image and, when the study has one, a lateral image."""
+
+    key: str  # caller's identifier, echoed back (e.g. the study's queue id)
+    frontal: np.ndarray
+    lateral: np.ndarray | None = None
+
+
+@dataclass
+class StudyAnalysis:
+    key: str
+    lung_mask: LungMaskResult
+    model1: Finding  # label "Abnormal": probability that the study is not "No Finding"
+    model2: list[Finding]  # in the model card's label order; labels the model lacks are absent
+    models: list[ModelInfo]
+    used_lateral: bool
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # label -> float32 [0,1], frontal res
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ViewPrediction:
+    view: str  # "frontal" or "lateral"
+    probability: float  # probability of the predicted view

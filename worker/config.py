@@ -1,0 +1,159 @@
+"""Load ``config.yaml``: compose each package's own section model and report errors by key path."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from db.config import CompletionConfig, QueueConfig
+from dicom_node.config import DestinationConfig, DicomNodeConfig
+from models.config import ModelsConfig
+
+ENV_DATABASE_URL = "CXR_DATABASE_URL"
+
+
+class ConfigError(ValueError):
+    """``config.yaml`` could not be read or is invalid; the message lists every problem."""
+
+
+class WorkerSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str = Field(default_factory=lambda: f"cxr-worker@{socket.gethostname()}")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(8, ge=1, le=256)
+    poll_interval_seconds: float = Field(1.0, gt=0)
+    study_timeout_seconds: float = Field(600.0, gt=0)
+    manufacturer: str = "cxr-pacs-worker project"
+
+
+class SchedulerSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    retention_days: float = Field(
+        30.0, gt=0, description="Purge files and rows of finished studies older than this"
+    )
+    purge_interval_seconds: float = Field(3600.0, gt=0)
+    lease_sweep_interval_seconds: float = Field(15.0, gt=0)
+    delivery_retry_interval_seconds: float = Field(10.0, gt=0)
+
+
+class LoggingSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class AppConfig(BaseModel):
+    """The whole effective configuration."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    dicom: DicomNodeConfig = Field(default_factory=DicomNodeConfig)  # type: ignore[arg-type]
+    queue: QueueConfig = Field(default_factory=QueueConfig)  # type: ignore[arg-type]
+    completion: CompletionConfig = Field(default_factory=CompletionConfig)  # type: ignore[arg-type]
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+    results_dir: Path | None = Field(
+        Path("var/results"),
+        description="Also write every report to this folder (the demo's destination); null to disable",
+    )
+    worker: WorkerSection = Field(default_factory=WorkerSection)
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)  # type: ignore[arg-type]
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, v: list[DestinationConfig]) -> list[DestinationConfig]:
+        names = [d.name for d in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names must be unique; repeated: {', '.join(dupes)}")
+        return v
+
+    @model_validator(mode="after")
+    def _lease_vs_timeout(self) -> AppConfig:
+        return self
+
+    def destination(self, name: str) -> DestinationConfig:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise ConfigError(f"no destination named {name!r} in config (known: {known})")
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        kind = err["type"]
+        value = err.get("input")
+        if kind == "extra_forbidden":
+            lines.append(f"{source}: {path}: unknown key (check the spelling; see config.yaml comments)")
+            continue
+        msg = str(err["msg"])
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+            lines.append(f"{source}: {path}: {msg}")
+        elif kind == "missing":
+            lines.append(f"{source}: {path}: required key is missing")
+        else:
+            shown = value if not isinstance(value, (dict, list)) else type(value).__name__
+            lines.append(f"{source}: {path}: {shown!r} is not valid: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_relative(cfg: AppConfig, base: Path) -> AppConfig:
+    """Make relative paths (storage, sqlite file, results, weights) relative to the config file."""
+
+    def fix(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p)
+
+    cfg.dicom.storage_dir = fix(cfg.dicom.storage_dir)
+    if cfg.results_dir is not None:
+        cfg.results_dir = fix(cfg.results_dir)
+    cfg.models.weights_dir = fix(cfg.models.weights_dir)
+    url = cfg.queue.database_url
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+        cfg.queue.database_url = prefix + str(fix(Path(url[len(prefix):])))
+    return cfg
+
+
+def parse_config(data: dict[str, Any] | None, *, source: str = "config.yaml", base: Path | None = None,
+                 environ: dict[str, str] | None = None) -> AppConfig:
+    """Validate a mapping as the application config. Raises :class:`ConfigError`."""
+    env = os.environ if environ is None else environ
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    if env.get(ENV_DATABASE_URL):
+        queue = dict(data.get("queue") or {})
+        queue["database_url"] = env[ENV_DATABASE_URL]
+        data["queue"] = queue
+    try:
+        cfg = AppConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+    return _resolve_relative(cfg, base or Path.cwd())
+
+
+def load_config(path: str | Path | None = None, *, environ: dict[str, str] | None = None) -> AppConfig:
+    """Read and validate a YAML config file (default: ``$CXR_CONFIG`` or ``./config.yaml``)."""
+    env = os.environ if environ is None else environ
+    p = Path(path or env.get("CXR_CONFIG") or "config.yaml")
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found (pass a path, or set CXR_CONFIG)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return parse_config(data, source=str(p), base=p.resolve().parent, environ=env)
