@@ -157,3 +157,13 @@ def load_config(path: str | Path | None = None, *, environ: dict[str, str] | Non
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
     return parse_config(data, source=str(p), base=p.resolve().parent, environ=env)
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database URL>"

@@ -1,0 +1,81 @@
+"""Periodic jobs run by APScheduler: study completion, lease expiry, retention purge, delivery retry."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from db.queue import Queue, QueueUnavailable
+
+from .config import AppConfig
+
+log = logging.getLogger(__name__)
+
+
+def _guard(name: str, fn: Callable[[], object]) -> Callable[[], None]:
+    """A job must never die: log and carry on (the next run retries)."""
+
+    def run() -> None:
+        try:
+            fn()
+        except QueueUnavailable as exc:
+            log.warning("%s skipped: database unavailable (%s)", name, exc)
+        except Exception:
+            log.exception("%s failed; will run again at the next interval", name)
+
+    run.__name__ = name
+    return run
+
+
+def completion_sweep(cfg: AppConfig, queue: Queue) -> int:
+    n = queue.sweep_completion(
+        quiet_seconds=cfg.completion.quiet_seconds, max_wait_seconds=cfg.completion.max_wait_seconds
+    )
+    if n:
+        log.info("completion sweep: %d study(ies) left receiving", n)
+    return n
+
+
+def lease_sweep(queue: Queue) -> int:
+    n = queue.sweep_leases()
+    if n:
+        log.warning("lease sweep: %d study(ies) returned from a worker that stopped heartbeating", n)
+    return n
+
+
+def retention_purge(cfg: AppConfig, queue: Queue, now: datetime | None = None) -> int:
+    """Delete rows and files of finished studies older than ``retention_days``."""
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=cfg.scheduler.retention_days)
+    uids = queue.purge(cutoff)
+    root = Path(cfg.dicom.storage_dir).resolve()
+    for uid in uids:
+        folder = (root / uid).resolve()
+        if folder.parent == root and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+    if uids:
+        log.info("retention purge: removed %d finished study(ies) older than %s days", len(uids),
+                 cfg.scheduler.retention_days)
+    return len(uids)
+
+
+def build_scheduler(cfg: AppConfig, queue: Queue, *, role: str,
+                    deliver_due: Callable[[], object] | None = None) -> BackgroundScheduler:
+    """Jobs per role: the SCP side owns completion and retention; every role sweeps leases
+    (compare-and-set makes concurrent sweeps harmless); delivery retry runs where results are made."""
+    sched = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
+    if role in ("all", "scp"):
+        sched.add_job(_guard("completion_sweep", lambda: completion_sweep(cfg, queue)), "interval",
+                      seconds=cfg.completion.sweep_interval_seconds, id="completion")
+        sched.add_job(_guard("retention_purge", lambda: retention_purge(cfg, queue)), "interval",
+                      seconds=cfg.scheduler.purge_interval_seconds, id="purge")
+    sched.add_job(_guard("lease_sweep", lambda: lease_sweep(queue)), "interval",
+                  seconds=cfg.scheduler.lease_sweep_interval_seconds, id="leases")
+    if deliver_due is not None and role in ("all", "worker"):
+        sched.add_job(_guard("delivery_retry", deliver_due), "interval",
+                      seconds=cfg.scheduler.delivery_retry_interval_seconds, id="delivery")
+    return sched
