@@ -1,0 +1,165 @@
+"""Coded concepts used in the Structured Report and by the view rules, in one place.
+
+Standard codes (SNOMED CT ``SCT``, DICOM ``DCM``, LOINC ``LN``, UCUM) are used wherever a concept
+exists; the few concepts without a standard code use the private coding scheme designator
+``99CXRPW`` (the ``99`` prefix is how DICOM marks a local scheme, PS3.16 section 8.2). Every code is a
+:class:`pydicom.sr.coding.Code`, so highdicom accepts it directly.
+
+:data:`CODE_TABLE` is the table the README copies: run ``python -m dicom_node.codes`` to print it
+as Markdown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom.sr.coding import Code
+
+#: Private coding scheme designator for concepts without a standard code.
+LOCAL_SCHEME = "99CXRPW"
+LOCAL_SCHEME_NAME = "cxr-pacs-worker local codes"
+LOCAL_SCHEME_VERSION = "1"
+
+# --- document structure -------------------------------------------------------------------------
+#: Procedure reported: LOINC "XR Chest 2 Views" (frontal + lateral) and "XR Chest Single view".
+PROCEDURE_CHEST_XR_2_VIEWS = Code("36643-5", "LN", "XR Chest 2 Views")
+PROCEDURE_CHEST_XR_1_VIEW = Code("36554-4", "LN", "XR Chest Single view")
+#: SNOMED CT "Plain chest X-ray" (procedure); listed as an alternative in CID 100 practice.
+PROCEDURE_PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+
+PROBABILITY = Code("122157", "DCM", "Probability")
+UNIT_PROBABILITY = Code("{probability}", "UCUM", "probability")
+UNIT_PIXELS = Code("{pixels}", "UCUM", "pixels")
+UNIT_RATIO = Code("1", "UCUM", "no units")
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("272519000", "SCT", "Absent")
+ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+COMMENT = Code("121106", "DCM", "Comment")
+LUNG = Code("39607008", "SCT", "Lung")
+LUNG_MASK_ACCEPTABLE = Code("CXRPW001", LOCAL_SCHEME, "Lung mask acceptable")
+LUNG_MASK_REJECTED = Code("CXRPW002", LOCAL_SCHEME, "Lung mask rejected, full image analysed")
+LUNG_MASK_QUALITY = Code("CXRPW003", LOCAL_SCHEME, "Lung mask quality")
+DECISION_THRESHOLD = Code("CXRPW004", LOCAL_SCHEME, "Decision threshold")
+LUNG_CROP_BOX = Code("CXRPW005", LOCAL_SCHEME, "Lung crop box (x0, y0, x1, y1) in pixels")
+LUNG_MASK_AREA_FRACTION = Code("CXRPW006", LOCAL_SCHEME, "Lung mask area fraction")
+LUNG_MASK_BALANCE = Code("CXRPW007", LOCAL_SCHEME, "Lung mask left/right balance")
+
+# --- findings -----------------------------------------------------------------------------------
+#: Model 1 result: the study is abnormal (not "No Finding").
+ABNORMAL = Code("263654008", "SCT", "Abnormal")
+
+#: The 14 CheXpert observations -> their code. Keys are the model cards' label strings.
+FINDING_CODES: dict[str, Code] = {
+    "No Finding": Code("CXRPW100", LOCAL_SCHEME, "No Finding"),
+    "Enlarged Cardiomediastinum": Code("CXRPW101", LOCAL_SCHEME, "Enlarged Cardiomediastinum"),
+    "Cardiomegaly": Code("287272002", "SCT", "Cardiomegaly"),
+    "Lung Opacity": Code("112001", "DCM", "Opacity"),
+    "Lung Lesion": Code("CXRPW102", LOCAL_SCHEME, "Lung Lesion"),
+    "Edema": Code("19242006", "SCT", "Pulmonary edema"),
+    "Consolidation": Code("95436008", "SCT", "Lung consolidation"),
+    "Pneumonia": Code("233604007", "SCT", "Pneumonia"),
+    "Atelectasis": Code("46621007", "SCT", "Atelectasis"),
+    "Pneumothorax": Code("36118008", "SCT", "Pneumothorax"),
+    "Pleural Effusion": Code("60046008", "SCT", "Pleural effusion"),
+    "Pleural Other": Code("CXRPW103", LOCAL_SCHEME, "Pleural abnormality, other"),
+    "Fracture": Code("125605004", "SCT", "Fracture of bone"),
+    "Support Devices": Code("CXRPW104", LOCAL_SCHEME, "Support Devices"),
+    "Abnormal": ABNORMAL,
+}
+
+
+def finding_code(label: str) -> Code:
+    """The code for a model label; an unknown label gets a deterministic local code.
+
+    A model card may carry labels this table does not know (a retrained model); they are still
+    reported, under a local code derived from the label text, rather than dropped.
+    """
+    code = FINDING_CODES.get(label)
+    if code is not None:
+        return code
+    import hashlib
+
+    digest = hashlib.sha256(label.encode("utf-8")).hexdigest()[:8].upper()
+    return Code(f"CXRPWX{digest}", LOCAL_SCHEME, label[:64])
+
+
+# --- views (CID 4010 "DX View", plus the retired SNOMED RT values still sent by older modalities) --
+VIEW_PA = Code("272479007", "SCT", "postero-anterior")
+VIEW_AP = Code("399348003", "SCT", "antero-posterior")
+VIEW_LATERAL = Code("399067008", "SCT", "lateral")
+VIEW_LEFT_LATERAL = Code("399173006", "SCT", "left lateral")
+VIEW_RIGHT_LATERAL = Code("399198007", "SCT", "right lateral")
+
+#: (scheme, value) -> (view, projection). SRT/SNM3 are the retired SNOMED RT forms (PS3.16 still
+#: lists them as "retired"); IU X-ray headers carry ``R-10214 SNM3 postero-anterior``.
+VIEW_CODE_RULES: dict[tuple[str, str], tuple[str, str]] = {
+    ("SCT", "272479007"): ("frontal", "PA"),
+    ("SCT", "399182006"): ("frontal", "PA"),
+    ("SCT", "399348003"): ("frontal", "AP"),
+    ("SCT", "399033003"): ("frontal", ""),
+    ("SCT", "399067008"): ("lateral", "LAT"),
+    ("SCT", "399173006"): ("lateral", "LL"),
+    ("SCT", "399198007"): ("lateral", "RL"),
+    ("SCT", "49370004"): ("lateral", "LAT"),
+    ("SRT", "R-10214"): ("frontal", "PA"),
+    ("SRT", "R-10206"): ("frontal", "AP"),
+    ("SRT", "R-102CD"): ("lateral", "LAT"),
+    ("SRT", "R-10236"): ("lateral", "LL"),
+    ("SRT", "R-10232"): ("lateral", "RL"),
+}
+for (_scheme, _value), _rule in list(VIEW_CODE_RULES.items()):
+    if _scheme == "SRT":
+        VIEW_CODE_RULES[("SNM3", _value)] = _rule
+
+
+@dataclass(frozen=True)
+class CodeRow:
+    use: str
+    code: Code
+
+    @property
+    def standard(self) -> bool:
+        return self.code.scheme_designator != LOCAL_SCHEME
+
+
+def code_table() -> list[CodeRow]:
+    """Every code this package writes, with what it is used for."""
+    rows = [
+        CodeRow("procedure reported (frontal + lateral)", PROCEDURE_CHEST_XR_2_VIEWS),
+        CodeRow("procedure reported (frontal only)", PROCEDURE_CHEST_XR_1_VIEW),
+        CodeRow("numeric measurement name", PROBABILITY),
+        CodeRow("unit of probability", UNIT_PROBABILITY),
+        CodeRow("qualitative value", PRESENT),
+        CodeRow("qualitative value", ABSENT),
+        CodeRow("algorithm family", ARTIFICIAL_INTELLIGENCE),
+        CodeRow("free-text container", QUALITATIVE_EVALUATIONS),
+        CodeRow("free-text item", COMMENT),
+        CodeRow("finding site", LUNG),
+        CodeRow("measurement name", DECISION_THRESHOLD),
+        CodeRow("QC evaluation name", LUNG_MASK_QUALITY),
+        CodeRow("QC value", LUNG_MASK_ACCEPTABLE),
+        CodeRow("QC value", LUNG_MASK_REJECTED),
+        CodeRow("QC measurement", LUNG_MASK_AREA_FRACTION),
+        CodeRow("QC measurement", LUNG_MASK_BALANCE),
+    ]
+    rows += [CodeRow(f"finding: {label}", code) for label, code in FINDING_CODES.items()]
+    return rows
+
+
+def code_table_markdown() -> str:
+    lines = [
+        "| use | code | scheme | meaning | standard |",
+        "|---|---|---|---|---|",
+    ]
+    for row in code_table():
+        c = row.code
+        lines.append(
+            f"| {row.use} | `{c.value}` | {c.scheme_designator} | {c.meaning} | "
+            f"{'yes' if row.standard else 'no (local)'} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - documentation helper
+    print(code_table_markdown())
