@@ -1,0 +1,1 @@
+"""Training and evaluation datasets read from folders given on the command line."""
