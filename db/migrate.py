@@ -1,0 +1,83 @@
+"""Schema migrations, run programmatically: ``upgrade(url)``, ``current_revision(url)``, ``is_empty(url)``.
+
+The Alembic scripts live in ``db/migrations`` (package data); no ``alembic.ini`` is needed in the
+working directory. ``cxr-worker db upgrade`` calls :func:`upgrade`; ``serve`` calls it when
+:func:`is_empty` says the database has no tables yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from db.engine import make_engine, safe_url, translate_errors
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+def _config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest revision this code knows."""
+    head = ScriptDirectory.from_config(_config()).get_current_head()
+    if head is None:  # pragma: no cover - the package always ships revisions
+        raise RuntimeError(f"no Alembic revisions found in {MIGRATIONS_DIR}")
+    return head
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring the database at ``url`` to ``revision`` (default: newest). Safe to repeat, and safe
+    to run from several processes at once (serialised by a lock on both backends)."""
+    cfg = _config()
+    engine = make_engine(url)
+    try:
+        with translate_errors(url), engine.connect() as conn:
+            cfg.attributes["connection"] = conn
+            before = _current(conn)
+            command.upgrade(cfg, revision)
+            conn.commit()
+            after = _current(conn)
+        if before != after:
+            log.info("database %s upgraded from %s to %s", safe_url(url), before or "empty", after)
+        else:
+            log.debug("database %s already at %s", safe_url(url), after)
+    finally:
+        engine.dispose()
+
+
+def _current(conn: sa.Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def current_revision(url: str) -> str | None:
+    """The revision the database is at, or ``None`` if it was never migrated."""
+    engine = make_engine(url)
+    try:
+        with translate_errors(url), engine.connect() as conn:
+            conn = conn.execution_options(cxr_readonly=True)
+            return _current(conn)
+    finally:
+        engine.dispose()
+
+
+def is_empty(url: str) -> bool:
+    """True when the database has no tables at all (a new database ``serve`` may initialise)."""
+    engine = make_engine(url)
+    try:
+        with translate_errors(url), engine.connect() as conn:
+            conn = conn.execution_options(cxr_readonly=True)
+            return not sa.inspect(conn).get_table_names()
+    finally:
+        engine.dispose()

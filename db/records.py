@@ -1,0 +1,109 @@
+"""Plain, immutable rows the queue hands out (no ORM sessions leak out of :mod:`db.queue`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRow:
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    body_part: str | None
+    view_position: str | None
+    rel_path: str  # relative to dicom.storage_dir
+    size_bytes: int
+    eligible: bool
+    ineligible_reason: str | None
+    calling_ae: str | None
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedStudy:
+    """A study a worker now holds (until ``lease_expires_at``, extended by heartbeats)."""
+
+    id: int
+    study_uid: str
+    attempts: int  # including this one
+    previous_report_uid: str | None  # the report the next one replaces, if any
+    lease_expires_at: datetime
+    instances: list[InstanceRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    at: datetime
+    from_state: str | None
+    to_state: str
+    reason: str | None
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class StudySummary:
+    study_uid: str
+    state: str
+    reason: str | None
+    updated_at: datetime
+    instance_count: int
+    deliveries: dict[str, int]  # delivery state -> count, for the study's latest result
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRow:
+    id: int
+    created_at: datetime
+    payload: dict[str, Any]
+    report_sop_instance_uid: str | None
+    report_path: str | None
+    superseded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    id: int
+    study_id: int
+    study_uid: str
+    result_id: int
+    destination: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_status: str | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StudyDetail:
+    id: int
+    study_uid: str
+    state: str
+    state_reason: str | None
+    attempts: int
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    heartbeat_at: datetime | None
+    first_instance_at: datetime | None
+    last_instance_at: datetime | None
+    ready_at: datetime | None
+    claimed_at: datetime | None
+    finished_at: datetime | None
+    reopened_count: int
+    needs_reanalysis: bool
+    previous_report_uid: str | None
+    created_at: datetime
+    updated_at: datetime
+    instances: list[InstanceRow]
+    results: list[ResultRow]
+    deliveries: list[DeliveryRow]
+    events: list[EventRow]

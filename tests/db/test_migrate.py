@@ -1,0 +1,85 @@
+"""Migrations: upgrade an empty database, repeat harmlessly, match the ORM models exactly."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from db.engine import make_engine
+from db.migrate import current_revision, head_revision, is_empty, upgrade
+from db.schema import Base, UTCDateTime
+
+
+def test_upgrade_empty_then_again(database_url: str) -> None:
+    assert is_empty(database_url)
+    assert current_revision(database_url) is None
+    upgrade(database_url)
+    assert not is_empty(database_url)
+    assert current_revision(database_url) == head_revision() == "0001_initial"
+    upgrade(database_url)  # idempotent
+    assert current_revision(database_url) == head_revision()
+
+    eng = make_engine(database_url)
+    try:
+        insp = sa.inspect(eng)
+        assert set(insp.get_table_names()) >= {"studies", "instances", "events", "results", "deliveries"}
+        study_ix = {ix["name"]: ix["column_names"] for ix in insp.get_indexes("studies")}
+        assert study_ix["ix_studies_state"] == ["state"]
+        assert study_ix["ix_studies_state_last_instance_at"] == ["state", "last_instance_at"]
+        assert study_ix["ix_studies_state_lease_expires_at"] == ["state", "lease_expires_at"]
+        dix = {ix["name"]: ix["column_names"] for ix in insp.get_indexes("deliveries")}
+        assert dix["ix_deliveries_state_next_attempt_at"] == ["state", "next_attempt_at"]
+    finally:
+        eng.dispose()
+
+
+def test_migration_matches_models(database_url: str) -> None:
+    upgrade(database_url)
+    eng = make_engine(database_url)
+    try:
+        with eng.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            diff = compare_metadata(ctx, Base.metadata)
+        assert diff == [], f"db/schema.py and the migrations differ; add a revision: {diff}"
+    finally:
+        eng.dispose()
+
+
+def test_check_constraint_refuses_unknown_state(database_url: str) -> None:
+    upgrade(database_url)
+    eng = make_engine(database_url)
+    now = datetime.now(UTC)
+    try:
+        with pytest.raises(sa.exc.IntegrityError), eng.begin() as conn:
+            conn.execute(
+                Base.metadata.tables["studies"]
+                .insert()
+                .values(study_uid="1.2.3", state="lost", created_at=now, updated_at=now)
+            )
+    finally:
+        eng.dispose()
+
+
+def test_timestamps_round_trip_as_aware_utc(database_url: str) -> None:
+    upgrade(database_url)
+    eng = make_engine(database_url)
+    t = datetime(2026, 3, 29, 3, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2)))
+    studies = Base.metadata.tables["studies"]
+    try:
+        with eng.begin() as conn:
+            conn.execute(studies.insert().values(study_uid="1.2.3", state="receiving", created_at=t, updated_at=t))
+        with eng.connect() as conn:
+            got = conn.execute(sa.select(studies.c.created_at)).scalar_one()
+        assert got == t and got.tzinfo is not None and got.utcoffset() == timedelta(0)
+        assert got.hour == 1
+    finally:
+        eng.dispose()
+
+
+def test_naive_datetimes_are_refused() -> None:
+    with pytest.raises(ValueError, match="naive datetime"):
+        UTCDateTime().process_bind_param(datetime(2026, 1, 1), sa.create_engine("sqlite://").dialect)
