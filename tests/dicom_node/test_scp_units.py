@@ -1,0 +1,306 @@
+"""Unit tests of the receiver's parts that need no network: UID grammar, status table, dataset
+conformance checks on real files, chest eligibility, atomic storage."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+from dicom_node.classify import chest_eligibility
+from dicom_node.conformance import inspect_dataset
+from dicom_node.sink import SinkUnavailable
+from dicom_node.statuses import (
+    DatasetMismatch,
+    InsufficientDiskSpace,
+    UndecodableDataset,
+    status_for,
+)
+from dicom_node.storage import InstanceStorage
+from dicom_node.uids import InvalidUID, is_valid_uid, uid_problem, validate_uid
+from tests.conftest import DATA
+from tests.dicom_node.conftest import body_bytes, fresh
+
+ALL_FILES = sorted(p.name for p in DATA.glob("*.dcm"))
+
+
+# ----------------------------------------------------------------------------- UIDs
+
+@pytest.mark.parametrize("uid", ["1.2.840.10008.1.2", "0", "1.0.3", "2.25." + "9" * 39, "1" * 64])
+def test_valid_uids(uid: str) -> None:
+    assert is_valid_uid(uid), uid_problem(uid)
+
+
+@pytest.mark.parametrize(
+    ("uid", "why"),
+    [
+        ("../../etc", "characters other than digits"),
+        ("1.2/3", "characters other than digits"),
+        ("", "empty"),
+        ("1..2", "empty component"),
+        (".1.2", "empty component"),
+        ("1.2.", "empty component"),
+        ("1.02.3", "leading zero"),
+        ("1" * 65, "65 characters"),
+        ("1.2 ", "characters other than digits"),
+        (None, "missing"),
+    ],
+)
+def test_invalid_uids_say_why(uid: object, why: str) -> None:
+    assert not is_valid_uid(uid)
+    with pytest.raises(InvalidUID, match=why) as ei:
+        validate_uid(uid, what="StudyInstanceUID")
+    assert "StudyInstanceUID" in str(ei.value)
+
+
+# ----------------------------------------------------------------------------- statuses
+
+def test_status_table() -> None:
+    assert status_for(UndecodableDataset("x")) == 0xC210
+    assert status_for(DatasetMismatch("x")) == 0xA900
+    assert status_for(InvalidUID("x")) == 0xA900
+    assert status_for(InsufficientDiskSpace("x")) == 0xA700
+    assert status_for(SinkUnavailable("x")) == 0xA700
+    assert status_for(PermissionError("x")) == 0xC000
+    assert status_for(KeyError("x")) == 0xC000
+
+
+# ----------------------------------------------------------------------------- conformance
+
+def _inspect(path: Path, data: bytes | None = None, **kw: str):  # type: ignore[no-untyped-def]
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    args = {
+        "transfer_syntax": str(meta.TransferSyntaxUID),
+        "affected_sop_class_uid": str(meta.MediaStorageSOPClassUID),
+        "affected_sop_instance_uid": str(meta.MediaStorageSOPInstanceUID),
+    }
+    args.update(kw)
+    return inspect_dataset(body_bytes(path) if data is None else data, **args)
+
+
+@pytest.mark.parametrize("name", ALL_FILES)
+def test_every_real_file_passes(name: str) -> None:
+    info = _inspect(DATA / name)
+    ds = pydicom.dcmread(DATA / name, stop_before_pixels=True)
+    assert info.study_uid == ds.StudyInstanceUID
+    assert info.sop_instance_uid == ds.SOPInstanceUID
+    assert info.modality == "CR"
+    assert "PixelData" not in info.header  # the header stops before the pixels
+
+
+@pytest.mark.parametrize(("option", "syntax"), [("+ti", ImplicitVRLittleEndian), ("+tb", ExplicitVRBigEndian), ("+td", DeflatedExplicitVRLittleEndian)])
+def test_other_uncompressed_syntaxes_pass(tmp_path: Path, option: str, syntax: pydicom.uid.UID) -> None:
+    """Converted by dcmtk's dcmconv (a real big endian / deflated encoder, not pydicom)."""
+    if shutil.which("dcmconv") is None:
+        pytest.skip("dcmtk's dcmconv is not installed")
+    out = tmp_path / "x.dcm"
+    subprocess.run(["dcmconv", option, str(DATA / "RG3_UNCR.dcm"), str(out)], check=True)
+    info = _inspect(out)
+    assert info.transfer_syntax_uid == syntax
+    assert info.body_part == "EXTREMITY"
+
+
+@pytest.mark.parametrize("cut", [1, 2, 1000, 3_600_000, 7_198_000])
+def test_truncated_dataset_is_undecodable(cut: int) -> None:
+    data = body_bytes(DATA / "RG1_UNCR.dcm")
+    with pytest.raises(UndecodableDataset, match="cannot parse the dataset at byte"):
+        _inspect(DATA / "RG1_UNCR.dcm", data[:-cut])
+
+
+def test_truncated_compressed_dataset_is_undecodable() -> None:
+    data = body_bytes(DATA / "RG1_J2KR.dcm")
+    with pytest.raises(UndecodableDataset, match="truncated"):
+        _inspect(DATA / "RG1_J2KR.dcm", data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"])
+def test_random_bytes_are_undecodable(syntax: str) -> None:
+    garbage = bytes(range(256)) * 40 + os.urandom(4000)
+    with pytest.raises(UndecodableDataset):
+        _inspect(DATA / "RG1_UNCR.dcm", garbage, transfer_syntax=syntax)
+
+
+def test_garbage_deflate_stream_is_undecodable() -> None:
+    with pytest.raises(UndecodableDataset, match="inflate"):
+        _inspect(DATA / "RG1_UNCR.dcm", b"\xff" * 100, transfer_syntax=DeflatedExplicitVRLittleEndian)
+
+
+def test_request_uids_must_match_dataset() -> None:
+    with pytest.raises(DatasetMismatch, match="differs from the request's Affected SOP Instance UID"):
+        _inspect(DATA / "RG1_UNCR.dcm", affected_sop_instance_uid="1.2.3.4")
+    with pytest.raises(DatasetMismatch, match="differs from the request's Affected SOP Class UID"):
+        _inspect(DATA / "RG1_UNCR.dcm", affected_sop_class_uid="1.2.840.10008.5.1.4.1.1.7")
+
+
+def _resave(tmp_path: Path, ds: Dataset) -> Path:
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_path_traversal_study_uid_is_a_mismatch(tmp_path: Path) -> None:
+    ds = fresh(pydicom.dcmread(DATA / "siim_cr_pa_secondary_capture.dcm"))
+    ds.StudyInstanceUID = "../../etc"
+    with pytest.raises(InvalidUID, match="StudyInstanceUID '../../etc' is not a valid DICOM UID"):
+        _inspect(_resave(tmp_path, ds))
+
+
+def test_missing_series_uid_is_a_mismatch(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(DATA / "siim_cr_pa_secondary_capture.dcm")
+    del ds.SeriesInstanceUID
+    with pytest.raises(InvalidUID, match="SeriesInstanceUID None is not a valid DICOM UID: it is missing"):
+        _inspect(_resave(tmp_path, ds))
+
+
+def test_pixel_length_must_match_rows_columns(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(DATA / "RG3_UNCR.dcm")
+    ds.Rows = ds.Rows + 1
+    with pytest.raises(DatasetMismatch, match=r"Pixel Data has 6195200 bytes but Rows 1761 x Columns 1760"):
+        _inspect(_resave(tmp_path, ds))
+
+
+def test_missing_pixel_data_is_a_mismatch(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(DATA / "RG3_UNCR.dcm")
+    del ds.PixelData
+    with pytest.raises(DatasetMismatch, match="Pixel Data .* is missing"):
+        _inspect(_resave(tmp_path, ds))
+
+
+def test_garbage_in_compressed_pixel_data_is_a_mismatch(tmp_path: Path) -> None:
+    data = bytearray(body_bytes(DATA / "RG1_J2KR.dcm"))
+    soc = data.find(b"\xff\x4f\xff\x51")
+    data[soc:soc + 4096] = os.urandom(4096)
+    with pytest.raises(DatasetMismatch, match="does not start with a JPEG 2000 codestream"):
+        _inspect(DATA / "RG1_J2KR.dcm", bytes(data))
+
+
+def test_encapsulated_pixels_in_an_uncompressed_syntax_are_a_mismatch() -> None:
+    with pytest.raises(DatasetMismatch, match="encapsulated"):
+        _inspect(DATA / "RG1_JLSN.dcm", transfer_syntax="1.2.840.10008.1.2.1")
+
+
+def test_undefined_length_sequences_are_walked(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(DATA / "siim_cr_pa_secondary_capture.dcm")
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "51185008", "SCT", "Chest"
+    ds.AnatomicRegionSequence = [item]
+    ds["AnatomicRegionSequence"].is_undefined_length = True
+    path = _resave(tmp_path, ds)
+    raw = body_bytes(path)
+    assert struct.pack("<HH", 0xFFFE, 0xE0DD) in raw  # really written with a sequence delimiter
+    info = _inspect(path)
+    assert info.header.AnatomicRegionSequence[0].CodeValue == "51185008"
+    with pytest.raises(UndecodableDataset):  # remove the delimiter: the walk must notice
+        i = raw.find(struct.pack("<HH", 0xFFFE, 0xE0DD))
+        _inspect(path, raw[:i] + raw[i + 8:])
+
+
+# ----------------------------------------------------------------------------- classification
+
+def _header(name: str) -> Dataset:
+    return pydicom.dcmread(DATA / name, stop_before_pixels=True)
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "siim_cr_pa_secondary_capture.dcm", "siim_fake_monochrome1.dcm"])
+def test_chest_files_are_eligible(name: str) -> None:
+    assert chest_eligibility(_header(name)) == (True, None)
+
+
+def test_extremity_cr_is_not_eligible() -> None:
+    assert chest_eligibility(_header("RG3_UNCR.dcm")) == (False, "BodyPartExamined EXTREMITY is not the chest")
+
+
+def test_ct_is_not_eligible() -> None:
+    ds = _header("RG1_UNCR.dcm")
+    ds.Modality = "CT"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ok, why = chest_eligibility(ds)
+    assert not ok and why == "Modality CT is not a radiograph (CR or DX)"
+
+
+def test_secondary_capture_without_radiograph_modality_is_not_eligible() -> None:
+    ds = _header("siim_cr_pa_secondary_capture.dcm")
+    ds.Modality = "OT"
+    assert chest_eligibility(ds) == (False, "Secondary Capture with Modality OT is not a radiograph (CR or DX)")
+
+
+@pytest.mark.parametrize(
+    ("study", "series", "protocol", "expected"),
+    [
+        ("THORAX", None, None, True),
+        (None, "RX Torax PA", None, True),
+        (None, None, "CXR portable", True),
+        ("Knee 2 views", "AP", None, False),
+        (None, None, None, False),
+        ("PATCHEST", None, None, False),  # a word, not a substring
+    ],
+)
+def test_descriptions_decide_when_body_part_is_empty(
+    study: str | None, series: str | None, protocol: str | None, expected: bool
+) -> None:
+    ds = _header("RG1_UNCR.dcm")
+    del ds.BodyPartExamined
+    for kw in ("StudyDescription", "SeriesDescription", "ProtocolName"):
+        if kw in ds:
+            delattr(ds, kw)
+    for kw, v in (("StudyDescription", study), ("SeriesDescription", series), ("ProtocolName", protocol)):
+        if v is not None:
+            setattr(ds, kw, v)
+    ok, why = chest_eligibility(ds)
+    assert ok is expected
+    assert (why is None) is expected
+
+
+# ----------------------------------------------------------------------------- storage
+
+def test_storage_writes_atomically_and_validates_uids(tmp_path: Path) -> None:
+    st = InstanceStorage(tmp_path / "s")
+    st.prepare()
+    out = st.write("1.2.3", "1.2.3.4", [b"abc", memoryview(b"def")])
+    assert out.rel_path == "1.2.3/1.2.3.4.dcm"
+    assert out.path.read_bytes() == b"abcdef" and out.size_bytes == 6
+    assert [p.name for p in (tmp_path / "s" / "1.2.3").iterdir()] == ["1.2.3.4.dcm"]  # no temp left
+    with pytest.raises(InvalidUID):
+        st.write("../../etc", "1.2", [b"x"])
+    with pytest.raises(InvalidUID):
+        st.write("1.2", "../passwd", [b"x"])
+    assert not (tmp_path / "etc").exists() and not (tmp_path / "passwd").exists()
+
+
+def test_failed_write_leaves_no_temp_file(tmp_path: Path) -> None:
+    st = InstanceStorage(tmp_path / "s")
+    st.prepare()
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b"partial"
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        st.write("1.2.3", "1.2.3.5", chunks())
+    assert list((tmp_path / "s" / "1.2.3").iterdir()) == []
+
+
+def test_free_space_threshold(tmp_path: Path) -> None:
+    st = InstanceStorage(tmp_path, min_free_disk_mb=10**9)
+    with pytest.raises(InsufficientDiskSpace, match=r"below the threshold dicom.min_free_disk_mb=1000000000"):
+        st.check_free_space()
+    InstanceStorage(tmp_path, min_free_disk_mb=1).check_free_space(1000)
+
+
+def test_stale_temp_files_are_removed(tmp_path: Path) -> None:
+    st = InstanceStorage(tmp_path)
+    (tmp_path / "1.2").mkdir()
+    old = tmp_path / "1.2" / ".1.2.3.dcm.abc.tmp"
+    new = tmp_path / "1.2" / ".1.2.4.dcm.def.tmp"
+    old.write_bytes(b"x")
+    new.write_bytes(b"y")
+    os.utime(old, (0, 0))
+    assert st.remove_stale_temp_files(older_than_s=3600) == 1
+    assert not old.exists() and new.exists()
