@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -70,7 +71,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     counts = queue.counts()
     latest = queue.latest(args.limit)
     if args.json:
-        print(json.dumps({"counts": counts, "latest": [s.as_dict() for s in latest]}, default=str, indent=2))
+        print(json.dumps({"counts": counts, "latest": [asdict(s) for s in latest]}, default=str, indent=2))
         return 0
     print("studies by state:")
     for state, n in counts.items():
@@ -78,10 +79,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"\nlatest {len(latest)} (most recently updated first):")
     print(f"  {'study instance uid':<64} {'state':<10} {'inst':>4}  {'deliveries':<24} reason")
     for s in latest:
-        d = s.as_dict()
-        deliveries = ", ".join(f"{k}:{v}" for k, v in (d.get("deliveries") or {}).items()) or "-"
-        print(f"  {d['study_uid']:<64} {d['state']:<10} {d['instances']:>4}  {deliveries:<24} "
-              f"{d.get('reason') or ''}")
+        deliveries = ", ".join(f"{k}:{v}" for k, v in s.deliveries.items()) or "-"
+        print(f"  {s.study_uid:<64} {s.state:<10} {s.instance_count:>4}  {deliveries:<24} {s.reason or ''}")
     return 0
 
 

@@ -41,6 +41,9 @@ class SchedulerSection(BaseModel):
     purge_interval_seconds: float = Field(3600.0, gt=0)
     lease_sweep_interval_seconds: float = Field(15.0, gt=0)
     delivery_retry_interval_seconds: float = Field(10.0, gt=0)
+    delivery_max_attempts: int = Field(
+        10, ge=1, description="Sends of one report to one destination before it is marked failed"
+    )
 
 
 class LoggingSection(BaseModel):

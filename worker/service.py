@@ -34,7 +34,7 @@ def open_queue(cfg: AppConfig, *, upgrade_empty: bool) -> Queue:
             raise DatabaseNotReady(f"database {safe_url(url)} has no schema: run 'cxr-worker db upgrade'")
         log.info("empty database: creating the schema")
         migrate.upgrade(url)
-    elif not migrate.is_current(url):
+    elif migrate.current_revision(url) != migrate.head_revision():
         raise DatabaseNotReady(
             f"database {safe_url(url)} is at revision {migrate.current_revision(url)}, not the latest: "
             f"run 'cxr-worker db upgrade' (back up first)"
