@@ -184,11 +184,14 @@ def run(args: argparse.Namespace) -> int:
     init_weights(disc)
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    # Pix2Pix schedule: constant for the first half, then linear decay to zero
-    half = max(1, args.epochs // 2)
-    lam = lambda e: 1.0 if e < half else max(0.0, 1.0 - (e - half) / max(1, args.epochs - half))  # noqa: E731
-    sch_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lam)
-    sch_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lam)
+    # Pix2Pix schedule: constant for the first half, then linear decay to zero. With a time
+    # budget, progress is the larger of the epoch and time fractions, so the decay completes
+    # whether the epochs or the minutes run out first.
+    def lr_factor(epoch_done: int, minutes: float) -> float:
+        progress = epoch_done / max(1, args.epochs)
+        if args.max_minutes:
+            progress = max(progress, minutes / args.max_minutes)
+        return 1.0 if progress < 0.5 else max(0.02, 2.0 * (1.0 - progress))
 
     data_desc = (f"{len(pairs)} image/mask pairs from {args.data.name}/ "
                  f"(JSRT radiographs with SCR lung masks when trained on shared/data/jsrt; research use)")
@@ -212,14 +215,16 @@ def run(args: argparse.Namespace) -> int:
             if args.max_steps and step >= args.max_steps:
                 stop = True
                 break
-        sch_g.step()
-        sch_d.step()
+        factor = lr_factor(epoch + 1, (time.monotonic() - t0) / 60)
+        for opt in (opt_g, opt_d):
+            for group in opt.param_groups:
+                group["lr"] = args.lr * factor
         val_dice = validate(gen, val_dl, device)
         rec = {k: v / max(1, n) for k, v in sums.items()} | {"epoch": epoch + 1, "val_dice": val_dice}
         history.append(rec)
         elapsed = (time.monotonic() - t0) / 60
-        log.info("epoch %d: D %.3f G_gan %.3f L1 %.4f seg %.3f | val Dice %.4f | %.1f min",
-                 epoch + 1, rec["d"], rec["g_gan"], rec["l1"], rec["seg"], val_dice, elapsed)
+        log.info("epoch %d: D %.3f G_gan %.3f L1 %.4f seg %.3f | val Dice %.4f | %.1f min | next lr %.2e",
+                 epoch + 1, rec["d"], rec["g_gan"], rec["l1"], rec["seg"], val_dice, elapsed, args.lr * factor)
         if val_dice > best:
             best, best_epoch = val_dice, epoch + 1
             metrics = {"val_dice_network_res": round(best, 4), "best_epoch": best_epoch,
