@@ -6,6 +6,7 @@ and helpers that send real files with pynetdicom (decoded, or raw bytes exactly 
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,10 @@ def send(port: int, *items: Dataset | Path, raw: bool = False) -> list[int]:
         for item in items:
             rsp = assoc.send_c_store(item if isinstance(item, Dataset) else str(item))
             statuses.append(int(rsp.Status) if "Status" in rsp else -1)
+            # pynetdicom's requestor races its own reactor thread for a response that arrives
+            # within a millisecond of the next request (it then logs "Received unexpected C-STORE
+            # service message" and times out): give the reactor time to park between requests.
+            time.sleep(0.02)
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = old
         assoc.release()
