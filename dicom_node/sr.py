@@ -32,7 +32,9 @@ import copy
 import datetime as _dt
 import logging
 import uuid
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,7 +229,7 @@ def report_series_uid(study_instance_uid: str, device: DeviceInfo) -> str:
 # --- content ------------------------------------------------------------------------------------
 
 
-def _header(ds: Dataset) -> Dataset:
+def source_header(ds: Dataset) -> Dataset:
     """A header-only copy with every type 2 patient/study attribute highdicom reads present."""
     out = Dataset()
     for elem in ds:
@@ -245,7 +247,7 @@ def _header(ds: Dataset) -> Dataset:
 _KEEP_AS_IS = {"PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"}
 
 
-def _sanitize(sr: Dataset) -> None:
+def sanitize_copied_attributes(sr: Dataset) -> None:
     """Repair or drop copied top-level values that break their VR (a source's ``PatientAge`` of
     ``62`` instead of ``062Y``), so a sloppy modality cannot make our report invalid.
 
@@ -445,13 +447,27 @@ def _previous(items: Sequence[PreviousReport | Dataset], study_uid: str, own_uid
     return out
 
 
+@contextmanager
+def no_person_name_warnings() -> Iterator[None]:
+    """Silence highdicom's person-name format warning, which quotes the patient's name (PHI)
+    into warnings and logs. Local to the calls that copy patient data; nothing global."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The string .* unlikely to represent the intended person name")
+        yield
+
+
 def build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 report for ``inp``; raises ``ValueError`` on inconsistent input."""
+    with no_person_name_warnings():
+        return _build_report(inp)
+
+
+def _build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
     sources = inp.sources
     check_same_patient_and_study(sources)
     if not inp.findings:
         log.warning("report for SOP %s has no Model 2 findings", inp.frontal.SOPInstanceUID)
-    headers = [_header(ds) for ds in sources]
+    headers = [source_header(ds) for ds in sources]
     study_uid = str(headers[0].StudyInstanceUID)
     sop_uid = report_uid(sources, inp.algorithms)
     series_uid = report_series_uid(study_uid, inp.device)
@@ -508,7 +524,7 @@ def build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
         previous_versions=_previous(inp.previous, study_uid, sop_uid) or None,
         performed_procedure_codes=[procedure],
     )
-    _sanitize(sr)
+    sanitize_copied_attributes(sr)
     scheme = Dataset()
     scheme.CodingSchemeDesignator = codes.LOCAL_SCHEME
     scheme.CodingSchemeName = codes.LOCAL_SCHEME_NAME

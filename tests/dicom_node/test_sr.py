@@ -275,3 +275,13 @@ def test_every_finding_label_has_a_code() -> None:
     standard = [lbl for lbl in LABELS if codes.FINDING_CODES[lbl].scheme_designator != codes.LOCAL_SCHEME]
     assert len(standard) >= 9
     assert "| `36118008` | SCT | Pneumothorax | yes |" in codes.code_table_markdown()
+
+
+def test_no_patient_name_in_warnings(data_dir: Path) -> None:
+    import warnings
+
+    sc = pydicom.dcmread(data_dir / "siim_cr_pa_secondary_capture.dcm", stop_before_pixels=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_report(_input(sc))
+    assert not [w for w in caught if str(sc.PatientName) in str(w.message)]

