@@ -225,3 +225,32 @@ def test_rgb_becomes_grayscale() -> None:
     img = load_image(ds)
     assert img.pixels.shape == (40, 60)
     assert img.pixels[:, :30].max() == 0.0 and img.pixels[:, 30:].min() == 1.0
+
+
+def _dcmcjpeg(src: Path, dst: Path, option: str) -> Path:
+    import shutil
+    import subprocess
+
+    exe = shutil.which("dcmcjpeg")
+    if exe is None:
+        pytest.fail("dcmcjpeg not found: install dcmtk (make system-deps)")
+    subprocess.run([exe, option, str(src), str(dst)], check=True, capture_output=True, timeout=120)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("source", "option", "syntax", "max_mean_diff"),
+    [
+        ("RG1_UNCR.dcm", "+e1", "1.2.840.10008.1.2.4.70", 0.0),  # JPEG lossless SV1
+        ("RG1_UNCR.dcm", "+el", "1.2.840.10008.1.2.4.57", 0.0),  # JPEG lossless process 14
+        ("RG3_UNCR.dcm", "+ee", "1.2.840.10008.1.2.4.51", 0.005),  # JPEG extended, 10-bit
+        ("RG3_UNCR.dcm", "+eb", "1.2.840.10008.1.2.4.50", 0.01),  # JPEG baseline
+    ],
+)
+def test_jpeg_family_encoded_by_dcmtk(
+    data_dir: Path, tmp_path: Path, source: str, option: str, syntax: str, max_mean_diff: float
+) -> None:
+    original = load_image(data_dir / source)
+    img = load_image(_dcmcjpeg(data_dir / source, tmp_path / f"{option[1:]}.dcm", option))
+    assert img.transfer_syntax_uid == syntax
+    assert float(np.abs(img.pixels - original.pixels).mean()) <= max_mean_diff
