@@ -8,6 +8,7 @@ working directory. ``cxr-worker db upgrade`` calls :func:`upgrade`; ``serve`` ca
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -21,6 +22,10 @@ from db.engine import make_engine, safe_url, translate_errors
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+# Alembic keeps its running environment in module globals (alembic.context, alembic.op): two threads
+# migrating at once would mix them up. Processes are serialised by a database lock (see env.py).
+_ALEMBIC_LOCK = threading.Lock()
 
 
 def _config() -> Config:
@@ -43,7 +48,7 @@ def upgrade(url: str, revision: str = "head") -> None:
     cfg = _config()
     engine = make_engine(url)
     try:
-        with translate_errors(url), engine.connect() as conn:
+        with _ALEMBIC_LOCK, translate_errors(url), engine.connect() as conn:
             cfg.attributes["connection"] = conn
             before = _current(conn)
             command.upgrade(cfg, revision)
