@@ -145,9 +145,9 @@ def send(port: int, *items: Dataset | Path, raw: bool = False) -> list[int]:
     return statuses
 
 
-def echo(port: int) -> int:
-    assoc = _associate(port)
-    assert assoc.is_established
+def echo(port: int, called: str = SCP_AET) -> int:
+    assoc = _associate(port, called=called)
+    assert assoc.is_established, f"no association with {called} at 127.0.0.1:{port}"
     try:
         rsp = assoc.send_c_echo()
         return int(rsp.Status)
