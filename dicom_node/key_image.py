@@ -153,7 +153,7 @@ def build_key_image(inp: KeyImageInput) -> KeyImage:
     with no_person_name_warnings():
         sc = _sc_image(inp, header, rgb, sop_uid, series_uid, orientation if known else None)
     if not known:
-        sc.PatientOrientation = ""  # type 2: present, empty when the source did not say
+        sc.PatientOrientation = ""  # type: ignore[assignment]  # type 2: present, empty when the source did not say
     _describe(sc, inp, header, shown)
     sanitize_copied_attributes(sc)
     ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))

@@ -33,7 +33,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, Association
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from dicom_node.config import DestinationConfig, validate_ae_title
@@ -172,10 +172,10 @@ def send(
         ae.add_requested_context(sop_class, syntaxes)
 
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    assoc: Association | None = None
     try:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     except Exception as exc:  # e.g. an unresolvable host name
-        assoc = None
         reason = f"connection to {where} failed: {type(exc).__name__}: {exc}"
     else:
         reason = "" if assoc.is_established else _why_not_established(assoc, destination)

@@ -283,7 +283,7 @@ def sanitize_copied_attributes(sr: Dataset) -> None:
 
 def _valid_spacing(value: object) -> bool:
     try:
-        return value is not None and len(value) == 2 and all(float(v) > 0 for v in value)  # type: ignore[arg-type]
+        return value is not None and len(value) == 2 and all(float(v) > 0 for v in value)  # type: ignore[arg-type,attr-defined]
     except (TypeError, ValueError):
         return False
 
@@ -536,8 +536,8 @@ def _build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
     sr.SoftwareVersions = inp.device.version[:64]
     sr.StationName = inp.device.ae_title[:16]
     when = inp.content_datetime or _dt.datetime.now()
-    sr.ContentDate = when.strftime("%Y%m%d")
-    sr.ContentTime = when.strftime("%H%M%S")
+    sr.ContentDate = when.strftime("%Y%m%d")  # type: ignore[assignment]
+    sr.ContentTime = when.strftime("%H%M%S")  # type: ignore[assignment]
     sr.InstanceCreationDate = sr.ContentDate
     sr.InstanceCreationTime = sr.ContentTime
     return sr
@@ -576,21 +576,27 @@ def read_findings(sr: Dataset | str | Path) -> list[ReportedFinding]:
         hd.sr.Comprehensive3DSR.from_dataset(sr if isinstance(sr, Dataset) else pydicom.dcmread(str(sr)))
     )
     out = []
-    for group in doc.content.get_image_measurement_groups():
+    content = doc.content
+    if not isinstance(content, hd.sr.MeasurementReport):
+        raise ValueError(f"SR {doc.SOPInstanceUID} is not a TID 1500 Measurement Report")
+    for group in content.get_image_measurement_groups():
         model, _, label = str(group.tracking_identifier).partition(": ")
         if model not in ("Model 1", "Model 2"):
             continue
+        finding_type = group.finding_type
+        if finding_type is None:
+            continue
         values = {m.name.value: float(m.value) for m in group.get_measurements()}
         present = [
-            q.value.value == codes.PRESENT.value
+            q.value.value == codes.PRESENT.value  # type: ignore[union-attr]
             for q in group.get_qualitative_evaluations()
-            if q.name.value == group.finding_type.value
+            if q.name.value == finding_type.value
         ]
         out.append(
             ReportedFinding(
                 model=model,
                 label=label,
-                code=(group.finding_type.scheme_designator, group.finding_type.value),
+                code=(finding_type.scheme_designator, finding_type.value),
                 probability=values[codes.PROBABILITY.value],
                 threshold=values[codes.DECISION_THRESHOLD.value],
                 present=bool(present and present[0]),
