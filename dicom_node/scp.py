@@ -13,20 +13,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from io import BytesIO
+from typing import Any, cast
 
 from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from .classify import chest_eligibility
 from .config import DicomNodeConfig
 from .conformance import inspect_dataset
 from .sink import InstanceSink
-from .statuses import PROCESSING_FAILURE, SUCCESS, status_for, status_name
+from .statuses import PROCESSING_FAILURE, SUCCESS, UndecodableDataset, status_for, status_name
 from .storage import InstanceStorage
 from .uids import validate_uid
 
@@ -67,7 +69,7 @@ _PREAMBLE = b"\x00" * 128 + b"DICM"
 
 def _sop(event: Event) -> str:
     try:
-        return str(event.request.AffectedSOPInstanceUID or "")[:70]
+        return str(cast(C_STORE, event.request).AffectedSOPInstanceUID or "")[:70]
     except Exception:
         return ""
 
@@ -79,12 +81,16 @@ def handle_echo(event: Event) -> int:
 
 
 def _store(event: Event, storage: InstanceStorage, sink: InstanceSink, calling_ae: str) -> tuple[int, str, Any]:
-    req = event.request
+    req = cast(C_STORE, event.request)
     sop_instance = validate_uid(str(req.AffectedSOPInstanceUID or ""), what="Affected SOP Instance UID")
     sop_class = validate_uid(str(req.AffectedSOPClassUID or ""), what="Affected SOP Class UID")
     if sink.instance_exists(sop_instance):
         return SUCCESS, "duplicate, already stored", None
     ts = str(event.context.transfer_syntax)
+    if not isinstance(req.DataSet, BytesIO):
+        # pynetdicom keeps the dataset in memory unless _config.STORE_RECV_CHUNKED_DATASET is set
+        # (this SCP never sets it); an empty request has no dataset at all
+        raise UndecodableDataset("the C-STORE request carries no dataset")
     with req.DataSet.getbuffer() as received:
         info = inspect_dataset(
             received,
@@ -193,7 +199,7 @@ class StorageSCP:
             self.storage.prepare()
             self.storage.remove_stale_temp_files()
             self.ae = self._build_ae()
-            handlers = [
+            handlers: list[Any] = [
                 (evt.EVT_C_ECHO, handle_echo),
                 (evt.EVT_C_STORE, handle_store, [self.storage, self.sink]),
             ]

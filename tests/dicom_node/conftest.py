@@ -183,7 +183,7 @@ def sc_ds() -> Dataset:
 
 def body_bytes(path: Path) -> bytes:
     """The dataset bytes of a DICOM file, after its preamble and file meta."""
-    from pydicom.filereader import read_preamble, _read_file_meta_info  # noqa: PLC0415
+    from pydicom.filereader import _read_file_meta_info, read_preamble  # noqa: PLC0415
 
     with open(path, "rb") as f:
         read_preamble(f, False)
