@@ -33,6 +33,9 @@ class QualityLimits:
     min_component_fraction: float = 0.005  # components smaller than this (of the image) are noise
 
 
+DEFAULT_LIMITS = QualityLimits()
+
+
 def _check_map(prob: np.ndarray) -> np.ndarray:
     if not isinstance(prob, np.ndarray) or prob.ndim != 2 or prob.size == 0:
         raise ValueError(f"probability map must be a non-empty 2-D numpy array, got "
@@ -68,7 +71,7 @@ def smooth(mask: np.ndarray, kernel_fraction: float = 0.02) -> np.ndarray:
     return cv2.morphologyEx(m, cv2.MORPH_CLOSE, kernel)
 
 
-def postprocess(prob: np.ndarray, threshold: float = 0.5, *, limits: QualityLimits = QualityLimits()) -> np.ndarray:
+def postprocess(prob: np.ndarray, threshold: float = 0.5, *, limits: QualityLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Clean binary lung mask (uint8 0/1) at the probability map's resolution."""
     prob = _check_map(prob)
     mask = (prob >= threshold).astype(np.uint8)
@@ -106,7 +109,7 @@ def bounding_box(mask: np.ndarray, margin: float) -> CropBox:
     return CropBox(x0=max(0, x0 - mx), y0=max(0, y0 - my), x1=min(w, x1 + mx), y1=min(h, y1 + my))
 
 
-def assess(mask: np.ndarray, limits: QualityLimits = QualityLimits()) -> MaskQuality:
+def assess(mask: np.ndarray, limits: QualityLimits = DEFAULT_LIMITS) -> MaskQuality:
     """Plausibility of a cleaned mask (see :class:`QualityLimits`)."""
     n, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     areas = sorted((int(a) for a in stats[1:, cv2.CC_STAT_AREA]), reverse=True)
@@ -126,7 +129,7 @@ def assess(mask: np.ndarray, limits: QualityLimits = QualityLimits()) -> MaskQua
 
 
 def mask_and_crop(prob: np.ndarray, original_shape: tuple[int, int], *, threshold: float = 0.5,
-                  margin: float = 0.05, limits: QualityLimits = QualityLimits()) -> LungMaskResult:
+                  margin: float = 0.05, limits: QualityLimits = DEFAULT_LIMITS) -> LungMaskResult:
     """Post-process a probability map, map it to ``original_shape`` and compute the crop.
 
     Quality is judged on the cleaned mask at the map's resolution (where the image is square, so

@@ -17,7 +17,7 @@ import torch
 
 from models.api import LungMaskResult
 from models.common import autocast
-from models.crop import QualityLimits, mask_and_crop
+from models.crop import DEFAULT_LIMITS, QualityLimits, mask_and_crop
 from models.datasets.masks import resize_image
 from models.pix2pix import UNetGenerator
 from models.registry import ModelCard, ModelLoadError, load_weights, to_float
@@ -29,7 +29,7 @@ class LungMasker:
     """Pix2Pix U-Net lung segmentation configured entirely by its model card."""
 
     def __init__(self, card: ModelCard, generator: UNetGenerator, device: torch.device, *,
-                 batch_size: int = 8, limits: QualityLimits = QualityLimits()) -> None:
+                 batch_size: int = 8, limits: QualityLimits = DEFAULT_LIMITS) -> None:
         self.card = card
         self.generator = generator.to(device).eval()
         self.device = device
