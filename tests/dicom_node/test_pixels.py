@@ -79,6 +79,24 @@ def test_lossless_syntaxes_give_identical_pixels(
     np.testing.assert_array_equal(img.pixels, rg1.pixels)
 
 
+def test_implicit_little_and_explicit_big_endian(data_dir: Path, tmp_path: Path, rg1: DecodedImage) -> None:
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+    ds = pydicom.dcmread(data_dir / "RG1_UNCR.dcm")
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(tmp_path / "implicit.dcm", implicit_vr=True, little_endian=True)
+    np.testing.assert_array_equal(load_image(tmp_path / "implicit.dcm").pixels, rg1.pixels)
+
+    ds = pydicom.dcmread(data_dir / "RG1_UNCR.dcm")
+    ds.PixelData = ds.pixel_array.astype(">u2").tobytes()  # big endian words on the wire
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    dcmwrite(tmp_path / "big.dcm", ds, implicit_vr=False, little_endian=False, force_encoding=True)
+    big = load_image(tmp_path / "big.dcm")
+    assert big.transfer_syntax_uid == ExplicitVRBigEndian
+    np.testing.assert_array_equal(big.pixels, rg1.pixels)
+
+
 def test_fake_monochrome1_is_the_inverse_of_the_original(data_dir: Path) -> None:
     original = load_image(data_dir / "siim_cr_pa_secondary_capture.dcm")
     fake = load_image(data_dir / "siim_fake_monochrome1.dcm")
