@@ -126,3 +126,11 @@ def translate_errors(url: str | URL) -> Iterator[None]:
         if e.connection_invalidated:
             raise unavailable(e, url) from e
         raise
+
+
+def lock_rows(conn: Connection, stmt: sa.Select[Any], *, skip_locked: bool = False) -> sa.Select[Any]:
+    """``FOR UPDATE [SKIP LOCKED]`` on PostgreSQL. SQLite has no row locks (SQLAlchemy would drop the
+    clause anyway): there, ``BEGIN IMMEDIATE`` serialises writers and compare-and-set does the rest."""
+    if conn.dialect.name == "postgresql":
+        return stmt.with_for_update(skip_locked=skip_locked)
+    return stmt

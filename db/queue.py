@@ -28,19 +28,24 @@ from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from db import retry
-from db.engine import is_retryable, make_engine, safe_url, translate_errors, unavailable
+from db import deliveries as delivery_ops
+from db import reads, retry
+from db.deliveries import DeliveryState
+from db.engine import is_retryable, lock_rows, make_engine, safe_url, translate_errors, unavailable
 from db.errors import InvalidTransition, LeaseLost, QueueUnavailable
 from db.records import (
     ClaimedStudy,
     DeliveryRow,
     EventRow,
     InstanceRow,
-    ResultRow,
     StudyDetail,
     StudySummary,
 )
-from db.schema import Delivery, Event, Instance, Result, Study
+from db.schema import deliveries_table
+from db.schema import events_table as events
+from db.schema import instances_table as instances
+from db.schema import results_table as results
+from db.schema import studies_table as studies
 
 __all__ = [
     "ClaimedStudy",
@@ -61,11 +66,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-studies = Study.__table__
-instances = Instance.__table__
-events = Event.__table__
-results = Result.__table__
-deliveries_table = Delivery.__table__
 
 
 class StudyState(StrEnum):
@@ -75,13 +75,6 @@ class StudyState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     IGNORED = "ignored"
-
-
-class DeliveryState(StrEnum):
-    PENDING = "pending"
-    DELIVERED = "delivered"
-    RETRY = "retry"
-    FAILED = "failed"
 
 
 S = StudyState
@@ -126,43 +119,6 @@ def _utcnow(now: datetime | None) -> datetime:
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError(f"now={now.isoformat()} is naive: pass an aware datetime (UTC)")
     return now.astimezone(UTC)
-
-
-def _instance_row(r: Any) -> InstanceRow:
-    return InstanceRow(
-        id=r.id,
-        sop_instance_uid=r.sop_instance_uid,
-        sop_class_uid=r.sop_class_uid,
-        series_uid=r.series_uid,
-        transfer_syntax_uid=r.transfer_syntax_uid,
-        modality=r.modality,
-        body_part=r.body_part,
-        view_position=r.view_position,
-        rel_path=r.rel_path,
-        size_bytes=r.size_bytes,
-        eligible=bool(r.eligible),
-        ineligible_reason=r.ineligible_reason,
-        calling_ae=r.calling_ae,
-        received_at=r.received_at,
-    )
-
-
-def _delivery_row(r: Any) -> DeliveryRow:
-    return DeliveryRow(
-        id=r.id,
-        study_id=r.study_id,
-        study_uid=r.study_uid,
-        result_id=r.result_id,
-        destination=r.destination,
-        sop_instance_uid=r.sop_instance_uid,
-        sop_class_uid=r.sop_class_uid,
-        path=r.path,
-        state=r.state,
-        attempts=r.attempts,
-        next_attempt_at=r.next_attempt_at,
-        last_status=r.last_status,
-        updated_at=r.updated_at,
-    )
 
 
 def ignored_reason(rows: Sequence[Any]) -> str:
@@ -263,10 +219,6 @@ class Queue:
     def _insert(self, table: sa.Table) -> Any:
         return postgresql.insert(table) if self._pg else sqlite.insert(table)
 
-    def _lock(self, stmt: sa.Select[Any], *, skip_locked: bool = False) -> sa.Select[Any]:
-        # SQLite has no row locks (and SQLAlchemy drops FOR UPDATE there): BEGIN IMMEDIATE serialises.
-        return stmt.with_for_update(skip_locked=skip_locked) if self._pg else stmt
-
     def _transition(
         self,
         conn: Connection,
@@ -317,7 +269,7 @@ class Queue:
         """The study row if ``worker_id`` holds it (state processing, lease_owner), else LeaseLost.
         An expired lease that no sweep has taken back yet is still held: no one else can have it."""
         stmt = sa.select(studies).where(studies.c.id == study_id)
-        row = conn.execute(self._lock(stmt) if lock else stmt).first()
+        row = conn.execute(lock_rows(conn, stmt) if lock else stmt).first()
         if row is None:
             raise LeaseLost(f"study {study_id} does not exist (purged?); worker {worker_id} must drop it")
         if row.state != S.PROCESSING or row.lease_owner != worker_id:
@@ -415,7 +367,7 @@ class Queue:
             study_id, state = created_id, None
         else:
             row = conn.execute(
-                self._lock(sa.select(studies.c.id, studies.c.state).where(studies.c.study_uid == study_uid))
+                lock_rows(conn, sa.select(studies.c.id, studies.c.state).where(studies.c.study_uid == study_uid))
             ).first()
             if row is None:
                 raise _Conflict(f"study {study_uid} vanished while recording an instance (purged)")
@@ -444,7 +396,7 @@ class Queue:
             log.info("study %s (%s): new, receiving", study_id, study_uid)
             return True
 
-        bump = {"last_instance_at": at}
+        bump: dict[str, Any] = {"last_instance_at": at}
         new_episode = {**bump, "first_instance_at": at, "ready_at": None, "finished_at": None}
         new_episode["reopened_count"] = studies.c.reopened_count + 1
         ok: Any = True
@@ -512,7 +464,8 @@ class Queue:
 
         def run(conn: Connection) -> int:
             rows = conn.execute(
-                self._lock(
+                lock_rows(
+                    conn,
                     sa.select(studies.c.id, studies.c.last_instance_at, studies.c.first_instance_at)
                     .where(
                         studies.c.state == S.RECEIVING.value,
@@ -562,7 +515,8 @@ class Queue:
 
         def run(conn: Connection) -> list[ClaimedStudy]:
             ids = conn.execute(
-                self._lock(
+                lock_rows(
+                    conn,
                     sa.select(studies.c.id)
                     .where(
                         studies.c.state == S.READY.value,
@@ -598,7 +552,7 @@ class Queue:
             ).all()
             by_study: dict[int, list[InstanceRow]] = {}
             for i in insts:
-                by_study.setdefault(i.study_id, []).append(_instance_row(i))
+                by_study.setdefault(i.study_id, []).append(reads.instance_row(i))
             return [
                 ClaimedStudy(
                     id=r.id,
@@ -811,7 +765,8 @@ class Queue:
 
         def run(conn: Connection) -> int:
             rows = conn.execute(
-                self._lock(
+                lock_rows(
+                    conn,
                     sa.select(studies.c.id, studies.c.lease_owner, studies.c.attempts)
                     .where(studies.c.state == S.PROCESSING.value, studies.c.lease_expires_at < at)
                     .order_by(studies.c.id)
@@ -848,7 +803,7 @@ class Queue:
 
         def run(conn: Connection) -> bool:
             row = conn.execute(
-                self._lock(sa.select(studies.c.id, studies.c.state).where(studies.c.study_uid == study_uid))
+                lock_rows(conn, sa.select(studies.c.id, studies.c.state).where(studies.c.study_uid == study_uid))
             ).first()
             if row is None or row.state not in REQUEUEABLE:
                 return False
@@ -875,171 +830,39 @@ class Queue:
 
         def run(conn: Connection) -> int:
             ids = conn.execute(
-                self._lock(sa.select(studies.c.id).where(studies.c.state == S.FAILED.value).order_by(studies.c.id))
+                lock_rows(conn, sa.select(studies.c.id).where(studies.c.state == S.FAILED.value).order_by(studies.c.id))
             ).scalars().all()
             return sum(self._requeue(conn, sid, S.FAILED, actor, at) for sid in ids)
 
         return self._write(run)
 
-    # ------------------------------------------------------------------ reading
+    # ------------------------------------------------------------------ reading (db/reads.py)
 
     def counts(self) -> dict[StudyState, int]:
         """Number of studies per state (every state present, zero included)."""
-
-        def run(conn: Connection) -> dict[StudyState, int]:
-            out = {s: 0 for s in StudyState}
-            for state, n in conn.execute(sa.select(studies.c.state, sa.func.count()).group_by(studies.c.state)):
-                out[StudyState(state)] = int(n)
-            return out
-
-        return self._read(run)
+        raw = self._read(reads.counts)
+        return {st: raw.get(st.value, 0) for st in StudyState}
 
     def latest(self, n: int = 10) -> list[StudySummary]:
-        """The ``n`` most recently changed studies."""
-
-        def run(conn: Connection) -> list[StudySummary]:
-            rows = conn.execute(
-                sa.select(studies).order_by(studies.c.updated_at.desc(), studies.c.id.desc()).limit(n)
-            ).all()
-            ids = [r.id for r in rows]
-            if not ids:
-                return []
-            counts = dict(
-                conn.execute(
-                    sa.select(instances.c.study_id, sa.func.count())
-                    .where(instances.c.study_id.in_(ids))
-                    .group_by(instances.c.study_id)
-                ).all()
-            )
-            latest_result = (
-                sa.select(sa.func.max(results.c.id)).where(results.c.study_id == deliveries_table.c.study_id)
-            ).scalar_subquery()
-            dstates: dict[int, dict[str, int]] = {}
-            for sid, state, cnt in conn.execute(
-                sa.select(deliveries_table.c.study_id, deliveries_table.c.state, sa.func.count())
-                .where(deliveries_table.c.study_id.in_(ids), deliveries_table.c.result_id == latest_result)
-                .group_by(deliveries_table.c.study_id, deliveries_table.c.state)
-            ):
-                dstates.setdefault(sid, {})[state] = int(cnt)
-            return [
-                StudySummary(
-                    study_uid=r.study_uid,
-                    state=r.state,
-                    reason=r.state_reason,
-                    updated_at=r.updated_at,
-                    instance_count=int(counts.get(r.id, 0)),
-                    deliveries=dstates.get(r.id, {}),
-                )
-                for r in rows
-            ]
-
-        return self._read(run)
+        """The ``n`` most recently changed studies, newest first."""
+        return self._read(lambda c: reads.latest(c, n))
 
     def study(self, study_uid: str) -> StudyDetail | None:
-        """Everything known about one study, or None."""
-
-        def run(conn: Connection) -> StudyDetail | None:
-            r = conn.execute(sa.select(studies).where(studies.c.study_uid == study_uid)).first()
-            if r is None:
-                return None
-            insts = conn.execute(
-                sa.select(instances).where(instances.c.study_id == r.id).order_by(instances.c.id)
-            ).all()
-            res = conn.execute(sa.select(results).where(results.c.study_id == r.id).order_by(results.c.id)).all()
-            dels = conn.execute(
-                sa.select(deliveries_table, studies.c.study_uid)
-                .join(studies, studies.c.id == deliveries_table.c.study_id)
-                .where(deliveries_table.c.study_id == r.id)
-                .order_by(deliveries_table.c.id)
-            ).all()
-            return StudyDetail(
-                id=r.id,
-                study_uid=r.study_uid,
-                state=r.state,
-                state_reason=r.state_reason,
-                attempts=r.attempts,
-                lease_owner=r.lease_owner,
-                lease_expires_at=r.lease_expires_at,
-                heartbeat_at=r.heartbeat_at,
-                first_instance_at=r.first_instance_at,
-                last_instance_at=r.last_instance_at,
-                ready_at=r.ready_at,
-                claimed_at=r.claimed_at,
-                finished_at=r.finished_at,
-                reopened_count=r.reopened_count,
-                needs_reanalysis=bool(r.needs_reanalysis),
-                previous_report_uid=r.previous_report_uid,
-                created_at=r.created_at,
-                updated_at=r.updated_at,
-                instances=[_instance_row(i) for i in insts],
-                results=[
-                    ResultRow(
-                        id=x.id,
-                        created_at=x.created_at,
-                        payload=x.payload,
-                        report_sop_instance_uid=x.report_sop_instance_uid,
-                        report_path=x.report_path,
-                        superseded=bool(x.superseded),
-                    )
-                    for x in res
-                ],
-                deliveries=[_delivery_row(d) for d in dels],
-                events=self._events(conn, r.id),
-            )
-
-        return self._read(run)
-
-    def _events(self, conn: Connection, study_id: int) -> list[EventRow]:
-        return [
-            EventRow(at=e.at, from_state=e.from_state, to_state=e.to_state, reason=e.reason, actor=e.actor)
-            for e in conn.execute(sa.select(events).where(events.c.study_id == study_id).order_by(events.c.id))
-        ]
+        """Everything known about one study (instances, results, deliveries, events), or None."""
+        return self._read(lambda c: reads.study(c, study_uid))
 
     def events(self, study_uid: str) -> list[EventRow]:
         """The study's audit trail, oldest first (empty if the study is unknown)."""
+        return self._read(lambda c: reads.study_events(c, study_uid))
 
-        def run(conn: Connection) -> list[EventRow]:
-            sid = conn.execute(
-                sa.select(studies.c.id).where(studies.c.study_uid == study_uid)
-            ).scalar_one_or_none()
-            return [] if sid is None else self._events(conn, sid)
-
-        return self._read(run)
-
-    # ------------------------------------------------------------------ deliveries
+    # ------------------------------------------------------------------ deliveries (db/deliveries.py)
 
     def due_deliveries(self, now: datetime | None = None, limit: int = 50) -> list[DeliveryRow]:
         """Pending or retry deliveries whose time has come, oldest first. They are handed out for
-        ``lease_seconds`` (their ``next_attempt_at`` moves forward) so two senders do not send the
+        ``lease_seconds`` (their ``next_attempt_at`` moves forward) so two senders never send the
         same object at once; :meth:`mark_delivery` records the outcome."""
         at = _utcnow(now)
-        d = deliveries_table
-
-        def run(conn: Connection) -> list[DeliveryRow]:
-            ids = conn.execute(
-                self._lock(
-                    sa.select(d.c.id)
-                    .where(
-                        d.c.state.in_([DeliveryState.PENDING.value, DeliveryState.RETRY.value]),
-                        sa.or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= at),
-                    )
-                    .order_by(d.c.next_attempt_at.is_not(None), d.c.next_attempt_at, d.c.id)
-                    .limit(limit),
-                    skip_locked=True,
-                )
-            ).scalars().all()
-            if not ids:
-                return []
-            conn.execute(sa.update(d).where(d.c.id.in_(ids)).values(next_attempt_at=at + self.lease))
-            rows = conn.execute(
-                sa.select(d, studies.c.study_uid)
-                .join(studies, studies.c.id == d.c.study_id)
-                .where(d.c.id.in_(ids))
-                .order_by(d.c.id)
-            ).all()
-            return [_delivery_row(r) for r in rows]
-
-        return self._write(run)
+        return self._write(lambda c: delivery_ops.due(c, at=at, limit=limit, hold=self.lease))
 
     def mark_delivery(
         self,
@@ -1050,59 +873,22 @@ class Queue:
         retry_at: datetime | None,
         now: datetime | None = None,
     ) -> None:
-        """Record one send attempt: delivered, or retry at ``retry_at``, or (``retry_at`` None) failed."""
+        """Record one send attempt: delivered; or not, to retry at ``retry_at``; or (``retry_at``
+        None) failed for good. ``status`` is what the peer or the network said (``0x0000``,
+        ``network: connection refused``). Raises LookupError for an unknown delivery id."""
         at = _utcnow(now)
-        if delivered:
-            state, next_at = DeliveryState.DELIVERED, None
-        elif retry_at is not None:
-            state, next_at = DeliveryState.RETRY, _utcnow(retry_at)
-        else:
-            state, next_at = DeliveryState.FAILED, None
-
-        def run(conn: Connection) -> None:
-            n = conn.execute(
-                sa.update(deliveries_table)
-                .where(deliveries_table.c.id == delivery_id)
-                .values(
-                    state=state.value,
-                    attempts=deliveries_table.c.attempts + 1,
-                    next_attempt_at=next_at,
-                    last_status=status,
-                    updated_at=at,
-                )
-            ).rowcount
-            if n != 1:
-                raise LookupError(f"delivery {delivery_id} does not exist (purged?); nothing recorded")
-
-        self._write(run)
+        retry_at = None if retry_at is None else _utcnow(retry_at)
+        state = self._write(
+            lambda c: delivery_ops.mark(
+                c, delivery_id, delivered=delivered, status=status, retry_at=retry_at, at=at
+            )
+        )
         log.info("delivery %s: %s (%s)", delivery_id, state, status)
 
     def resend(self, study_uid: str, now: datetime | None = None) -> int:
         """Put every delivery of the study's latest result back to pending. Returns how many."""
         at = _utcnow(now)
-
-        def run(conn: Connection) -> int:
-            sid = conn.execute(sa.select(studies.c.id).where(studies.c.study_uid == study_uid)).scalar_one_or_none()
-            if sid is None:
-                return 0
-            rid = conn.execute(sa.select(sa.func.max(results.c.id)).where(results.c.study_id == sid)).scalar()
-            if rid is None:
-                return 0
-            return int(
-                conn.execute(
-                    sa.update(deliveries_table)
-                    .where(deliveries_table.c.result_id == rid)
-                    .values(
-                        state=DeliveryState.PENDING.value,
-                        attempts=0,
-                        next_attempt_at=None,
-                        last_status="resend requested",
-                        updated_at=at,
-                    )
-                ).rowcount
-            )
-
-        return self._write(run)
+        return self._write(lambda c: delivery_ops.resend(c, study_uid, at=at))
 
     # ------------------------------------------------------------------ retention
 
@@ -1123,7 +909,8 @@ class Queue:
                 .exists()
             )
             rows = conn.execute(
-                self._lock(
+                lock_rows(
+                    conn,
                     sa.select(studies.c.id, studies.c.study_uid, studies.c.state)
                     .where(
                         studies.c.state.in_([s.value for s in FINISHED]),

@@ -8,7 +8,7 @@ A change here needs an Alembic revision in ``db/migrations/versions`` (a test co
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -166,3 +166,11 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime | None]
     last_status: Mapped[str | None] = mapped_column(sa.Text)
     updated_at: Mapped[datetime]
+
+
+# Core views of the tables, for the explicit statements (compare-and-set, bulk updates) of the queue.
+studies_table = cast(sa.Table, Study.__table__)
+instances_table = cast(sa.Table, Instance.__table__)
+events_table = cast(sa.Table, Event.__table__)
+results_table = cast(sa.Table, Result.__table__)
+deliveries_table = cast(sa.Table, Delivery.__table__)

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from db.migrate import current_revision, head_revision, upgrade
-from db.queue import Queue
+from db.queue import Queue, StudyState
 from tests.db import _claimer
 from tests.db.conftest import add_instance, at, uid
 
@@ -26,7 +26,7 @@ STUDIES = 200
 
 @pytest.mark.slow
 def test_each_study_claimed_exactly_once(
-    queue: Queue, migrated_url: str, record_property: pytest.RecordProperty
+    queue: Queue, migrated_url: str, record_property: Callable[[str, object], None]
 ) -> None:
     t0 = time.perf_counter()
     for _ in range(STUDIES):
@@ -55,11 +55,11 @@ def test_each_study_claimed_exactly_once(
     dupes = [i for i, n in Counter(all_ids).items() if n > 1]
     assert dupes == [], f"studies claimed twice: {dupes}"
     assert len(all_ids) == STUDIES
-    assert queue.counts()["processing"] == STUDIES and queue.counts()["ready"] == 0
+    assert queue.counts()[StudyState.PROCESSING] == STUDIES and queue.counts()[StudyState.READY] == 0
 
     # The database agrees: owner, one attempt and one claim event per study.
     with queue.engine.connect() as conn:
-        owners = dict(conn.execute(sa.text("SELECT id, lease_owner FROM studies")).all())
+        owners: dict[int, str] = dict(conn.execute(sa.text("SELECT id, lease_owner FROM studies")).all())
         attempts = {a for (a,) in conn.execute(sa.text("SELECT attempts FROM studies"))}
         claims = conn.execute(
             sa.text("SELECT study_id, count(*) FROM events WHERE to_state = 'processing' GROUP BY study_id")

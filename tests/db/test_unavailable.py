@@ -10,7 +10,7 @@ import pytest
 
 from db.errors import QueueUnavailable
 from db.migrate import upgrade
-from db.queue import Queue
+from db.queue import Queue, StudyState
 from tests.conftest import free_port
 from tests.db.conftest import add_instance, uid
 
@@ -93,7 +93,7 @@ def test_sqlite_locked_past_busy_timeout(tmp_path: Path, monkeypatch: pytest.Mon
             with pytest.raises(QueueUnavailable, match="locked"):
                 add_instance(q, uid())
             assert time.monotonic() - t0 < 5
-            assert q.counts()["receiving"] == 0, "readers are not blocked in WAL mode"
+            assert q.counts()[StudyState.RECEIVING] == 0, "readers are not blocked in WAL mode"
     finally:
         holder.close()
         q.close()
