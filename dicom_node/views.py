@@ -77,6 +77,9 @@ _VIEW_POSITION: dict[str, tuple[str | None, str]] = {
     "OBL": (None, "OBLIQUE"),
 }
 
+# spelling variants ("POSTERO_ANTERIOR", "Left-Lateral") compare without separators
+_VIEW_POSITION_COMPACT = {re.sub(r"[^A-Z]", "", k): v for k, v in _VIEW_POSITION.items()}
+
 _FRONTAL_WORDS = {
     "PA": "PA",
     "AP": "AP",
@@ -106,7 +109,7 @@ def _from_view_position(ds: Dataset) -> ViewGuess | None:
     raw = _norm(ds.get("ViewPosition", ""))
     if not raw:
         return None
-    rule = _VIEW_POSITION.get(raw) or _VIEW_POSITION.get(raw.replace("_", " "))
+    rule = _VIEW_POSITION_COMPACT.get(re.sub(r"[^A-Z]", "", raw))
     if rule is None:
         return None
     view, projection = rule

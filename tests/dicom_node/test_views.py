@@ -33,6 +33,8 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
         ("LATERAL", "lateral", "LAT"),
         ("LAT", "lateral", "LAT"),
         ("LARGE LATERAL", "lateral", "LAT"),
+        ("POSTERO_ANTERIOR", "frontal", "PA"),
+        ("Left-Lateral", "lateral", "LL"),
         ("LLD", "frontal", "LLD"),
         ("RAO", None, "OBLIQUE"),
     ],
