@@ -10,6 +10,7 @@ import copy
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -102,6 +103,19 @@ def lateral(data_dir: Path, tmp_path_factory: pytest.TempPathFactory, frontal: D
     return ds
 
 
+@pytest.fixture
+def strict_reading() -> Iterator[None]:
+    """Read back with pydicom's validation raising on any invalid value."""
+    from pydicom import config
+
+    old = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.RAISE
+    try:
+        yield
+    finally:
+        config.settings.reading_validation_mode = old
+
+
 def _input(frontal: Dataset, lateral: Dataset | None = None, **kw: object) -> ReportInput:
     probs = np.linspace(0.02, 0.97, len(LABELS))
     args: dict[str, object] = dict(
@@ -121,7 +135,7 @@ def _input(frontal: Dataset, lateral: Dataset | None = None, **kw: object) -> Re
     return ReportInput(**args)  # type: ignore[arg-type]
 
 
-def test_report_round_trip_and_content(frontal: Dataset, lateral: Dataset, tmp_path: Path) -> None:
+def test_report_round_trip_and_content(frontal: Dataset, lateral: Dataset, tmp_path: Path, strict_reading: None) -> None:
     sr = build_report(_input(frontal, lateral))
     path = write_report(sr, tmp_path / "sr.dcm")
     warnings = validate(path)
@@ -193,7 +207,7 @@ def concept(item: Dataset) -> str:
     return str(seq[0].CodeValue) if seq else ""
 
 
-def test_frontal_only_secondary_capture_without_orientation(data_dir: Path, tmp_path: Path) -> None:
+def test_frontal_only_secondary_capture_without_orientation(data_dir: Path, tmp_path: Path, strict_reading: None) -> None:
     # SIIM SC image: no Patient Orientation, no ImagerPixelSpacing, no Accession Number
     sc = pydicom.dcmread(data_dir / "siim_cr_pa_secondary_capture.dcm", stop_before_pixels=True)
     sr = build_report(_input(sc, crop=None, mask_quality=MaskQualityInfo(0.05, 5, 0.1, False, "too small")))
