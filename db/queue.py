@@ -30,6 +30,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from db import deliveries as delivery_ops
 from db import reads, retry
+from db.config import QueueConfig
 from db.deliveries import DeliveryState
 from db.engine import is_retryable, lock_rows, make_engine, safe_url, translate_errors, unavailable
 from db.errors import InvalidTransition, LeaseLost, QueueUnavailable
@@ -183,7 +184,34 @@ class Queue:
             retry_cap_seconds=retry_cap_seconds,
         )
 
+    @classmethod
+    def from_config(cls, cfg: QueueConfig, *, retry_base_seconds: float = 30.0) -> Queue:
+        """A queue for the ``queue:`` section of config.yaml (the caller applies CXR_DATABASE_URL)."""
+        return cls.from_url(
+            cfg.database_url,
+            lease_seconds=cfg.lease_seconds,
+            max_attempts=cfg.max_attempts,
+            retry_base_seconds=retry_base_seconds,
+        )
+
+    def check_schema(self) -> str:
+        """The database's schema revision; raises :class:`QueueUnavailable` saying what to run when
+        it is missing or not the one this code expects (call it once at start-up)."""
+        from alembic.runtime.migration import MigrationContext
+
+        from db.migrate import head_revision
+
+        have = self._read(lambda c: MigrationContext.configure(c).get_current_revision())
+        want = head_revision()
+        if have != want:
+            raise QueueUnavailable(
+                f"study queue database {safe_url(self.url)} is at schema revision {have or 'none (empty)'} "
+                f"but this version needs {want}: run `cxr-worker db upgrade` (back up the database first)"
+            )
+        return have
+
     def close(self) -> None:
+        """Close pooled connections (the queue can still be used; it reconnects)."""
         self.engine.dispose()
 
     def __repr__(self) -> str:

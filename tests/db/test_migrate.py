@@ -83,3 +83,19 @@ def test_timestamps_round_trip_as_aware_utc(database_url: str) -> None:
 def test_naive_datetimes_are_refused() -> None:
     with pytest.raises(ValueError, match="naive datetime"):
         UTCDateTime().process_bind_param(datetime(2026, 1, 1), sa.create_engine("sqlite://").dialect)
+
+
+def test_queue_check_schema(database_url: str) -> None:
+    from db.config import QueueConfig
+    from db.errors import QueueUnavailable
+    from db.queue import Queue
+
+    q = Queue.from_config(QueueConfig(database_url=database_url, lease_seconds=60, heartbeat_seconds=10, max_attempts=3))
+    try:
+        with pytest.raises(QueueUnavailable, match=r"revision none \(empty\).*cxr-worker db upgrade"):
+            q.check_schema()
+        upgrade(database_url)
+        assert q.check_schema() == head_revision()
+        assert q.lease == timedelta(seconds=60) and q.max_attempts == 3
+    finally:
+        q.close()
