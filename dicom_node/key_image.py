@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,15 +49,29 @@ _CROP = (0, 220, 255)
 _HEAT = [(0, 0, 255), (255, 0, 255), (255, 160, 0)]
 
 
+@dataclass(frozen=True)
+class ShownFinding:
+    """A finding as the picture needs it, when the caller has no threshold at hand."""
+
+    label: str
+    probability: float
+    present: bool
+
+
 @dataclass
 class KeyImageInput:
-    """What the key image shows. ``image`` is :attr:`dicom_node.pixels.DecodedImage.pixels`."""
+    """What the key image shows. ``image`` is :attr:`dicom_node.pixels.DecodedImage.pixels`.
+
+    The SOP Instance UID derives from ``report_uid`` when given (the key image belongs to that
+    report), else from the frontal image and ``algorithms``.
+    """
 
     frontal: Dataset  # the source frontal image (header suffices)
     image: np.ndarray  # float32 (rows, cols) in [0, 1], 0 = black
-    model1: FindingResult
-    findings: list[FindingResult]
-    algorithms: list[AlgorithmInfo]  # the models whose outputs are drawn (for the UID)
+    model1: FindingResult | None
+    findings: Sequence[FindingResult | ShownFinding]
+    algorithms: list[AlgorithmInfo] = field(default_factory=list)
+    report_uid: str | None = None
     lung_mask: np.ndarray | None = None  # 0/1 at the image's resolution
     crop: CropInfo | None = None
     heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # label -> [0, 1], any size
@@ -74,11 +89,16 @@ class KeyImage:
     shown: list[str]  # labels whose heatmaps are drawn, strongest first
 
 
-def key_image_uid(frontal: Dataset, algorithms: list[AlgorithmInfo]) -> str:
+def key_image_uid(frontal: Dataset, algorithms: Sequence[AlgorithmInfo], report: str | None = None) -> str:
+    """The key image's SOP Instance UID: a function of its report's UID (or sources and models)."""
+    if report:
+        return deterministic_uid("cxr-key-image-v1", "report", report)
+    if not algorithms:
+        raise ValueError("key image: give report_uid or the algorithms, so its UID is deterministic")
     return deterministic_uid("cxr-key-image-v1", report_uid([frontal], algorithms))
 
 
-def _strongest(inp: KeyImageInput) -> list[FindingResult]:
+def _strongest(inp: KeyImageInput) -> list[FindingResult | ShownFinding]:
     present = [f for f in inp.findings if f.present and f.label in inp.heatmaps and f.label != "No Finding"]
     return sorted(present, key=lambda f: (-f.probability, f.label))[:MAX_HEATMAPS]
 
@@ -125,9 +145,12 @@ def render(inp: KeyImageInput) -> tuple[np.ndarray, list[str]]:
     band = int(40 * font) + 10
     top = np.zeros((band, w, 3), np.uint8)
     _text(top, BANNER, (10, band - 12), font * 1.2, (0, 0, 255))
-    rows = [f"Model 1: {'ABNORMAL' if inp.model1.present else 'no abnormality'} "
-            f"(p={inp.model1.probability:.2f}, threshold {inp.model1.threshold:.2f})"]  # fmt: skip
-    colors: list[tuple[int, int, int]] = [(255, 255, 255)]
+    rows: list[str] = []
+    colors: list[tuple[int, int, int]] = []
+    if inp.model1 is not None:
+        rows.append(f"Model 1: {'ABNORMAL' if inp.model1.present else 'no abnormality'} "
+                    f"(p={inp.model1.probability:.2f}, threshold {inp.model1.threshold:.2f})")  # fmt: skip
+        colors.append((255, 255, 255))
     for color, f in zip(_HEAT, shown, strict=False):
         rows.append(f"{f.label}: p={f.probability:.2f}")
         colors.append(color)
@@ -146,7 +169,7 @@ def build_key_image(inp: KeyImageInput) -> KeyImage:
     check_same_patient_and_study([inp.frontal])
     rgb, shown = render(inp)
     header = source_header(inp.frontal)
-    sop_uid = key_image_uid(inp.frontal, inp.algorithms)
+    sop_uid = key_image_uid(inp.frontal, inp.algorithms, inp.report_uid)
     series_uid = deterministic_uid("cxr-key-series", str(header.StudyInstanceUID), inp.device.name, inp.device.ae_title)
     orientation = header.get("PatientOrientation")
     known = orientation is not None and len(orientation) == 2 and all(str(v) for v in orientation)
@@ -224,3 +247,34 @@ def write_key_image(key: KeyImage, dicom_path: str | Path, png_path: str | Path 
         tmp_png.write_bytes(key.png)
         tmp_png.replace(out_png)
     return dicom_path, out_png
+
+
+def write_for_pipeline(
+    *,
+    frontal: Dataset,
+    pixels: np.ndarray,
+    mask: np.ndarray | None,
+    crop: CropInfo | tuple[int, int, int, int] | None,
+    heatmaps: Mapping[str, np.ndarray],
+    findings: Sequence[FindingResult | ShownFinding | tuple[str, float, bool]],
+    device: DeviceInfo,
+    folder: str | Path,
+    report_uid: str,
+    model1: FindingResult | None = None,
+) -> tuple[Dataset, Path]:
+    """Build the key image of report ``report_uid`` and write ``KEY_<uid>.dcm`` and ``.png``
+    into ``folder``; returns (dataset, PNG path). Findings may be ``(label, probability,
+    present)`` tuples."""
+    shown = [ShownFinding(*f) if isinstance(f, tuple) else f for f in findings]
+    box = CropInfo(*crop) if isinstance(crop, tuple) else crop
+    key = build_key_image(
+        KeyImageInput(
+            frontal=frontal, image=pixels, model1=model1, findings=shown, report_uid=report_uid,
+            lung_mask=mask, crop=box, heatmaps=dict(heatmaps), device=device,
+        )
+    )
+    uid = str(key.dataset.SOPInstanceUID)
+    folder = Path(folder)
+    _, png = write_key_image(key, folder / f"KEY_{uid}.dcm", folder / f"KEY_{uid}.png")
+    assert png is not None
+    return key.dataset, png

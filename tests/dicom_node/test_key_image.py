@@ -135,3 +135,24 @@ def test_refuses_source_without_patient_id(data_dir: Path) -> None:
     del frontal.PatientID
     with pytest.raises(ValueError, match="no PatientID"):
         build_key_image(inp)
+
+
+def test_write_for_pipeline(data_dir: Path, tmp_path: Path) -> None:
+    from dicom_node.key_image import write_for_pipeline
+    from dicom_node.sr import DeviceInfo
+
+    inp = _input(data_dir / "RG1_UNCR.dcm")
+    kwargs = dict(
+        frontal=inp.frontal, pixels=inp.image, mask=inp.lung_mask, crop=(10, 20, 1800, 1900),
+        heatmaps=inp.heatmaps, findings=[("Pneumothorax", 0.9, True), ("Edema", 0.3, False)],
+        device=DeviceInfo(), folder=tmp_path, report_uid="2.25.1234",
+    )  # fmt: skip
+    ds, png = write_for_pipeline(**kwargs)  # type: ignore[arg-type]
+    dcm = tmp_path / f"KEY_{ds.SOPInstanceUID}.dcm"
+    assert dcm.exists() and png == tmp_path / f"KEY_{ds.SOPInstanceUID}.png" and png.exists()
+    assert not dciodvfy_errors(dcm)[0]
+    again, _ = write_for_pipeline(**kwargs)  # type: ignore[arg-type]
+    assert again.SOPInstanceUID == ds.SOPInstanceUID
+    other, _ = write_for_pipeline(**{**kwargs, "report_uid": "2.25.5678"})  # type: ignore[arg-type]
+    assert other.SOPInstanceUID != ds.SOPInstanceUID
+    assert "Pneumothorax" in ds.ImageComments and "Edema" not in ds.ImageComments
