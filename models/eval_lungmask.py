@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from models.api import CropBox
 from models.common import select_device, set_threads
 from models.datasets.masks import find_pairs, read_gray, read_mask, split_ids
 from models.lung_mask import LungMasker
@@ -59,10 +60,15 @@ def validation_ids(card_path: Path, ids: list[str]) -> list[str]:
     return split_ids(ids, float(hp["val_fraction"]), int(hp["seed"]))[1]
 
 
-def overlay(img: np.ndarray, pred: np.ndarray, truth: np.ndarray, size: int = 256) -> np.ndarray:
+def overlay(img: np.ndarray, pred: np.ndarray, truth: np.ndarray, crop: CropBox | None = None,
+            size: int = 256) -> np.ndarray:
     """RGB tile: ground truth contour green, prediction contour red, crop box yellow."""
     g = (np.clip(img, 0, 1) * 255).astype(np.uint8)
     tile = cv2.cvtColor(cv2.resize(g, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2RGB)
+    if crop is not None:
+        sy, sx = size / img.shape[0], size / img.shape[1]
+        cv2.rectangle(tile, (int(crop.x0 * sx), int(crop.y0 * sy)),
+                      (int(crop.x1 * sx) - 1, int(crop.y1 * sy) - 1), (255, 255, 0), 1)
     for m, colour in ((truth, (0, 255, 0)), (pred, (255, 0, 0))):
         small = cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -93,7 +99,7 @@ def evaluate_card(card_path: Path, data: Path, *, device: torch.device, ids: lis
         rows.append({"id": i, "dice": round(d, 4), "iou": round(j, 4), "quality_ok": res.quality.ok,
                      "reason": res.quality.reason})
         if grid:
-            tiles.append((d, overlay(img, res.mask, truth)))
+            tiles.append((d, overlay(img, res.mask, truth, res.crop)))
     dice = np.array([r["dice"] for r in rows])
     iou = np.array([r["iou"] for r in rows])
     report: dict[str, Any] = {
