@@ -243,12 +243,15 @@ def _check_pixels(ds: Dataset, layout: PixelDataLayout | None, ts: UID, buf: mem
         raise DatasetMismatch(f"image pixel module: BitsAllocated {bits} is not 1, 8, 16, 32 or 64")
     if spp not in (1, 3, 4):
         raise DatasetMismatch(f"image pixel module: SamplesPerPixel {spp} is not 1, 3 or 4")
-    if _text(ds, "PhotometricInterpretation") is None:
+    photometric = _text(ds, "PhotometricInterpretation")
+    if photometric is None:
         raise DatasetMismatch("image pixel module: PhotometricInterpretation is missing")
     if not ts.is_compressed:
         if layout.length is None:
             raise DatasetMismatch(f"Pixel Data is encapsulated but transfer syntax {ts} is not")
-        expected_bits = rows * cols * spp * bits * frames
+        # YBR_FULL_422 stores two chroma samples per pixel pair: 2 samples per pixel on average
+        samples = 2 if photometric == "YBR_FULL_422" and spp == 3 else spp
+        expected_bits = rows * cols * samples * bits * frames
         expected = (expected_bits + 7) // 8
         if layout.length not in (expected, expected + (expected % 2)):
             raise DatasetMismatch(

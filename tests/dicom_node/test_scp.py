@@ -417,7 +417,7 @@ def test_logs_carry_uids_and_statuses_but_no_patient_data(
     scp: RunningSCP, sc_ds: Dataset, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="dicom_node")
-    caplog.set_level(logging.INFO, logger="pynetdicom")
+    caplog.set_level(logging.DEBUG, logger="pynetdicom")  # even at DEBUG
     caplog.set_level(logging.INFO, logger="db")
     good = fresh(sc_ds)
     bad = fresh(sc_ds)

@@ -304,3 +304,17 @@ def test_stale_temp_files_are_removed(tmp_path: Path) -> None:
     os.utime(old, (0, 0))
     assert st.remove_stale_temp_files(older_than_s=3600) == 1
     assert not old.exists() and new.exists()
+
+
+def test_multiframe_and_ybr_422_lengths(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(DATA / "RG3_UNCR.dcm")
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 10, 20, 3
+    ds.PixelData = bytes(10 * 20 * 2 * 3)
+    assert _inspect(_resave(tmp_path, ds)).sop_instance_uid == ds.SOPInstanceUID
+    ds.NumberOfFrames = 4
+    with pytest.raises(DatasetMismatch, match="frames 4"):
+        _inspect(_resave(tmp_path, ds))
+    ds.NumberOfFrames, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 8, 8, 7
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
+    ds.PixelData = bytes(10 * 20 * 2)
+    assert _inspect(_resave(tmp_path, ds)).sop_instance_uid == ds.SOPInstanceUID
