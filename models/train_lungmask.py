@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop after this much training time (0 = no limit); best weights kept")
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (tests)")
     parser.add_argument("--version", default="1.0.0", help="model version written to the card")
+    parser.add_argument("--data-description", default="",
+                        help="what the training data is (source, licence), written to the card")
     parser.add_argument("--no-eval", action="store_true",
                         help="skip the full-resolution evaluation written to the card at the end")
 
@@ -193,8 +195,9 @@ def run(args: argparse.Namespace) -> int:
             progress = max(progress, minutes / args.max_minutes)
         return 1.0 if progress < 0.5 else max(0.02, 2.0 * (1.0 - progress))
 
-    data_desc = (f"{len(pairs)} image/mask pairs from {args.data.name}/ "
-                 f"(JSRT radiographs with SCR lung masks when trained on shared/data/jsrt; research use)")
+    data_desc = f"{len(pairs)} image/mask pairs from {args.data.name}/"
+    if args.data_description:
+        data_desc += f": {args.data_description}"
     best, best_epoch, step = -1.0, -1, 0
     history: list[dict[str, float]] = []
     t0 = time.monotonic()
