@@ -24,12 +24,9 @@ LOCAL_SCHEME_VERSION = "1"
 #: Procedure reported: LOINC "XR Chest 2 Views" (frontal + lateral) and "XR Chest Single view".
 PROCEDURE_CHEST_XR_2_VIEWS = Code("36643-5", "LN", "XR Chest 2 Views")
 PROCEDURE_CHEST_XR_1_VIEW = Code("36554-4", "LN", "XR Chest Single view")
-#: SNOMED CT "Plain chest X-ray" (procedure); listed as an alternative in CID 100 practice.
-PROCEDURE_PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
 
 PROBABILITY = Code("122157", "DCM", "Probability")
 UNIT_PROBABILITY = Code("{probability}", "UCUM", "probability")
-UNIT_PIXELS = Code("{pixels}", "UCUM", "pixels")
 UNIT_RATIO = Code("1", "UCUM", "no units")
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
@@ -41,7 +38,6 @@ LUNG_MASK_ACCEPTABLE = Code("CXRPW001", LOCAL_SCHEME, "Lung mask acceptable")
 LUNG_MASK_REJECTED = Code("CXRPW002", LOCAL_SCHEME, "Lung mask rejected, full image analysed")
 LUNG_MASK_QUALITY = Code("CXRPW003", LOCAL_SCHEME, "Lung mask quality")
 DECISION_THRESHOLD = Code("CXRPW004", LOCAL_SCHEME, "Decision threshold")
-LUNG_CROP_BOX = Code("CXRPW005", LOCAL_SCHEME, "Lung crop box (x0, y0, x1, y1) in pixels")
 LUNG_MASK_AREA_FRACTION = Code("CXRPW006", LOCAL_SCHEME, "Lung mask area fraction")
 LUNG_MASK_BALANCE = Code("CXRPW007", LOCAL_SCHEME, "Lung mask left/right balance")
 
@@ -50,6 +46,11 @@ LUNG_MASK_BALANCE = Code("CXRPW007", LOCAL_SCHEME, "Lung mask left/right balance
 ABNORMAL = Code("263654008", "SCT", "Abnormal")
 
 #: The 14 CheXpert observations -> their code. Keys are the model cards' label strings.
+#: Cardiomegaly, Opacity, Pulmonary edema, Pleural effusion, Pneumothorax, Abnormal are taken from
+#: the DICOM PS3.16 tables (as shipped in pydicom's concept dictionary); Lung consolidation,
+#: Pneumonia, Atelectasis and Fracture of bone are SNOMED CT concepts not listed in a DICOM CID.
+#: CheXpert categories with no precise SNOMED CT concept ("No Finding", "Enlarged
+#: Cardiomediastinum", "Lung Lesion", "Pleural Other", "Support Devices") get local codes.
 FINDING_CODES: dict[str, Code] = {
     "No Finding": Code("CXRPW100", LOCAL_SCHEME, "No Finding"),
     "Enlarged Cardiomediastinum": Code("CXRPW101", LOCAL_SCHEME, "Enlarged Cardiomediastinum"),
