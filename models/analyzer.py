@@ -1,0 +1,220 @@
+"""The models' single entry point for the worker: lung mask -> crop -> Model 1 + Model 2 -> Grad-CAM.
+
+``Analyzer.analyse`` takes a batch of studies and returns, in the same order, a
+:class:`models.api.StudyAnalysis` or the exception that stopped that one study: a bad image in one
+study never fails the others. Batched steps that fail as a whole are retried study by study so
+the failure is attributed to the study that caused it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from models.api import Finding, LungMaskResult, ModelInfo, StudyAnalysis, StudyInput, ViewPrediction
+from models.classifiers import Classifier, validate_image
+from models.common import select_device
+from models.config import ModelsConfig
+from models.registry import ModelCard
+from models.view_classifier import ViewClassifier
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ClassifierLike(Protocol):
+    card: ModelCard
+    uses_lateral: bool
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def predict(self, frontals: list[np.ndarray], laterals: list[np.ndarray | None]) -> np.ndarray: ...
+
+    def heatmaps(self, frontal: np.ndarray, lateral: np.ndarray | None, labels: list[str]) -> dict[str, np.ndarray]: ...
+
+
+class MaskerLike(Protocol):
+    card: ModelCard
+
+    def predict(self, images: list[np.ndarray], *, margin: float) -> list[LungMaskResult]: ...
+
+
+@dataclass
+class _Work:
+    index: int
+    study: StudyInput
+    frontal: np.ndarray
+    lateral: np.ndarray | None
+    timings: dict[str, float]
+    mask: LungMaskResult | None = None
+    crop: np.ndarray | None = None
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000.0, 1)
+
+
+class Analyzer:
+    """All models, loaded once; see the module docstring."""
+
+    def __init__(self, masker: MaskerLike, model1: ClassifierLike, model2: ClassifierLike,
+                 view: ViewClassifier | None, *, margin: float = 0.05,
+                 heatmap_exclude: Sequence[str] = ("No Finding",)) -> None:
+        if model1.card.labels != ["Abnormal"]:
+            raise ValueError(f"Model 1 card {model1.card.name} must have the single label 'Abnormal', "
+                             f"has {model1.card.labels}")
+        self.masker = masker
+        self.model1 = model1
+        self.model2 = model2
+        self.view = view
+        self.margin = margin
+        self.heatmap_exclude = set(heatmap_exclude)
+
+    @classmethod
+    def from_config(cls, cfg: ModelsConfig, device: str = "auto") -> Analyzer:
+        """Load every card ``cfg`` names (SHA-256 checked); with ``torchxrayvision_checkpoint`` set,
+        that checkpoint is Model 2. Raises :class:`models.registry.ModelLoadError` naming the file."""
+        from models.lung_mask import LungMasker
+
+        dev = select_device(device)
+        masker = LungMasker.from_card(cfg.resolve(cfg.lung_mask), dev)
+        model1 = Classifier.from_card(cfg.resolve(cfg.model1), dev)
+        model2: ClassifierLike
+        if cfg.torchxrayvision_checkpoint is not None:
+            from models.xrv_adapter import XrvClassifier
+
+            model2 = XrvClassifier.from_checkpoint(cfg.torchxrayvision_checkpoint, dev)
+        else:
+            model2 = Classifier.from_card(cfg.resolve(cfg.model2), dev)
+        view = ViewClassifier.from_card(cfg.resolve(cfg.view_classifier), dev)
+        log.info("models loaded on %s: %s", dev, ", ".join(f"{m.name} {m.version}" for m in
+                                                          [masker.card, model1.card, model2.card, view.card]))
+        return cls(masker, model1, model2, view, margin=cfg.crop_margin_fraction)
+
+    def model_infos(self) -> list[ModelInfo]:
+        cards = [self.masker.card, self.model1.card]
+        infos = [ModelInfo(name=c.name, version=c.version, sha256=c.sha256, architecture=c.architecture)
+                 for c in cards]
+        infos.append(self.model2.info)
+        if self.view is not None:
+            infos.append(ModelInfo(name=self.view.card.name, version=self.view.card.version,
+                                   sha256=self.view.card.sha256, architecture=self.view.card.architecture))
+        return infos
+
+    def classify_views(self, images: list[np.ndarray]) -> list[ViewPrediction]:
+        """Frontal or lateral for each image. Raises ValueError naming the first invalid image."""
+        if self.view is None:
+            raise RuntimeError("no view classifier is loaded: set models.view_classifier in config.yaml")
+        return self.view.predict(images)
+
+    # --- analysis -----------------------------------------------------------------------------
+
+    def analyse(self, studies: list[StudyInput]) -> list[StudyAnalysis | Exception]:
+        """One result per study, in order: its analysis or the exception that stopped it."""
+        results: list[StudyAnalysis | Exception | None] = [None] * len(studies)
+        work: list[_Work] = []
+        for i, s in enumerate(studies):
+            try:
+                frontal = validate_image(s.frontal, f"study {s.key}: frontal image")
+                lateral = validate_image(s.lateral, f"study {s.key}: lateral image") if s.lateral is not None else None
+                work.append(_Work(i, s, frontal, lateral, {}))
+            except Exception as exc:  # noqa: BLE001 - reported for this study only
+                results[i] = exc
+
+        def fail(w: _Work, exc: Exception) -> None:
+            log.warning("study %s: analysis failed: %s: %s", w.study.key, type(exc).__name__, exc)
+            results[w.index] = exc
+
+        # 1. lung mask + crop of every frontal
+        t0 = time.perf_counter()
+        masks = self._batched(work, lambda ws: self.masker.predict([w.frontal for w in ws], margin=self.margin), fail)
+        ms = _ms(t0) / max(len(work), 1)
+        work = [w for w in work if results[w.index] is None]
+        for w in work:
+            m = masks[id(w)]
+            w.mask = m
+            c = m.crop
+            w.crop = w.frontal[c.y0:c.y1, c.x0:c.x1]
+            w.timings["lung_mask"] = round(ms, 1)
+        work = [w for w in work if self._check_crop(w, fail)]
+
+        # 2. Model 1 and Model 2 on the batch
+        probs: dict[str, dict[int, np.ndarray]] = {}
+        for name, model in (("model1", self.model1), ("model2", self.model2)):
+            t0 = time.perf_counter()
+            out = self._batched(work, lambda ws, m=model: list(m.predict(
+                [w.crop for w in ws], [w.lateral if m.uses_lateral else None for w in ws])), fail)  # type: ignore[misc]
+            ms = _ms(t0) / max(len(work), 1)
+            probs[name] = out
+            work = [w for w in work if results[w.index] is None]
+            for w in work:
+                w.timings[name] = round(ms, 1)
+
+        # 3. findings, Grad-CAM for Model 2's positive findings
+        for w in work:
+            try:
+                results[w.index] = self._finish(w, probs["model1"][id(w)], probs["model2"][id(w)])
+            except Exception as exc:  # noqa: BLE001
+                fail(w, exc)
+        return [r if r is not None else RuntimeError("study was not analysed") for r in results]
+
+    def _check_crop(self, w: _Work, fail: Callable[[_Work, Exception], None]) -> bool:
+        assert w.crop is not None
+        if w.crop.size == 0 or min(w.crop.shape) < 2:
+            fail(w, ValueError(f"study {w.study.key}: lung crop {w.mask.crop if w.mask else None} is empty"))
+            return False
+        return True
+
+    def _batched(self, work: list[_Work], fn: Callable[[list[_Work]], Sequence[T]],
+                 fail: Callable[[_Work, Exception], None]) -> dict[int, T]:
+        """Run ``fn`` on the whole batch; if it raises, run it per study to find the culprit."""
+        if not work:
+            return {}
+        try:
+            out = fn(work)
+            if len(out) != len(work):
+                raise RuntimeError(f"{len(out)} results for {len(work)} studies")
+            return {id(w): o for w, o in zip(work, out, strict=True)}
+        except Exception as exc:  # noqa: BLE001
+            if len(work) == 1:
+                fail(work[0], exc)
+                return {}
+            log.warning("batched step failed for %d studies (%s); retrying one by one", len(work), exc)
+        res: dict[int, T] = {}
+        for w in work:
+            try:
+                res[id(w)] = fn([w])[0]
+            except Exception as exc:  # noqa: BLE001
+                fail(w, exc)
+        return res
+
+    def _finish(self, w: _Work, p1: np.ndarray, p2: np.ndarray) -> StudyAnalysis:
+        assert w.mask is not None and w.crop is not None
+        c1 = self.model1.card
+        model1 = Finding(label=c1.labels[0], probability=float(p1[0]), threshold=c1.threshold(c1.labels[0]))
+        c2 = self.model2.card
+        model2 = [Finding(label=lab, probability=float(p), threshold=c2.threshold(lab))
+                  for lab, p in zip(c2.labels, p2, strict=True)]
+        positives = [f.label for f in model2 if f.present and f.label not in self.heatmap_exclude]
+        heatmaps: dict[str, np.ndarray] = {}
+        if positives:
+            from models.gradcam import to_original_frame
+
+            t0 = time.perf_counter()
+            lateral = w.lateral if self.model2.uses_lateral else None
+            cams = self.model2.heatmaps(w.crop, lateral, positives)
+            heatmaps = {lab: to_original_frame(cam, w.mask.crop, w.frontal.shape) for lab, cam in cams.items()}
+            w.timings["gradcam"] = _ms(t0)
+        return StudyAnalysis(
+            key=w.study.key, lung_mask=w.mask, model1=model1, model2=model2, models=self.model_infos(),
+            used_lateral=bool(w.lateral is not None and (self.model1.uses_lateral or self.model2.uses_lateral)),
+            heatmaps=heatmaps, timings_ms=dict(w.timings),
+        )
+

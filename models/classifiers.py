@@ -1,0 +1,201 @@
+"""Model 1 and Model 2: DenseNet-121 (torchvision, as in CheXNet) on the frontal and optional lateral.
+
+One backbone is shared by both views (the weights stay ~14 MB in float16 per model). Each view is
+pooled to a 1024-d feature; the lateral slot holds either the lateral's features plus a learned
+"lateral view" embedding, or, for a frontal-only study, a learned "lateral missing" embedding.
+The two are concatenated and a linear head gives one logit per card label (late fusion), so a
+frontal-only study is an ordinary input, not a special case.
+
+Architecture hyper-parameters (``growth_rate``, ``block_config``, ``num_init_features``) live in
+the model card, so tests can build tiny networks with the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import DenseNet
+
+from models.api import ModelInfo
+from models.registry import ModelCard, ModelLoadError, load_weights, to_float
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE = "densenet121-shared-backbone-late-fusion"
+DENSENET121 = {"growth_rate": 32, "block_config": [6, 12, 24, 16], "num_init_features": 64}
+
+
+def densenet_backbone(growth_rate: int = 32, block_config: tuple[int, ...] | list[int] = (6, 12, 24, 16),
+                      num_init_features: int = 64) -> nn.Sequential:
+    """torchvision's DenseNet feature extractor (DenseNet-121 by default) with a 1-channel stem.
+
+    Built with random weights: nothing is downloaded."""
+    net = DenseNet(growth_rate=growth_rate, block_config=tuple(block_config),  # type: ignore[arg-type]
+                   num_init_features=num_init_features)
+    net.features.conv0 = nn.Conv2d(1, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(net.features.conv0.weight)
+    return net.features
+
+
+class MultiViewClassifier(nn.Module):
+    """Frontal + optional lateral -> one logit per label."""
+
+    def __init__(self, num_labels: int, *, growth_rate: int = 32,
+                 block_config: tuple[int, ...] | list[int] = (6, 12, 24, 16),
+                 num_init_features: int = 64, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.features = densenet_backbone(growth_rate, block_config, num_init_features)
+        dim = self.features.norm5.num_features
+        self.feature_dim = dim
+        self.lateral_missing = nn.Parameter(torch.zeros(dim))
+        self.lateral_view = nn.Parameter(torch.zeros(dim))
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * dim, num_labels)
+        nn.init.zeros_(self.head.bias)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last dense block's output after the final norm and ReLU (Grad-CAM's target)."""
+        return F.relu(self.features(x))
+
+    @staticmethod
+    def pool(fmap: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(fmap, 1).flatten(1)
+
+    def fuse(self, frontal_feat: torch.Tensor, lateral: torch.Tensor | None,
+             lateral_present: torch.Tensor | None) -> torch.Tensor:
+        b = frontal_feat.shape[0]
+        lat = self.lateral_missing.expand(b, -1).clone()
+        if lateral is not None and lateral_present is not None and bool(lateral_present.any()):
+            idx = torch.nonzero(lateral_present, as_tuple=False).flatten()
+            lat_feat = self.pool(self.feature_map(lateral[idx])) + self.lateral_view
+            lat = lat.index_copy(0, idx, lat_feat.to(lat.dtype))
+        return self.head(self.dropout(torch.cat([frontal_feat, lat], dim=1)))
+
+    def forward(self, frontal: torch.Tensor, lateral: torch.Tensor | None = None,
+                lateral_present: torch.Tensor | None = None) -> torch.Tensor:
+        """``frontal``: (B,1,H,W); ``lateral``: (B,1,H,W) or None; ``lateral_present``: (B,) bool
+        saying which rows of ``lateral`` are real (others are ignored). Returns (B, labels) logits."""
+        if lateral is not None and lateral_present is None:
+            lateral_present = torch.ones(frontal.shape[0], dtype=torch.bool, device=frontal.device)
+        return self.fuse(self.pool(self.feature_map(frontal)), lateral, lateral_present)
+
+
+def arch_kwargs(card: ModelCard) -> dict[str, Any]:
+    hp = card.hyperparameters
+    return {k: hp.get(k, v) for k, v in DENSENET121.items()}
+
+
+def build_classifier(card: ModelCard) -> MultiViewClassifier:
+    """An untrained network shaped as ``card`` describes."""
+    if card.architecture != ARCHITECTURE:
+        raise ModelLoadError(
+            f"model card {card.name}: architecture {card.architecture!r} is not {ARCHITECTURE!r}; "
+            f"this card is for a different network"
+        )
+    return MultiViewClassifier(len(card.labels), **arch_kwargs(card))
+
+
+def load_classifier(card_path: Path, device: torch.device | str = "cpu"
+                    ) -> tuple[ModelCard, MultiViewClassifier]:
+    """Load a classifier from its card (SHA-256 checked), in eval mode on ``device``."""
+    card, state = load_weights(Path(card_path))
+    model = build_classifier(card)
+    try:
+        model.load_state_dict(to_float(state))
+    except RuntimeError as exc:
+        raise ModelLoadError(f"weights of {card_path} do not fit the network its card describes: {exc}") from None
+    return card, model.to(device).eval()
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a 2-D image to ``size`` x ``size`` (the aspect ratio is not kept, as in CheXpert)."""
+    h, w = image.shape
+    interp = cv2.INTER_AREA if (h > size or w > size) else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(image, dtype=np.float32), (size, size), interpolation=interp)
+
+
+def to_tensor(images: list[np.ndarray], card: ModelCard) -> torch.Tensor:
+    """Images (2-D float32 in [0,1]) -> normalised (B,1,S,S) tensor at the card's input size."""
+    size = card.input_size
+    arr = np.stack([resize_square(im, size) for im in images])[:, None]
+    t = torch.from_numpy(arr)
+    return (t - card.normalisation.mean) / card.normalisation.std
+
+
+def validate_image(image: np.ndarray, what: str) -> np.ndarray:
+    """Check the models.api image contract: 2-D, finite, values in [0, 1]."""
+    if not isinstance(image, np.ndarray) or image.ndim != 2:
+        shape = getattr(image, "shape", None)
+        raise ValueError(f"{what}: expected a 2-D greyscale array, got shape {shape}")
+    if min(image.shape) < 16:
+        raise ValueError(f"{what}: image {image.shape} is too small to analyse (need at least 16x16)")
+    img = image.astype(np.float32, copy=False)
+    if not np.isfinite(img).all():
+        raise ValueError(f"{what}: image contains NaN or infinite values")
+    lo, hi = float(img.min()), float(img.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"{what}: pixel values span [{lo:.3g}, {hi:.3g}], expected [0, 1]")
+    return img.clip(0.0, 1.0)
+
+
+class Classifier:
+    """A loaded Model 1 / Model 2 ready for inference on numpy images (models.api contract).
+
+    ``predict`` returns sigmoid probabilities in the card's label order; ``heatmaps`` gives
+    Grad-CAM maps at the network's input resolution for the named labels."""
+
+    uses_lateral = True
+
+    def __init__(self, card: ModelCard, net: MultiViewClassifier, device: torch.device | str = "cpu") -> None:
+        self.card = card
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+
+    @classmethod
+    def from_card(cls, card_path: Path, device: torch.device | str = "cpu") -> Classifier:
+        card, net = load_classifier(card_path, device)
+        return cls(card, net, device)
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(name=self.card.name, version=self.card.version, sha256=self.card.sha256,
+                         architecture=self.card.architecture)
+
+    def _inputs(self, frontals: list[np.ndarray], laterals: list[np.ndarray | None]
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        if len(frontals) != len(laterals):
+            raise ValueError(f"{len(frontals)} frontal images but {len(laterals)} lateral entries")
+        f = to_tensor(frontals, self.card).to(self.device)
+        present = [lat is not None for lat in laterals]
+        if not any(present):
+            return f, None, None
+        size = self.card.input_size
+        blank = np.zeros((size, size), dtype=np.float32)
+        lat = to_tensor([lat if lat is not None else blank for lat in laterals], self.card).to(self.device)
+        return f, lat, torch.tensor(present, dtype=torch.bool, device=self.device)
+
+    @torch.no_grad()
+    def predict(self, frontals: list[np.ndarray], laterals: list[np.ndarray | None]) -> np.ndarray:
+        if not frontals:
+            return np.zeros((0, len(self.card.labels)), dtype=np.float32)
+        from models.common import autocast
+
+        f, lat, present = self._inputs(frontals, laterals)
+        with autocast(self.device):
+            logits = self.net(f, lat, present)
+        return torch.sigmoid(logits.float()).cpu().numpy()
+
+    def heatmaps(self, frontal: np.ndarray, lateral: np.ndarray | None, labels: list[str]) -> dict[str, np.ndarray]:
+        from models.gradcam import grad_cam
+
+        idx = [self.card.labels.index(lab) for lab in labels]
+        f, lat, present = self._inputs([frontal], [lateral])
+        cams = grad_cam(self.net.feature_map, lambda fm: self.net.fuse(self.net.pool(fm), lat, present), f, idx)
+        return dict(zip(labels, cams, strict=True))

@@ -1,0 +1,291 @@
+"""CheXpert-style study records, uncertainty policies, and readers for CheXpert and MIMIC-CXR-JPG.
+
+Every training source is turned into :class:`StudyRecord`: one study, a frontal image path, an
+optional lateral image path and a raw label vector over the 14 CheXpert observations using
+CheXpert's own coding (1 positive, 0 negative, -1 uncertain, NaN blank / not mentioned). The
+uncertainty policy (:func:`apply_policy`) turns raw labels into a training target and a loss mask,
+so blank labels never reach the loss.
+
+The observation names are CheXpert's column names: they describe the *data format*; the labels a
+trained model predicts are stored in, and read from, its model card.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: The 14 CheXpert observations, in the order of the CheXpert paper / competition.
+OBSERVATIONS: tuple[str, ...] = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+#: The 5 observations of the CheXpert competition (mean AUROC is reported over these).
+COMPETITION: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Pleural Effusion",
+)
+#: Observations that make a study "abnormal" for Model 1 (support devices alone do not).
+PATHOLOGIES: tuple[str, ...] = tuple(o for o in OBSERVATIONS if o not in ("No Finding", "Support Devices"))
+
+POLICIES: tuple[str, ...] = ("u-ignore", "u-zeros", "u-ones", "lsr-ones", "lsr-zeros")
+# Pham et al. 2019 (arXiv:1911.06475): uncertain labels drawn uniformly from these ranges.
+LSR_ONES_RANGE = (0.55, 0.85)
+LSR_ZEROS_RANGE = (0.0, 0.30)
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing or malformed; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """One study for training or evaluation."""
+
+    key: str  # unique, e.g. "chexpert:patient00001/study1"
+    patient: str  # for patient-level splits, e.g. "chexpert:patient00001"
+    source: str  # e.g. "chexpert", "mimic", "folder:labels.csv"
+    frontal: Path
+    lateral: Path | None
+    raw: np.ndarray  # float32 (14,), CheXpert coding: 1, 0, -1, NaN (blank)
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Read an image file as a 2-D float32 array in [0, 1] (0 = black).
+
+    8- and 16-bit greyscale or colour files are accepted (colour is converted to grey)."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DatasetError(f"cannot read image {path}: missing file or unsupported format")
+    if img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0
+    return (img.astype(np.float32) / scale).clip(0.0, 1.0)
+
+
+def parse_label(value: str | None) -> float:
+    """CheXpert CSV cell -> 1.0, 0.0, -1.0 or NaN (blank)."""
+    v = (value or "").strip()
+    if v == "":
+        return math.nan
+    try:
+        f = float(v)
+    except ValueError:
+        raise DatasetError(f"label value {value!r} is not one of 1, 0, -1 or blank") from None
+    if f not in (1.0, 0.0, -1.0):
+        raise DatasetError(f"label value {value!r} is not one of 1, 0, -1 or blank")
+    return f
+
+
+def model1_raw(raw: np.ndarray) -> np.ndarray:
+    """Derive Model 1's raw label ("Abnormal" = not No Finding) from a 14-observation raw vector.
+
+    No Finding = 1 -> 0 (normal); No Finding = 0 or any pathology positive -> 1; otherwise any
+    pathology uncertain -> -1 (left to the uncertainty policy); otherwise blank (masked)."""
+    idx = {o: i for i, o in enumerate(OBSERVATIONS)}
+    nf = raw[idx["No Finding"]]
+    path = np.array([raw[idx[o]] for o in PATHOLOGIES])
+    if nf == 1:
+        v = 0.0
+    elif nf == 0 or np.any(path == 1):
+        v = 1.0
+    elif np.any(path == -1):
+        v = -1.0
+    else:
+        v = math.nan
+    return np.array([v], dtype=np.float32)
+
+
+def apply_policy(raw: np.ndarray, policy: str, rng: np.random.Generator | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(target, mask)`` float32 arrays for a raw label vector under an uncertainty policy.
+
+    Blank (NaN) is always masked out. Uncertain (-1): ``u-ignore`` masks it, ``u-zeros`` -> 0,
+    ``u-ones`` -> 1, ``lsr-ones`` -> U(0.55, 0.85), ``lsr-zeros`` -> U(0, 0.3) (Pham et al. 2019;
+    they also smooth nothing else). ``rng`` draws the smoothed values (seeded by the caller)."""
+    if policy not in POLICIES:
+        raise ValueError(f"uncertainty policy {policy!r} is not one of {', '.join(POLICIES)}")
+    raw = np.asarray(raw, dtype=np.float32)
+    blank = np.isnan(raw)
+    unc = raw == -1
+    target = np.where(blank | unc, 0.0, raw).astype(np.float32)
+    mask = (~blank).astype(np.float32)
+    if policy == "u-ignore":
+        mask[unc] = 0.0
+    elif policy == "u-ones":
+        target[unc] = 1.0
+    elif policy in ("lsr-ones", "lsr-zeros"):
+        lo, hi = LSR_ONES_RANGE if policy == "lsr-ones" else LSR_ZEROS_RANGE
+        r = rng if rng is not None else np.random.default_rng(0)
+        target[unc] = r.uniform(lo, hi, size=int(unc.sum())).astype(np.float32)
+    return target, mask
+
+
+def _chexpert_root(directory: Path) -> Path:
+    """The folder that contains ``CheXpert-v1.0`` (CSV paths are relative to it)."""
+    d = Path(directory)
+    if (d / "CheXpert-v1.0").is_dir():
+        return d
+    if d.name.startswith("CheXpert") and d.is_dir():
+        return d.parent
+    raise DatasetError(
+        f"{d} is not a CheXpert folder: expected {d}/CheXpert-v1.0/train.csv (give the folder that "
+        f"holds CheXpert-v1.0, or CheXpert-v1.0 itself)"
+    )
+
+
+def _resolve(root: Path, csv_dir: Path, rel: str) -> Path:
+    for cand in (root / rel, csv_dir / rel):
+        if cand.exists():
+            return cand
+    return root / rel
+
+
+def group_views(rows: Iterable[tuple[str, str, Path, str, np.ndarray]], source: str
+                ) -> list[StudyRecord]:
+    """Group (patient, study, path, view, raw) rows into studies: the first frontal and the first
+    lateral of each study. Studies without a frontal image are dropped (the models need one)."""
+    studies: dict[tuple[str, str], dict[str, object]] = {}
+    for patient, study, path, view, raw in rows:
+        s = studies.setdefault((patient, study), {"frontal": None, "lateral": None, "raw": raw})
+        v = view.strip().lower()
+        slot = "lateral" if v.startswith("lat") or v in ("ll", "rl") else "frontal"
+        if s[slot] is None:
+            s[slot] = path
+        if slot == "frontal":
+            s["raw"] = raw  # the frontal row's labels define the study (CheXpert labels are per study)
+    out: list[StudyRecord] = []
+    dropped = 0
+    for (patient, study), s in sorted(studies.items()):
+        if s["frontal"] is None:
+            dropped += 1
+            continue
+        out.append(StudyRecord(
+            key=f"{source}:{patient}/{study}", patient=f"{source}:{patient}", source=source,
+            frontal=s["frontal"], lateral=s["lateral"], raw=s["raw"],  # type: ignore[arg-type]
+        ))
+    if dropped:
+        log.info("%s: %d studies have no frontal image and were skipped", source, dropped)
+    return out
+
+
+def read_chexpert(directory: Path, split: str = "train") -> list[StudyRecord]:
+    """Read CheXpert's ``train.csv``/``valid.csv``/``test_labels.csv`` into study records.
+
+    ``split`` is ``train``, ``valid`` or ``test`` (``test_labels.csv``, radiologist labels)."""
+    root = _chexpert_root(directory)
+    base = root / "CheXpert-v1.0"
+    name = {"train": "train.csv", "valid": "valid.csv", "test": "test_labels.csv"}.get(split)
+    if name is None:
+        raise ValueError(f"CheXpert split {split!r} is not one of train, valid, test")
+    csv_path = base / name
+    if not csv_path.exists():
+        raise DatasetError(f"CheXpert CSV {csv_path} not found")
+    rows = []
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in ("Path", "Frontal/Lateral", *OBSERVATIONS) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DatasetError(f"{csv_path}: missing columns {missing}")
+        for line, r in enumerate(reader, start=2):
+            rel = r["Path"]
+            parts = Path(rel).parts
+            try:
+                i = next(k for k, p in enumerate(parts) if p.startswith("patient"))
+                patient, study = parts[i], parts[i + 1]
+            except (StopIteration, IndexError):
+                raise DatasetError(f"{csv_path}:{line}: path {rel!r} has no patientXXXX/studyN part") from None
+            try:
+                raw = np.array([parse_label(r[o]) for o in OBSERVATIONS], dtype=np.float32)
+            except DatasetError as exc:
+                raise DatasetError(f"{csv_path}:{line}: {exc}") from None
+            rows.append((patient, study, _resolve(root, base, rel), r["Frontal/Lateral"], raw))
+    return group_views(rows, f"chexpert-{split}" if split != "train" else "chexpert")
+
+
+def read_mimic(directory: Path, *, metadata: str = "mimic-cxr-2.0.0-metadata.csv",
+               labels: str = "mimic-cxr-2.0.0-chexpert.csv") -> list[StudyRecord]:
+    """Read MIMIC-CXR-JPG: the metadata CSV (dicom_id, subject_id, study_id, ViewPosition) joined
+    with the CheXpert-labeller CSV on (subject_id, study_id); images at
+    ``files/p{subject[:2]}/p{subject}/s{study}/{dicom_id}.jpg``. Compressed ``.csv.gz`` is accepted."""
+    d = Path(directory)
+
+    def _open(name: str) -> tuple[Path, Iterable[dict[str, str]]]:
+        import gzip
+
+        for cand in (d / name, d / (name + ".gz")):
+            if cand.exists():
+                fh = gzip.open(cand, "rt", encoding="utf-8") if cand.suffix == ".gz" else open(cand, encoding="utf-8", newline="")
+                return cand, list(csv.DictReader(fh))
+        raise DatasetError(f"MIMIC-CXR-JPG: {d / name} not found (give the folder that holds it and files/)")
+
+    lab_path, lab_rows = _open(labels)
+    lab: dict[tuple[str, str], np.ndarray] = {}
+    for line, r in enumerate(lab_rows, start=2):
+        try:
+            lab[(r["subject_id"], r["study_id"])] = np.array([parse_label(r.get(o)) for o in OBSERVATIONS], dtype=np.float32)
+        except (DatasetError, KeyError) as exc:
+            raise DatasetError(f"{lab_path}:{line}: {exc}") from None
+    meta_path, meta_rows = _open(metadata)
+    rows = []
+    for r in meta_rows:
+        key = (r["subject_id"], r["study_id"])
+        if key not in lab:
+            continue
+        vp = (r.get("ViewPosition") or "").upper()
+        if vp in ("PA", "AP"):
+            view = "frontal"
+        elif vp in ("LATERAL", "LL", "RL"):
+            view = "lateral"
+        else:
+            continue  # unknown or oblique views are not used
+        s = r["subject_id"]
+        path = d / "files" / f"p{s[:2]}" / f"p{s}" / f"s{r['study_id']}" / f"{r['dicom_id']}.jpg"
+        rows.append((f"p{s}", f"s{r['study_id']}", path, view, lab[key]))
+    return group_views(rows, "mimic")
+
+
+def patient_split(records: Sequence[StudyRecord], val_fraction: float, seed: int
+                  ) -> tuple[list[StudyRecord], list[StudyRecord]]:
+    """Split records by patient (no patient in both parts), per source, reproducibly from ``seed``."""
+    by_source: dict[str, list[str]] = {}
+    for r in records:
+        pats = by_source.setdefault(r.source, [])
+        if r.patient not in pats:
+            pats.append(r.patient)
+    rng = np.random.default_rng(seed)
+    val_patients: set[str] = set()
+    for source in sorted(by_source):
+        pats = sorted(by_source[source])
+        rng.shuffle(pats)
+        n_val = int(round(len(pats) * val_fraction))
+        if val_fraction > 0 and len(pats) >= 2:
+            n_val = max(1, n_val)
+        val_patients.update(pats[:n_val])
+    train = [r for r in records if r.patient not in val_patients]
+    val = [r for r in records if r.patient in val_patients]
+    return train, val

@@ -1,0 +1,60 @@
+"""Grad-CAM (Selvaraju et al. 2017) on the frontal image's last dense block.
+
+The caller splits its network in two: ``feature_fn(x) -> feature map`` (the last dense block,
+after its norm and ReLU) and ``head_fn(feature map) -> logits`` (pooling, fusion with the lateral,
+linear head). A heatmap is ReLU(sum_k w_k A_k) with w_k the spatially averaged gradient of the
+label's logit, upsampled to the network input, scaled to [0, 1], then mapped back into the
+original frontal image's frame (zero outside the crop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from models.api import CropBox
+
+
+def grad_cam(feature_fn: Callable[[torch.Tensor], torch.Tensor],
+             head_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+             label_indices: Sequence[int]) -> np.ndarray:
+    """Heatmaps for one image ``x`` (1, C, H, W): float32 (K, H, W) in [0, 1], one per label index.
+
+    Gradients are computed even under ``torch.no_grad`` callers (enabled locally); the network's
+    parameters are not changed and need not require grad."""
+    if x.shape[0] != 1:
+        raise ValueError(f"grad_cam takes one image at a time, got a batch of {x.shape[0]}")
+    h, w = x.shape[-2:]
+    if not label_indices:
+        return np.zeros((0, h, w), dtype=np.float32)
+    with torch.enable_grad():
+        fmap = feature_fn(x).detach().float().requires_grad_(True)
+        logits = head_fn(fmap).float()
+        cams = []
+        for k, j in enumerate(label_indices):
+            (grad,) = torch.autograd.grad(logits[0, j], fmap, retain_graph=k < len(label_indices) - 1)
+            weights = grad.mean(dim=(2, 3), keepdim=True)
+            cam = torch.relu((weights * fmap).sum(dim=1, keepdim=True))
+            cams.append(cam.detach())
+    cam_all = torch.nn.functional.interpolate(torch.cat(cams), size=(h, w), mode="bilinear",
+                                              align_corners=False)[:, 0]
+    flat = cam_all.flatten(1)
+    lo = flat.min(dim=1).values.view(-1, 1, 1)
+    hi = flat.max(dim=1).values.view(-1, 1, 1)
+    out = torch.where(hi - lo > 1e-12, (cam_all - lo) / (hi - lo).clamp(min=1e-12), torch.zeros_like(cam_all))
+    return out.clamp(0, 1).cpu().numpy().astype(np.float32)
+
+
+def to_original_frame(cam: np.ndarray, crop: CropBox, original_shape: tuple[int, int]) -> np.ndarray:
+    """Map a heatmap over the (resized) crop back into the original frontal frame: resized to the
+    crop's size and placed at the crop box; zero outside it. float32 in [0, 1]."""
+    out = np.zeros(original_shape, dtype=np.float32)
+    ch, cw = crop.y1 - crop.y0, crop.x1 - crop.x0
+    if ch <= 0 or cw <= 0:
+        raise ValueError(f"crop box {crop} is empty")
+    resized = cv2.resize(cam.astype(np.float32), (cw, ch), interpolation=cv2.INTER_LINEAR)
+    out[crop.y0:crop.y1, crop.x0:crop.x1] = np.clip(resized, 0.0, 1.0)
+    return out

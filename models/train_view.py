@@ -1,0 +1,167 @@
+"""Train the frontal/lateral view classifier.
+
+    python -m models.train_view --chexpert DATA/chexpert_sample \
+        --folder DATA/actualmed_partial/labels.csv:DATA/actualmed_partial \
+        --out models/weights/view_classifier.json
+
+Views come from CheXpert's ``Frontal/Lateral`` column (and ``--folder`` CSVs' ``view`` column);
+frontal-only sets add frontal examples. Images are split by patient (``--val-fraction``); the
+held-out images give the card's accuracy. ``--chexpert-test`` folders are never trained on and
+are reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.common import seed_everything, select_device, set_threads
+from models.datasets.chexpert import StudyRecord, patient_split, read_chexpert
+from models.datasets.folder import parse_spec, read_folder
+from models.evaluate import view_items
+from models.registry import ModelCard, Normalisation, save_model
+from models.train_classifier import ImageCache, augment
+from models.view_classifier import ARCHITECTURE, ViewCNN
+
+log = logging.getLogger(__name__)
+
+
+def _tensors(items: Sequence[tuple[Path, int]], cache: ImageCache, norm: Normalisation
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.stack([cache.tensor(p, norm) for p, _ in items]) if items else torch.zeros(0, 1, cache.size, cache.size)
+    y = torch.tensor([float(lab) for _, lab in items])
+    return x, y
+
+
+@torch.no_grad()
+def _probs(net: ViewCNN, x: torch.Tensor, device: torch.device) -> np.ndarray:
+    net.eval()
+    return torch.cat([torch.sigmoid(net(x[i:i + 64].to(device))).cpu() for i in range(0, len(x), 64)]).numpy() if len(x) else np.zeros(0)
+
+
+def train_view(net: ViewCNN, x: torch.Tensor, y: torch.Tensor, device: torch.device, *, epochs: int,
+               batch_size: int, lr: float, seed: int, progress: bool = True) -> list[float]:
+    gen = torch.Generator().manual_seed(seed)
+    pos = float(y.sum())
+    pos_weight = torch.tensor([(len(y) - pos) / max(pos, 1.0)], device=device)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = max(1, (len(x) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    losses = []
+    for epoch in tqdm(range(epochs), desc="view classifier", disable=not progress):
+        net.train()
+        perm = torch.randperm(len(x), generator=gen)
+        total = 0.0
+        for s in range(steps_per_epoch):
+            idx = perm[s * batch_size:(s + 1) * batch_size]
+            xb = augment(x[idx], gen, rotate_deg=15, scale=0.15, translate=0.08, contrast=0.2)
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            xb[flip] = xb[flip].flip(-1)
+            logits = net(xb.to(device))
+            loss = F.binary_cross_entropy_with_logits(logits, y[idx].to(device), pos_weight=pos_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(x))
+        log.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, losses[-1])
+    return losses
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chexpert", action="append", metavar="DIR")
+    p.add_argument("--chexpert-test", action="append", metavar="DIR",
+                   help="CheXpert folders whose test_labels.csv images are only evaluated")
+    p.add_argument("--folder", action="append", metavar="CSV:DIR[:TEMPLATE]")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--val-fraction", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--version", default="0.1.0")
+    p.add_argument("--notes", default="")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    set_threads(args.threads)
+    seed_everything(args.seed)
+    device = select_device(args.device)
+    records: list[StudyRecord] = []
+    for d in args.chexpert or []:
+        records += read_chexpert(Path(d), "train")
+    for spec in args.folder or []:
+        c, d, t = parse_spec(spec)
+        records += read_folder(c, d, t)
+    if not records:
+        raise SystemExit("no training data: give --chexpert or --folder")
+    test_records: list[StudyRecord] = []
+    for d in args.chexpert_test or []:
+        test_records += read_chexpert(Path(d), "test")
+    train, val = patient_split(records, args.val_fraction, args.seed)
+    tr_items, va_items, te_items = view_items(train), view_items(val), view_items(test_records)
+    norm = Normalisation(mean=0.5, std=0.25)
+    cache = ImageCache(args.image_size)
+    xtr, ytr = _tensors(tr_items, cache, norm)
+    log.info("view classifier: %d train images (%d lateral), %d held out, %d test", len(tr_items),
+             int(ytr.sum()), len(va_items), len(te_items))
+    net = ViewCNN(width=args.width).to(device)
+    losses = train_view(net, xtr, ytr, device, epochs=args.epochs, batch_size=args.batch_size,
+                        lr=args.lr, seed=args.seed, progress=not args.no_progress)
+    metrics: dict[str, Any] = {"train_loss_per_epoch": [round(x, 4) for x in losses],
+                               "train_seconds": round(time.time() - t0, 1), "device": str(device)}
+    for name, items in (("held_out", va_items), ("chexpert_test", te_items)):
+        if items:
+            x, y = _tensors(items, cache, norm)
+            pred = _probs(net, x, device) >= 0.5
+            metrics[name] = {"images": len(items), "lateral": int(y.sum()),
+                             "accuracy": round(float(np.mean(pred == y.numpy().astype(bool))), 4)}
+    card = ModelCard(
+        name="view_classifier", version=args.version, architecture=ARCHITECTURE,
+        weights_file=args.out.with_suffix(".safetensors").name, sha256="0" * 64,
+        input_size=args.image_size, normalisation=norm, labels=["frontal", "lateral"],
+        thresholds={"lateral": 0.5},
+        hyperparameters={"width": args.width, "blocks": 5, "epochs": args.epochs, "batch_size": args.batch_size,
+                         "lr": args.lr, "seed": args.seed, "augment": "affine, contrast, horizontal flip",
+                         "loss": "BCE with pos_weight = frontal/lateral ratio"},
+        training_data=(f"{len(tr_items)} images ({int(ytr.sum())} lateral) from "
+                       f"{', '.join(sorted({r.source for r in train}))}"),
+        split=(f"patient-level, {args.val_fraction:.0%} of each source's patients held out with seed "
+               f"{args.seed}; CheXpert test images never trained on"),
+        metrics=metrics, notes=args.notes,
+    )
+    card = save_model(card, net.state_dict(), args.out, half=True)
+    args.out.with_suffix(".split.json").write_text(json.dumps(
+        {"seed": args.seed, "val_fraction": args.val_fraction,
+         "held_out_keys": [r.key for r in val]}, indent=1) + "\n", encoding="utf-8")
+    log.info("wrote %s: %s", args.out, json.dumps({k: v for k, v in metrics.items() if k != "train_loss_per_epoch"}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="python -m models.train_view", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
