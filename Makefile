@@ -40,6 +40,9 @@ postgres:
 test: venv system-deps postgres
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+demo: venv
+	$(PY) -m worker.demo
+
 run: venv
 	$(VENV)/bin/cxr-worker serve --config config.yaml
 
