@@ -431,3 +431,31 @@ def test_logs_carry_uids_and_statuses_but_no_patient_data(
     assert good.SOPInstanceUID in text and "0x0000" in text and "0xA900" in text
     for phi in ("Doe", "Jane", "PHI-778899", "19410317"):
         assert phi not in text, f"{phi!r} leaked into the logs"
+
+
+@pytest.mark.parametrize(
+    "sop_class",
+    ["1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1"],
+    ids=["DX_for_presentation", "DX_for_processing"],
+)
+def test_digital_xray_sop_classes_are_accepted(
+    sop_class: str, scp: RunningSCP, sqlite_queue: Queue, sc_ds: Dataset
+) -> None:
+    dx = fresh(sc_ds)
+    dx.SOPClassUID = dx.file_meta.MediaStorageSOPClassUID = sop_class
+    dx.Modality = "DX"
+    assert send(scp.port, dx) == [0x0000]
+    [row] = sqlite_queue.study(dx.StudyInstanceUID).instances  # type: ignore[union-attr]
+    assert row.sop_class_uid == sop_class and row.modality == "DX" and row.eligible
+
+
+def test_unsupported_sop_class_is_not_negotiated(scp: RunningSCP) -> None:
+    ae = AE(ae_title=SCU_AET)
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4")  # MR Image Storage: not ours
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title=SCP_AET)
+    assert assoc.is_established
+    accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+    assoc.release()
+    assert "1.2.840.10008.5.1.4.1.1.4" not in accepted
+    assert Verification in accepted
