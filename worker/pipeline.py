@@ -274,6 +274,8 @@ class Pipeline:
             crop=(out.lung_mask.crop.x0, out.lung_mask.crop.y0, out.lung_mask.crop.x1, out.lung_mask.crop.y1),
             heatmaps=out.heatmaps, findings=[(f.label, f.probability, f.present) for f in out.model2],
             device=self.device, folder=folder, report_uid=str(sr_ds.SOPInstanceUID),
+            model1=srmod.FindingResult(out.model1.label, float(out.model1.probability),
+                                       float(out.model1.threshold)),
         )
 
     def payload(self, p: PreparedStudy, out: Any, sr_path: Path, key_png: Path | None) -> dict[str, Any]:
