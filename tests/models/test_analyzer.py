@@ -1,0 +1,150 @@
+"""The Analyzer end to end on synthetic images with tiny, randomly initialised cards in tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.analyzer import Analyzer
+from models.api import StudyAnalysis, StudyInput
+from models.config import ModelsConfig
+from models.datasets.chexpert import OBSERVATIONS
+from models.pix2pix import UNetGenerator
+from models.registry import ModelCard, ModelLoadError, save_model
+from models.view_classifier import ARCHITECTURE as VIEW_ARCH
+from models.view_classifier import ViewCNN
+
+from .test_classifiers import tiny_card
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_view_card(path: Path) -> ModelCard:
+    torch.manual_seed(0)
+    net = ViewCNN(width=4, blocks=3)
+    card = ModelCard(name="view_classifier", version="test", architecture=VIEW_ARCH,
+                     weights_file=path.with_suffix(".safetensors").name, sha256="0" * 64, input_size=32,
+                     labels=["frontal", "lateral"], thresholds={"lateral": 0.5},
+                     hyperparameters={"width": 4, "blocks": 3})
+    return save_model(card, net.state_dict(), path, half=True)
+
+
+def tiny_lung_card(path: Path) -> None:
+    torch.manual_seed(0)
+    gen = UNetGenerator(ngf=4, depth=6)
+    card = ModelCard(name="lung_mask", version="test", architecture="pix2pix-unet",
+                     weights_file=path.with_suffix(".safetensors").name, sha256="0" * 64, input_size=64,
+                     labels=["lung"], thresholds={"lung": 0.5}, hyperparameters={"ngf": 4, "depth": 6, "dropout": 0.5})
+    save_model(card, gen.state_dict(), path, half=True)
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> ModelsConfig:
+    tiny_lung_card(tmp_path / "lung_mask.json")
+    tiny_card(tmp_path / "model1.json", ["Abnormal"], thresholds={"Abnormal": 0.0}, name="model1")
+    # thresholds 0 / 1 make Cardiomegaly and No Finding always present, the rest never
+    thr = {o: 1.0 for o in OBSERVATIONS} | {"Cardiomegaly": 0.0, "No Finding": 0.0}
+    tiny_card(tmp_path / "model2.json", list(OBSERVATIONS), thresholds=thr, name="model2", seed=1)
+    tiny_view_card(tmp_path / "view_classifier.json")
+    return ModelsConfig(weights_dir=tmp_path)
+
+
+def _img(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    return rng.random((h, w), dtype=np.float32)
+
+
+def test_analyse_batch_with_and_without_lateral(cfg: ModelsConfig) -> None:
+    an = Analyzer.from_config(cfg, device="cpu")
+    rng = np.random.default_rng(0)
+    studies = [StudyInput("a", _img(rng, 120, 100), _img(rng, 90, 110)),
+               StudyInput("b", _img(rng, 80, 96)),
+               StudyInput("c", _img(rng, 64, 64), None)]
+    out = an.analyse(studies)
+    assert [type(r) for r in out] == [StudyAnalysis] * 3
+    a, b, _ = out
+    assert isinstance(a, StudyAnalysis) and isinstance(b, StudyAnalysis)
+    assert a.key == "a" and a.used_lateral and not b.used_lateral
+    assert a.model1.label == "Abnormal" and a.model1.threshold == 0.0 and a.model1.present
+    assert [f.label for f in a.model2] == list(OBSERVATIONS)
+    assert {f.label for f in a.model2 if f.present} == {"Cardiomegaly", "No Finding"}
+    # Grad-CAM for positive findings only (No Finding is not localised), in the frontal's frame
+    assert set(a.heatmaps) == {"Cardiomegaly"}
+    hm = a.heatmaps["Cardiomegaly"]
+    assert hm.shape == (120, 100) and hm.dtype == np.float32 and 0 <= hm.min() and hm.max() <= 1
+    assert a.lung_mask.mask.shape == (120, 100)
+    assert {m.name for m in a.models} >= {"lung_mask", "model1", "model2"}
+    assert {"lung_mask", "model1", "model2", "gradcam"} <= set(a.timings_ms)
+    # the lateral changes Model 1's output (it is really used)
+    alone = an.analyse([StudyInput("a2", studies[0].frontal)])[0]
+    assert isinstance(alone, StudyAnalysis)
+    assert alone.model1.probability != pytest.approx(a.model1.probability, abs=1e-7)
+
+
+def test_one_bad_study_fails_alone(cfg: ModelsConfig) -> None:
+    an = Analyzer.from_config(cfg, device="cpu")
+    rng = np.random.default_rng(1)
+    out = an.analyse([StudyInput("ok", _img(rng, 70, 70)),
+                      StudyInput("rgb", rng.random((70, 70, 3), dtype=np.float32)),
+                      StudyInput("range", _img(rng, 70, 70) * 300),
+                      StudyInput("nan", np.full((70, 70), np.nan, np.float32)),
+                      StudyInput("ok2", _img(rng, 50, 60), _img(rng, 50, 60))])
+    assert isinstance(out[0], StudyAnalysis) and isinstance(out[4], StudyAnalysis)
+    assert isinstance(out[1], ValueError) and "rgb" in str(out[1]) and "2-D" in str(out[1])
+    assert isinstance(out[2], ValueError) and "[0, 1]" in str(out[2])
+    assert isinstance(out[3], ValueError) and "NaN" in str(out[3])
+    assert an.analyse([]) == []
+
+
+def test_batched_failure_is_attributed_to_its_study(cfg: ModelsConfig) -> None:
+    an = Analyzer.from_config(cfg, device="cpu")
+    real = an.model2.predict
+
+    def flaky(frontals: list[np.ndarray], laterals: list[np.ndarray | None]) -> np.ndarray:
+        if any(f.shape == (77, 77) for f in frontals):
+            raise RuntimeError("simulated failure on the 77x77 study")
+        return real(frontals, laterals)
+
+    an.model2.predict = flaky  # type: ignore[method-assign]
+    rng = np.random.default_rng(2)
+    out = an.analyse([StudyInput("x", _img(rng, 60, 60)), StudyInput("y", _img(rng, 77, 77))])
+    assert isinstance(out[0], StudyAnalysis)
+    assert isinstance(out[1], RuntimeError) and "77x77" in str(out[1])
+
+
+def test_classify_views_and_model_infos(cfg: ModelsConfig) -> None:
+    an = Analyzer.from_config(cfg, device="cpu")
+    rng = np.random.default_rng(3)
+    preds = an.classify_views([_img(rng, 100, 80), _img(rng, 64, 64)])
+    assert len(preds) == 2 and all(p.view in ("frontal", "lateral") and 0.5 <= p.probability <= 1 for p in preds)
+    infos = an.model_infos()
+    assert [i.name for i in infos] == ["lung_mask", "model1", "model2", "view_classifier"]
+    assert all(len(i.sha256) == 64 for i in infos)
+
+
+def test_xrv_checkpoint_replaces_model2(cfg: ModelsConfig, tmp_path: Path) -> None:
+    from models.xrv_adapter import xrv_densenet
+
+    torch.manual_seed(0)
+    ck = tmp_path / "site_xrv.pt"
+    torch.save(xrv_densenet(18).state_dict(), ck)
+    an = Analyzer.from_config(cfg.model_copy(update={"torchxrayvision_checkpoint": ck}), device="cpu")
+    out = an.analyse([StudyInput("s", np.random.default_rng(4).random((90, 90), dtype=np.float32))])[0]
+    assert isinstance(out, StudyAnalysis)
+    labels = [f.label for f in out.model2]
+    assert "No Finding" not in labels and "Support Devices" not in labels and "Cardiomegaly" in labels
+    assert any(m.name.startswith("model2") and m.architecture == "torchxrayvision-densenet121" for m in out.models)
+
+
+def test_missing_card_is_reported_by_name(cfg: ModelsConfig) -> None:
+    (cfg.weights_dir / "model2.json").unlink()
+    with pytest.raises(ModelLoadError, match="model2.json"):
+        Analyzer.from_config(cfg, device="cpu")
