@@ -10,7 +10,9 @@ knows are on 127.0.0.1. (Orthanc 1.10 has no DICOM bind-address option: its DICO
 all interfaces, on a random port, for the few seconds a test runs.) Stopped by PID: SIGTERM, then
 SIGKILL. ``lua_script`` loads a Lua script (e.g. to react to received structured reports).
 
-Use the ``orthanc`` fixture factory in a conftest: ``orthanc_factory`` below, or ``Orthanc.start``.
+In a fixture: ``with Orthanc.start(tmp_path / "orthanc", aet=..., modalities=...) as pacs: yield pacs``
+(``Orthanc.launch`` + ``stop()`` when the lifetime is not a ``with`` block). Skip with
+``pytest.mark.skipif(not orthanc_available(), ...)`` where Orthanc may be missing.
 """
 
 from __future__ import annotations
