@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -459,3 +461,27 @@ def test_unsupported_sop_class_is_not_negotiated(scp: RunningSCP) -> None:
     assoc.release()
     assert "1.2.840.10008.5.1.4.1.1.4" not in accepted
     assert Verification in accepted
+
+
+# ----------------------------------------------------------------------------- lifecycle
+
+def test_stop_closes_the_port_and_aborts_idle_associations(
+    start_scp: Callable[..., RunningSCP], sqlite_queue: Queue
+) -> None:
+    run = start_scp(sqlite_queue)
+    assoc = _assoc(run.port, called=SCP_AET, calling=SCU_AET)
+    assert assoc.is_established
+    run.scp.stop(grace_s=0.5)  # the peer keeps its association open: aborted after the grace time
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", run.port)) != 0  # nothing listens any more
+    run.scp.stop()  # idempotent
+
+
+def test_port_in_use_says_so(start_scp: Callable[..., RunningSCP], sqlite_queue: Queue) -> None:
+    run = start_scp(sqlite_queue)
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{run.port} for DICOM"):
+        start_scp(sqlite_queue, port=run.port)
