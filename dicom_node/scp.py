@@ -193,6 +193,13 @@ class StorageSCP:
         with self._lock:
             if self.server is not None:
                 return self.server
+            if _config.STORE_RECV_CHUNKED_DATASET:
+                # That mode hands the handler a temp file instead of the received bytes; this SCP
+                # stores from memory (one copy, no second write) and would answer 0xC210 to all.
+                raise RuntimeError(
+                    "pynetdicom._config.STORE_RECV_CHUNKED_DATASET is True in this process; the storage "
+                    "SCP needs it False (something else in the process changed this global)"
+                )
             # No identifiers (which may contain patient data) in pynetdicom's own logs.
             _config.LOG_REQUEST_IDENTIFIERS = False
             _config.LOG_RESPONSE_IDENTIFIERS = False
