@@ -138,16 +138,6 @@ def evaluate_classifier(card_path: Path, records: Sequence[StudyRecord], *, devi
     return rep
 
 
-def view_items(records: Sequence[StudyRecord]) -> list[tuple[Path, int]]:
-    """(image, 1 if lateral else 0) for every image of the records."""
-    items = []
-    for r in records:
-        items.append((r.frontal, 0))
-        if r.lateral is not None:
-            items.append((r.lateral, 1))
-    return items
-
-
 def evaluate_view(card_path: Path, items: Sequence[tuple[Path, int]], *, device: str = "cpu",
                   batch_size: int = 32) -> dict[str, Any]:
     from models.datasets.chexpert import load_image
@@ -187,6 +177,27 @@ def _records(args: argparse.Namespace) -> list[StudyRecord]:
     return recs
 
 
+def _view_images(args: argparse.Namespace) -> list[tuple[Path, int]]:
+    """Every image (with its view) of the given sources; ``--held-out``: only the card's held-out
+    images (plus CheXpert test)."""
+    from models.datasets.chexpert import chexpert_view_images
+    from models.datasets.folder import folder_view_images, parse_spec
+
+    imgs = []
+    for d in args.chexpert_test or []:
+        imgs += chexpert_view_images(Path(d), "test")
+    for d in args.chexpert or []:
+        imgs += chexpert_view_images(Path(d), "train")
+    for spec in args.folder or []:
+        c, d, t = parse_spec(spec)
+        imgs += folder_view_images(c, d, t)
+    if args.held_out:
+        split = Path(args.split) if args.split else Path(args.card).with_suffix(".split.json")
+        keep = set(json.loads(split.read_text(encoding="utf-8"))["held_out_images"])
+        imgs = [im for im in imgs if str(im.path) in keep or im.source == "chexpert-test"]
+    return [(im.path, int(im.lateral)) for im in imgs]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=["classifier", "view"])
     p.add_argument("--card", type=Path, required=True)
@@ -209,12 +220,12 @@ def run(args: argparse.Namespace) -> int:
     from models.common import set_threads
 
     set_threads(args.threads)
-    recs = _records(args)
     if args.what == "classifier":
+        recs = _records(args)
         rep = evaluate_classifier(args.card, recs, device=args.device, seed=args.seed, roc_png=args.roc,
                                   use_lateral=not args.frontal_only)
     else:
-        rep = evaluate_view(args.card, view_items(recs), device=args.device)
+        rep = evaluate_view(args.card, _view_images(args), device=args.device)
     text = json.dumps(rep, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

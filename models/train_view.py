@@ -26,14 +26,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.common import seed_everything, select_device, set_threads
-from models.datasets.chexpert import StudyRecord, patient_split, read_chexpert
-from models.datasets.folder import parse_spec, read_folder
-from models.evaluate import view_items
+from models.datasets.chexpert import ViewImage, chexpert_view_images, patient_split
+from models.datasets.folder import folder_view_images, parse_spec
 from models.registry import ModelCard, Normalisation, save_model
 from models.train_classifier import ImageCache, augment
 from models.view_classifier import ARCHITECTURE, ViewCNN
 
 log = logging.getLogger(__name__)
+
+
+def as_items(images: Sequence[ViewImage]) -> list[tuple[Path, int]]:
+    return [(im.path, int(im.lateral)) for im in images]
 
 
 def _tensors(items: Sequence[tuple[Path, int]], cache: ImageCache, norm: Normalisation
@@ -104,19 +107,19 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     seed_everything(args.seed)
     device = select_device(args.device)
-    records: list[StudyRecord] = []
+    images: list[ViewImage] = []
     for d in args.chexpert or []:
-        records += read_chexpert(Path(d), "train")
+        images += chexpert_view_images(Path(d), "train")
     for spec in args.folder or []:
         c, d, t = parse_spec(spec)
-        records += read_folder(c, d, t)
-    if not records:
+        images += folder_view_images(c, d, t)
+    if not images:
         raise SystemExit("no training data: give --chexpert or --folder")
-    test_records: list[StudyRecord] = []
+    test_images: list[ViewImage] = []
     for d in args.chexpert_test or []:
-        test_records += read_chexpert(Path(d), "test")
-    train, val = patient_split(records, args.val_fraction, args.seed)
-    tr_items, va_items, te_items = view_items(train), view_items(val), view_items(test_records)
+        test_images += chexpert_view_images(Path(d), "test")
+    train, val = patient_split(images, args.val_fraction, args.seed)
+    tr_items, va_items, te_items = (as_items(x) for x in (train, val, test_images))
     norm = Normalisation(mean=0.5, std=0.25)
     cache = ImageCache(args.image_size)
     xtr, ytr = _tensors(tr_items, cache, norm)
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     card = save_model(card, net.state_dict(), args.out, half=True)
     args.out.with_suffix(".split.json").write_text(json.dumps(
         {"seed": args.seed, "val_fraction": args.val_fraction,
-         "held_out_keys": [r.key for r in val]}, indent=1) + "\n", encoding="utf-8")
+         "held_out_images": [str(im.path) for im in val]}, indent=1) + "\n", encoding="utf-8")
     log.info("wrote %s: %s", args.out, json.dumps({k: v for k, v in metrics.items() if k != "train_loss_per_epoch"}))
     return 0
 

@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import cv2
 import numpy as np
@@ -172,8 +173,7 @@ def group_views(rows: Iterable[tuple[str, str, Path, str, np.ndarray]], source: 
     studies: dict[tuple[str, str], dict[str, object]] = {}
     for patient, study, path, view, raw in rows:
         s = studies.setdefault((patient, study), {"frontal": None, "lateral": None, "raw": raw})
-        v = view.strip().lower()
-        slot = "lateral" if v.startswith("lat") or v in ("ll", "rl") else "frontal"
+        slot = "lateral" if is_lateral(view) else "frontal"
         if s[slot] is None:
             s[slot] = path
         if slot == "frontal":
@@ -193,10 +193,27 @@ def group_views(rows: Iterable[tuple[str, str, Path, str, np.ndarray]], source: 
     return out
 
 
-def read_chexpert(directory: Path, split: str = "train") -> list[StudyRecord]:
-    """Read CheXpert's ``train.csv``/``valid.csv``/``test_labels.csv`` into study records.
+@dataclass(frozen=True)
+class ViewImage:
+    """One image and its view, for the view classifier."""
 
-    ``split`` is ``train``, ``valid`` or ``test`` (``test_labels.csv``, radiologist labels)."""
+    path: Path
+    patient: str
+    source: str
+    lateral: bool
+
+
+def is_lateral(view: str) -> bool:
+    v = view.strip().lower()
+    return v.startswith("lat") or v in ("ll", "rl")
+
+
+def view_images(rows: Iterable[tuple[str, str, Path, str, np.ndarray]], source: str) -> list[ViewImage]:
+    return [ViewImage(path=path, patient=f"{source}:{patient}", source=source, lateral=is_lateral(view))
+            for patient, _study, path, view, _raw in rows]
+
+
+def _chexpert_rows(directory: Path, split: str) -> tuple[list[tuple[str, str, Path, str, np.ndarray]], str]:
     root = _chexpert_root(directory)
     base = root / "CheXpert-v1.0"
     name = {"train": "train.csv", "valid": "valid.csv", "test": "test_labels.csv"}.get(split)
@@ -224,7 +241,21 @@ def read_chexpert(directory: Path, split: str = "train") -> list[StudyRecord]:
             except DatasetError as exc:
                 raise DatasetError(f"{csv_path}:{line}: {exc}") from None
             rows.append((patient, study, _resolve(root, base, rel), r["Frontal/Lateral"], raw))
-    return group_views(rows, f"chexpert-{split}" if split != "train" else "chexpert")
+    return rows, (f"chexpert-{split}" if split != "train" else "chexpert")
+
+
+def read_chexpert(directory: Path, split: str = "train") -> list[StudyRecord]:
+    """Read CheXpert's ``train.csv``/``valid.csv``/``test_labels.csv`` into study records.
+
+    ``split`` is ``train``, ``valid`` or ``test`` (``test_labels.csv``, radiologist labels)."""
+    rows, source = _chexpert_rows(directory, split)
+    return group_views(rows, source)
+
+
+def chexpert_view_images(directory: Path, split: str = "train") -> list[ViewImage]:
+    """Every image of a CheXpert CSV with its view (for the view classifier)."""
+    rows, source = _chexpert_rows(directory, split)
+    return view_images(rows, source)
 
 
 def read_mimic(directory: Path, *, metadata: str = "mimic-cxr-2.0.0-metadata.csv",
@@ -269,8 +300,18 @@ def read_mimic(directory: Path, *, metadata: str = "mimic-cxr-2.0.0-metadata.csv
     return group_views(rows, "mimic")
 
 
-def patient_split(records: Sequence[StudyRecord], val_fraction: float, seed: int
-                  ) -> tuple[list[StudyRecord], list[StudyRecord]]:
+class _HasPatient(Protocol):
+    @property
+    def patient(self) -> str: ...
+
+    @property
+    def source(self) -> str: ...
+
+
+P = TypeVar("P", bound=_HasPatient)
+
+
+def patient_split(records: Sequence[P], val_fraction: float, seed: int) -> tuple[list[P], list[P]]:
     """Split records by patient (no patient in both parts), per source, reproducibly from ``seed``."""
     by_source: dict[str, list[str]] = {}
     for r in records:

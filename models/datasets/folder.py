@@ -28,7 +28,9 @@ from models.datasets.chexpert import (
     PATHOLOGIES,
     DatasetError,
     StudyRecord,
+    ViewImage,
     group_views,
+    view_images,
 )
 
 NORMAL_WORDS = {"no finding", "none", "normal", "0", "negative", "healthy"}
@@ -81,6 +83,19 @@ def parse_spec(spec: str) -> tuple[Path, Path, str | None]:
 def read_folder(csv_path: Path, image_dir: Path, file_template: str | None = None,
                 *, source: str | None = None) -> list[StudyRecord]:
     """Read a folder + CSV into study records (see the module docstring for the CSV layout)."""
+    rows, src = _folder_rows(csv_path, image_dir, file_template, source)
+    return group_views(rows, src)
+
+
+def folder_view_images(csv_path: Path, image_dir: Path, file_template: str | None = None,
+                       *, source: str | None = None) -> list[ViewImage]:
+    """Every image of a folder CSV with its view (``view`` column; frontal when absent)."""
+    rows, src = _folder_rows(csv_path, image_dir, file_template, source)
+    return view_images(rows, src)
+
+
+def _folder_rows(csv_path: Path, image_dir: Path, file_template: str | None, source: str | None
+                 ) -> tuple[list[tuple[str, str, Path, str, np.ndarray]], str]:
     csv_path, image_dir = Path(csv_path), Path(image_dir)
     if not csv_path.exists():
         raise DatasetError(f"label CSV {csv_path} not found")
@@ -109,4 +124,4 @@ def read_folder(csv_path: Path, image_dir: Path, file_template: str | None = Non
             if view.upper() in ("AP", "PA", "FRONTAL", ""):
                 view = "frontal"
             rows.append((patient, study, path, view, parse_findings(r[label_col])))
-    return group_views(rows, src)
+    return rows, src
