@@ -46,6 +46,11 @@ demo: venv
 run: venv
 	$(VENV)/bin/cxr-worker serve --config config.yaml
 
+bench: venv system-deps
+	$(PY) bench/ingest.py
+	$(PY) bench/models.py
+	$(PY) bench/pipeline.py
+
 lint: venv
 	$(VENV)/bin/ruff check worker dicom_node models db tests bench
 
