@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from models.api import Finding, LungMaskResult, ModelInfo, StudyAnalysis, StudyInput, ViewPrediction
+from models.api import CropBox, Finding, LungMaskResult, ModelInfo, StudyAnalysis, StudyInput, ViewPrediction
 from models.classifiers import Classifier, validate_image
 from models.common import select_device
 from models.config import ModelsConfig
@@ -150,7 +150,7 @@ class Analyzer:
         for name, model in (("model1", self.model1), ("model2", self.model2)):
             t0 = time.perf_counter()
             out = self._batched(work, lambda ws, m=model: list(m.predict(
-                [w.crop for w in ws], [w.lateral if m.uses_lateral else None for w in ws])), fail)  # type: ignore[misc]
+                [self._input(m, w)[0] for w in ws], [w.lateral if m.uses_lateral else None for w in ws])), fail)  # type: ignore[misc]
             ms = _ms(t0) / max(len(work), 1)
             probs[name] = out
             work = [w for w in work if results[w.index] is None]
@@ -164,6 +164,16 @@ class Analyzer:
             except Exception as exc:  # noqa: BLE001
                 fail(w, exc)
         return [r if r is not None else RuntimeError("study was not analysed") for r in results]
+
+    @staticmethod
+    def _input(model: ClassifierLike, w: _Work) -> tuple[np.ndarray, CropBox]:
+        """The frontal image a model takes and where it sits in the original frame: the lung crop,
+        unless the model's card says it was trained on full images (``input_crop``)."""
+        assert w.crop is not None and w.mask is not None
+        if str(model.card.hyperparameters.get("input_crop", "lungs")).startswith("full"):
+            h, wd = w.frontal.shape
+            return w.frontal, CropBox(0, 0, wd, h)
+        return w.crop, w.mask.crop
 
     def _check_crop(self, w: _Work, fail: Callable[[_Work, Exception], None]) -> bool:
         assert w.crop is not None
@@ -209,8 +219,9 @@ class Analyzer:
 
             t0 = time.perf_counter()
             lateral = w.lateral if self.model2.uses_lateral else None
-            cams = self.model2.heatmaps(w.crop, lateral, positives)
-            heatmaps = {lab: to_original_frame(cam, w.mask.crop, w.frontal.shape) for lab, cam in cams.items()}
+            image, box = self._input(self.model2, w)
+            cams = self.model2.heatmaps(image, lateral, positives)
+            heatmaps = {lab: to_original_frame(cam, box, w.frontal.shape) for lab, cam in cams.items()}
             w.timings["gradcam"] = _ms(t0)
         return StudyAnalysis(
             key=w.study.key, lung_mask=w.mask, model1=model1, model2=model2, models=self.model_infos(),

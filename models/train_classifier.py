@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,23 +54,44 @@ MODEL1_LABELS = ["Abnormal"]
 # data
 
 class ImageCache:
-    """Images decoded once and kept resized as uint8 (a few hundred KB per image at 224 px)."""
+    """Images decoded once and kept resized as uint8 (a few hundred KB per image at 224 px).
 
-    def __init__(self, size: int) -> None:
+    ``cropper`` (e.g. the lung masker) crops frontal images before resizing, as the Analyzer
+    does at inference; laterals are never cropped."""
+
+    def __init__(self, size: int, cropper: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.size = size
-        self._cache: dict[Path, np.ndarray] = {}
+        self.cropper = cropper
+        self._cache: dict[tuple[Path, bool], np.ndarray] = {}
 
-    def get(self, path: Path) -> np.ndarray:
-        arr = self._cache.get(path)
+    def get(self, path: Path, frontal: bool = False) -> np.ndarray:
+        key = (path, frontal and self.cropper is not None)
+        arr = self._cache.get(key)
         if arr is None:
-            img = resize_square(load_image(path), self.size)
-            arr = (img * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
-            self._cache[path] = arr
+            img = load_image(path)
+            if key[1]:
+                img = self.cropper(img)  # type: ignore[misc]
+            arr = (resize_square(img, self.size) * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+            self._cache[key] = arr
         return arr
 
-    def tensor(self, path: Path, norm: Normalisation) -> torch.Tensor:
-        t = torch.from_numpy(self.get(path)).float().div_(255.0)[None]
+    def tensor(self, path: Path, norm: Normalisation, frontal: bool = False) -> torch.Tensor:
+        t = torch.from_numpy(self.get(path, frontal)).float().div_(255.0)[None]
         return (t - norm.mean) / norm.std
+
+
+def lung_cropper(card_path: Path, margin: float, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
+    """Crop a frontal image to its lungs with the lung-mask model (full image when the mask fails
+    its quality checks), exactly as :class:`models.analyzer.Analyzer` does."""
+    from models.lung_mask import LungMasker
+
+    masker = LungMasker.from_card(card_path, device)
+
+    def crop(img: np.ndarray) -> np.ndarray:
+        c = masker.predict([img], margin=margin)[0].crop
+        return img[c.y0:c.y1, c.x0:c.x1]
+
+    return crop
 
 
 def record_raw(rec: StudyRecord, model: str) -> np.ndarray:
@@ -100,7 +121,7 @@ class StudyDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor, torch.Tensor]:
         r = self.records[i]
         target, mask = apply_policy(record_raw(r, self.model), self.policy, self.rng)
-        frontal = self.cache.tensor(r.frontal, self.norm)
+        frontal = self.cache.tensor(r.frontal, self.norm, frontal=True)
         if r.lateral is not None:
             lateral, present = self.cache.tensor(r.lateral, self.norm), True
         else:
@@ -256,6 +277,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="model card path (weights go beside it)")
     p.add_argument("--version", default="0.1.0")
     p.add_argument("--notes", default="")
+    p.add_argument("--lung-mask", type=Path, metavar="CARD",
+                   help="crop frontals to the lungs with this lung-mask card, as at inference "
+                        "(default: full images; the card then says so and the Analyzer feeds full images)")
+    p.add_argument("--crop-margin", type=float, default=0.05)
     p.add_argument("--tiny", action="store_true", help="a tiny DenseNet (tests and smoke runs)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -272,7 +297,9 @@ def run(args: argparse.Namespace) -> int:
              len(train), len(val), sum(r.lateral is not None for r in records))
     arch = {"growth_rate": 8, "block_config": [2, 2, 2, 2], "num_init_features": 16} if args.tiny else DENSENET121
     norm = Normalisation(mean=0.5, std=0.25)
-    cache = ImageCache(args.image_size)
+    cropper = lung_cropper(args.lung_mask, args.crop_margin, device) if args.lung_mask else None
+    cache = ImageCache(args.image_size, cropper)
+    input_crop = f"lungs (margin {args.crop_margin})" if args.lung_mask else "full image"
     model = MultiViewClassifier(len(labels), **arch).to(device)  # type: ignore[arg-type]
     ds_train = StudyDataset(train, args.model, args.uncertainty, cache, norm, args.seed)
     losses = train_loop(model, ds_train, device, epochs=args.epochs, batch_size=args.batch_size,
@@ -296,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
         sha256="0" * 64, input_size=args.image_size, normalisation=norm, labels=labels,
         thresholds=thresholds,
         hyperparameters={**arch, "views": ["frontal", "lateral (optional)"], "fusion": "late concat, learned lateral-missing embedding",
-                         "input_crop": "full image", "epochs": args.epochs, "batch_size": args.batch_size,
+                         "input_crop": input_crop, "epochs": args.epochs, "batch_size": args.batch_size,
                          "lr": args.lr, "optimizer": "AdamW + one-cycle", "uncertainty": args.uncertainty,
                          "augment": not args.no_augment, "lateral_dropout": args.lateral_dropout,
                          "seed": args.seed, "val_fraction": args.val_fraction},

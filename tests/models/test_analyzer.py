@@ -148,3 +148,20 @@ def test_missing_card_is_reported_by_name(cfg: ModelsConfig) -> None:
     (cfg.weights_dir / "model2.json").unlink()
     with pytest.raises(ModelLoadError, match="model2.json"):
         Analyzer.from_config(cfg, device="cpu")
+
+
+def test_model_input_follows_card_input_crop(cfg: ModelsConfig) -> None:
+    from models.analyzer import _Work
+    from models.api import CropBox, LungMaskResult, MaskQuality
+
+    an = Analyzer.from_config(cfg, device="cpu")
+    frontal = np.random.default_rng(5).random((100, 80), dtype=np.float32)
+    box = CropBox(10, 20, 70, 90)
+    w = _Work(0, StudyInput("k", frontal), frontal, None, {},
+              mask=LungMaskResult(np.zeros((100, 80), np.uint8), box, MaskQuality(0.3, 2, 0.9, True)),
+              crop=frontal[20:90, 10:70])
+    img, b = an._input(an.model2, w)
+    assert img.shape == (70, 60) and b == box  # trained on lung crops (the default)
+    an.model2.card = an.model2.card.model_copy(update={"hyperparameters": {"input_crop": "full image"}})
+    img, b = an._input(an.model2, w)
+    assert img.shape == (100, 80) and b == CropBox(0, 0, 80, 100)
