@@ -112,3 +112,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield url
     finally:
         drop_pg_database(admin, name)
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[object]:
+    """dcmtk's storescp on a free loopback port, as a PACS that receives our reports."""
+    from tests.service import StoreSCP
+
+    scp = StoreSCP(tmp_path / "pacs-received", free_port(), "PACS_SIM").start()
+    try:
+        yield scp
+    finally:
+        scp.stop()

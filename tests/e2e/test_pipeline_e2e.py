@@ -20,8 +20,7 @@ from db.queue import Queue
 from dicom_node.sr import read_findings
 from tests.conftest import DATA, REPO, free_port
 from tests.dicom_node.test_sr import validate
-from tests.e2e.conftest import StoreSCP
-from tests.service import ServiceProcess, wait_for, write_config
+from tests.service import ServiceProcess, StoreSCP, wait_for, write_config
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
