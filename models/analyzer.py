@@ -12,11 +12,19 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 
-from models.api import CropBox, Finding, LungMaskResult, ModelInfo, StudyAnalysis, StudyInput, ViewPrediction
+from models.api import (
+    CropBox,
+    Finding,
+    LungMaskResult,
+    ModelInfo,
+    StudyAnalysis,
+    StudyInput,
+    ViewPrediction,
+)
 from models.classifiers import Classifier, validate_image
 from models.common import select_device
 from models.config import ModelsConfig

@@ -52,7 +52,9 @@ class MultiViewClassifier(nn.Module):
                  num_init_features: int = 64, dropout: float = 0.2) -> None:
         super().__init__()
         self.features = densenet_backbone(growth_rate, block_config, num_init_features)
-        dim = self.features.norm5.num_features
+        norm5 = self.features.norm5
+        assert isinstance(norm5, nn.BatchNorm2d)
+        dim = int(norm5.num_features)
         self.feature_dim = dim
         self.lateral_missing = nn.Parameter(torch.zeros(dim))
         self.lateral_view = nn.Parameter(torch.zeros(dim))

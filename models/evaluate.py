@@ -149,7 +149,7 @@ def evaluate_view(card_path: Path, items: Sequence[tuple[Path, int]], *, device:
         probs += list(vc.probabilities([load_image(p) for p, _ in items[i:i + batch_size]]))
     y = np.array([lab for _, lab in items])
     pred = np.array(probs) >= vc.card.threshold(vc.card.labels[1])
-    wrong = [str(items[i][0].name) for i in np.flatnonzero(pred != y)]
+    wrong = [str(items[int(i)][0].name) for i in np.flatnonzero(pred != y)]
     return {"model": vc.card.name, "version": vc.card.version, "images": len(items),
             "frontal": int((y == 0).sum()), "lateral": int((y == 1).sum()),
             "accuracy": _r(float(np.mean(pred == y))) if len(y) else None,

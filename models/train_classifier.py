@@ -328,7 +328,10 @@ def run(args: argparse.Namespace) -> int:
                          "augment": not args.no_augment, "lateral_dropout": args.lateral_dropout,
                          "seed": args.seed, "val_fraction": args.val_fraction},
         training_data=(f"{len(train)} studies from {', '.join(sources)} "
-                       f"({sum(r.lateral is not None for r in train)} with a lateral)"),
+                       f"({sum(r.lateral is not None for r in train)} with a lateral); arguments: "
+                       + " ".join([*(f"--chexpert {d}" for d in args.chexpert or []),
+                                   *(f"--mimic {d}" for d in args.mimic or []),
+                                   *(f"--folder {d}" for d in args.folder or [])])),
         split=(f"patient-level, {args.val_fraction:.0%} of each source's patients held out with seed "
                f"{args.seed}: {len(train)} train / {len(val)} held-out studies; held-out keys in "
                f"{args.out.with_suffix('.split.json').name}"),
