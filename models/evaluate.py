@@ -133,6 +133,14 @@ def evaluate_classifier(card_path: Path, records: Sequence[StudyRecord], *, devi
     rep.update({"model": card.name, "version": card.version, "sha256": card.sha256, "studies": len(recs),
                 "with_lateral": sum(r.lateral is not None for r in recs), "used_lateral": use_lateral,
                 "accuracy_at_card_thresholds": acc, "sources": sorted({r.source for r in recs})})
+    sources = sorted({r.source for r in recs})
+    if len(sources) > 1:  # a pooled AUROC can hide a per-site confound: report each source too
+        src = np.array([r.source for r in recs])
+        rep["per_source"] = {}
+        for sname in sources:
+            sel = src == sname
+            sub = auroc_report(card.labels, raw[sel], probs[sel], seed=seed)["per_label"]
+            rep["per_source"][sname] = {lab: v for lab, v in sub.items() if v["auroc"] is not None}
     if roc_png is not None:
         roc_figure(card.labels, raw, probs, roc_png, f"{card.name} {card.version} ({len(recs)} studies)")
     return rep

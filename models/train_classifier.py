@@ -317,6 +317,14 @@ def run(args: argparse.Namespace) -> int:
         report, thresholds = held_out_metrics(labels, raw, probs, args.seed)
         metrics["held_out"] = report
         metrics["held_out"]["studies"] = len(val)
+        vsrc = np.array([r.source for r in val])
+        if len(set(vsrc)) > 1:  # a pooled AUROC can hide a per-site confound
+            from models.evaluate import auroc_report
+
+            metrics["held_out"]["per_source"] = {
+                sname: {lab: v for lab, v in auroc_report(labels, raw[vsrc == sname], probs[vsrc == sname],
+                                                          seed=args.seed)["per_label"].items() if v["auroc"] is not None}
+                for sname in sorted(set(vsrc))}
     sources = sorted({r.source for r in records})
     card = ModelCard(
         name=args.model, version=args.version, architecture=ARCHITECTURE, weights_file=args.out.with_suffix(".safetensors").name,
