@@ -54,7 +54,7 @@ def start_storescp(out: Path) -> tuple[subprocess.Popen[bytes], int]:
         sys.exit("storescp (dcmtk) is needed: make system-deps")
     port = free_port()
     out.mkdir(parents=True)
-    proc = subprocess.Popen([exe, "-aet", "BENCH_PACS", "-od", str(out), "-uf", "+xa", str(port)],
+    proc = subprocess.Popen([exe, "-aet", "BENCH_PACS", "-od", str(out), "+uf", "+xa", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

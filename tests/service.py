@@ -34,6 +34,8 @@ def write_config(workdir: Path, *, port: int, ae_title: str = "CXR_WORKER", **se
         "scheduler": {"lease_sweep_interval_seconds": 1, "delivery_retry_interval_seconds": 1},
         "logging": {"level": "INFO"},
     }
+    if os.environ.get("CXR_TEST_WEIGHTS_DIR"):  # run the end-to-end tests with other (e.g. tiny) models
+        cfg["models"] = {"weights_dir": os.environ["CXR_TEST_WEIGHTS_DIR"]}
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
             cfg[key].update(value)
@@ -65,7 +67,8 @@ class ServiceProcess:
         self.log = config.parent / f"service-{role}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, port: int | None, ae_title: str = "CXR_WORKER", timeout_s: float = 180.0) -> ServiceProcess:
+    def start(self, *, port: int | None, ae_title: str = "CXR_WORKER", calling_ae: str = "TEST_SCU",
+              timeout_s: float = 180.0) -> ServiceProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "worker.cli", "serve", "--config", str(self.config), "--role", self.role],
@@ -78,7 +81,7 @@ class ServiceProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"cxr-worker serve exited with {self.proc.returncode}:\n{self.tail()}")
-            if c_echo(port, ae_title):
+            if c_echo(port, ae_title, calling_ae):
                 return self
             time.sleep(0.3)
         self.stop()
@@ -130,7 +133,7 @@ class StoreSCP:
             pytest.fail("dcmtk's storescp is not installed (make system-deps)")
         self.out.mkdir(parents=True, exist_ok=True)
         log = open(self.out.parent / f"storescp-{self.port}.log", "wb")
-        self.proc = subprocess.Popen([exe, "-aet", self.aet, "-od", str(self.out), "-uf", "+xa", str(self.port)],
+        self.proc = subprocess.Popen([exe, "-aet", self.aet, "-od", str(self.out), "+uf", "+xa", str(self.port)],
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -44,8 +44,7 @@ def _chexpert_lateral(shared: Path) -> Path:
 
 
 def _series_in_study(pacs: Orthanc, study_uid: str) -> list[dict]:
-    found = pacs.post("/tools/lookup", study_uid.encode()) if False else pacs.request(
-        "POST", "/tools/lookup", study_uid.encode(), "text/plain")
+    found = pacs.request("POST", "/tools/lookup", study_uid.encode(), "text/plain")
     ids = [x["ID"] for x in (found or []) if x.get("Type") == "Study"]
     if not ids:
         return []
@@ -61,7 +60,7 @@ def test_orthanc_routes_study_and_gets_the_report_back(tmp_path: Path, shared_da
         cfg = write_config(tmp_path, port=worker_port, dicom={"allowed_calling_ae_titles": ["ORTHANC"]},
                            destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
                                           "port": pacs.dicom_port, "send_key_image": True}])
-        with ServiceProcess(cfg).start(port=worker_port):
+        with ServiceProcess(cfg).start(port=worker_port, calling_ae="ORTHANC"):
             frontal = pydicom.dcmread(DATA / "RG1_UNCR.dcm")
             lateral = wrap_as_dx(_chexpert_lateral(shared_data), like=frontal, view_position="LL")
             lateral_path = tmp_path / "lateral.dcm"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from pynetdicom import AE, StoragePresentationContexts
+from pynetdicom import AE
 
 from db.queue import Queue
 from dicom_node.sr import read_findings
@@ -30,10 +30,9 @@ SC = "1.2.840.10008.5.1.4.1.1.7"
 
 def send(port: int, datasets: list[pydicom.Dataset], called: str = "CXR_WORKER") -> list[int]:
     ae = AE(ae_title="MODALITY")
-    ae.requested_contexts = StoragePresentationContexts[:]
-    for ctx in ae.requested_contexts:
-        ctx.transfer_syntax = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50",
-                               "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80"]
+    # one presentation context per (SOP class, transfer syntax) sent: the SCP accepts one syntax each
+    for pair in sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}):
+        ae.add_requested_context(*pair)
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     assert assoc.is_established
     try:
@@ -129,8 +128,10 @@ def test_late_image_reanalysis_replaces_report_and_resend_does_not_duplicate(run
     wait_for(lambda: terminal(queue, [uid]), timeout_s=180, what="first report", service=svc)
     first = queue.study(uid).results[-1].report_sop_instance_uid
 
-    late = copy.deepcopy(frontal)  # a late image of the same study (another frontal)
+    late = copy.deepcopy(frontal)  # a late image of the same study: its lateral view
     late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    late.SeriesInstanceUID = generate_uid()
+    late.ViewPosition = "LL"
     assert send(port, [late]) == [0]
     wait_for(lambda: (d := queue.study(uid)) is not None and len(d.results) == 2 and terminal(queue, [uid]),
              timeout_s=180, what="second report", service=svc)
@@ -138,6 +139,7 @@ def test_late_image_reanalysis_replaces_report_and_resend_does_not_duplicate(run
     assert second != first
     reports = {ds.SOPInstanceUID: ds for ds in pacs.received() if ds.SOPClassUID in SR_CLASSES}
     assert set(reports) == {first, second}
+    assert queue.study(uid).results[-1].payload["used_lateral"] is True
     pred = reports[second].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert pred.ReferencedSOPInstanceUID == first
 
