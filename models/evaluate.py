@@ -201,8 +201,8 @@ def _view_images(args: argparse.Namespace) -> list[tuple[Path, int]]:
         imgs += folder_view_images(c, d, t)
     if args.held_out:
         split = Path(args.split) if args.split else Path(args.card).with_suffix(".split.json")
-        keep = set(json.loads(split.read_text(encoding="utf-8"))["held_out_images"])
-        imgs = [im for im in imgs if str(im.path) in keep or im.source == "chexpert-test"]
+        keep = set(json.loads(split.read_text(encoding="utf-8"))["held_out_patients"])
+        imgs = [im for im in imgs if im.patient in keep or im.source == "chexpert-test"]
     return [(im.path, int(im.lateral)) for im in imgs]
 
 

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     card = save_model(card, net.state_dict(), args.out, half=True)
     args.out.with_suffix(".split.json").write_text(json.dumps(
         {"seed": args.seed, "val_fraction": args.val_fraction,
-         "held_out_images": [str(im.path) for im in val]}, indent=1) + "\n", encoding="utf-8")
+         "held_out_patients": sorted({im.patient for im in val})}, indent=1) + "\n", encoding="utf-8")
     log.info("wrote %s: %s", args.out, json.dumps({k: v for k, v in metrics.items() if k != "train_loss_per_epoch"}))
     return 0
 
