@@ -5,8 +5,8 @@
 
 Sources can be mixed (``--chexpert``, ``--mimic`` and ``--folder`` are repeatable). Studies are
 split by patient (``--val-fraction`` of each source's patients held out, chosen from ``--seed``);
-the held-out studies give the card's metrics and the decision thresholds (Youden's J, or 0.5
-where a label has only one class there). The held-out keys are written next to the card
+the held-out studies give the card's metrics and the decision thresholds (Youden's J; on the
+training studies where the held-out split lacks a class; else 0.5). The held-out keys are written next to the card
 (``<card>.split.json``) so ``models.evaluate`` can re-measure on exactly the same studies.
 Runs are reproducible for a given seed, data and device.
 """
@@ -236,19 +236,31 @@ def youden_threshold(y: np.ndarray, p: np.ndarray) -> float | None:
     return float(min(max(thr[best], 1e-4), 1 - 1e-4))
 
 
-def held_out_metrics(labels: Sequence[str], raw: np.ndarray, probs: np.ndarray, seed: int
-                     ) -> tuple[dict[str, Any], dict[str, float]]:
-    """AUROC with bootstrap CIs and Youden thresholds on held-out studies (positive = 1, negative
-    = 0; uncertain and blank labels are left out of each label's evaluation)."""
+def held_out_metrics(labels: Sequence[str], raw: np.ndarray, probs: np.ndarray, seed: int,
+                     train_raw: np.ndarray | None = None, train_probs: np.ndarray | None = None
+                     ) -> tuple[dict[str, Any], dict[str, float], dict[str, str]]:
+    """AUROC with bootstrap CIs on held-out studies (positive = 1, negative = 0; uncertain and blank
+    are left out of each label's evaluation) and decision thresholds: Youden's J on the held-out
+    split; where it lacks a class, Youden's J on the training studies' predictions (optimistic);
+    else 0.5. Returns (report, thresholds, where each threshold came from)."""
     from models.evaluate import auroc_report
 
     report = auroc_report(labels, raw, probs, seed=seed)
     thresholds: dict[str, float] = {}
+    origin: dict[str, str] = {}
     for j, lab in enumerate(labels):
-        keep = (raw[:, j] == 0) | (raw[:, j] == 1)
-        t = youden_threshold(raw[keep, j], probs[keep, j]) if keep.any() else None
+        t = None
+        for name, r, p in (("held-out", raw, probs), ("train", train_raw, train_probs)):
+            if r is None or p is None:
+                continue
+            keep = (r[:, j] == 0) | (r[:, j] == 1)
+            t = youden_threshold(r[keep, j], p[keep, j]) if keep.any() else None
+            if t is not None:
+                origin[lab] = f"Youden J ({name})"
+                break
         thresholds[lab] = 0.5 if t is None else round(t, 4)
-    return report, thresholds
+        origin.setdefault(lab, "0.5 (no split has both classes)")
+    return report, thresholds, origin
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,7 +326,11 @@ def run(args: argparse.Namespace) -> int:
         ds_val = StudyDataset(val, args.model, "u-ignore", cache, norm, args.seed)
         probs = predict(model, ds_val, device, args.batch_size)
         raw = np.stack([record_raw(r, args.model) for r in val])
-        report, thresholds = held_out_metrics(labels, raw, probs, args.seed)
+        tr_ds = StudyDataset(train, args.model, "u-ignore", cache, norm, args.seed)
+        tr_probs = predict(model, tr_ds, device, args.batch_size)
+        tr_raw = np.stack([record_raw(r, args.model) for r in train])
+        report, thresholds, origin = held_out_metrics(labels, raw, probs, args.seed, tr_raw, tr_probs)
+        metrics["threshold_origin"] = origin
         metrics["held_out"] = report
         metrics["held_out"]["studies"] = len(val)
         vsrc = np.array([r.source for r in val])
@@ -344,7 +360,8 @@ def run(args: argparse.Namespace) -> int:
                f"{args.seed}: {len(train)} train / {len(val)} held-out studies; held-out keys in "
                f"{args.out.with_suffix('.split.json').name}"),
         metrics=metrics,
-        notes=("Thresholds: Youden's J on the held-out split (0.5 where a label has one class there); "
+        notes=("Thresholds: Youden's J on the held-out split; where that split lacks a class, Youden's J "
+               "on the training studies (optimistic); else 0.5 (see metrics.threshold_origin). "
                "AUROC itself does not depend on them. " + args.notes).strip(),
     )
     card = save_model(card, model.state_dict(), args.out, half=True)

@@ -102,6 +102,24 @@ def parse_label(value: str | None) -> float:
     return f
 
 
+def complete_no_finding(raw: np.ndarray) -> np.ndarray:
+    """Fill a blank "No Finding" the way the CheXpert labeller defines it.
+
+    The labeller only ever writes No Finding = 1 (no pathology mentioned as positive or
+    uncertain) or leaves it blank, so a blank there is not "unmentioned": with a positive
+    pathology it is a certain 0, with only uncertain ones it is uncertain (-1). Without this a
+    model trained with blanks masked sees No Finding only as positive and learns nothing."""
+    out = np.array(raw, dtype=np.float32, copy=True)
+    i = OBSERVATIONS.index("No Finding")
+    if np.isnan(out[i]):
+        path = np.array([out[OBSERVATIONS.index(o)] for o in PATHOLOGIES])
+        if np.any(path == 1):
+            out[i] = 0.0
+        elif np.any(path == -1):
+            out[i] = -1.0
+    return out
+
+
 def model1_raw(raw: np.ndarray) -> np.ndarray:
     """Derive Model 1's raw label ("Abnormal" = not No Finding) from a 14-observation raw vector.
 
@@ -237,7 +255,7 @@ def _chexpert_rows(directory: Path, split: str) -> tuple[list[tuple[str, str, Pa
             except (StopIteration, IndexError):
                 raise DatasetError(f"{csv_path}:{line}: path {rel!r} has no patientXXXX/studyN part") from None
             try:
-                raw = np.array([parse_label(r[o]) for o in OBSERVATIONS], dtype=np.float32)
+                raw = complete_no_finding(np.array([parse_label(r[o]) for o in OBSERVATIONS], dtype=np.float32))
             except DatasetError as exc:
                 raise DatasetError(f"{csv_path}:{line}: {exc}") from None
             rows.append((patient, study, _resolve(root, base, rel), r["Frontal/Lateral"], raw))
@@ -278,7 +296,8 @@ def read_mimic(directory: Path, *, metadata: str = "mimic-cxr-2.0.0-metadata.csv
     lab: dict[tuple[str, str], np.ndarray] = {}
     for line, r in enumerate(lab_rows, start=2):
         try:
-            lab[(r["subject_id"], r["study_id"])] = np.array([parse_label(r.get(o)) for o in OBSERVATIONS], dtype=np.float32)
+            lab[(r["subject_id"], r["study_id"])] = complete_no_finding(
+                np.array([parse_label(r.get(o)) for o in OBSERVATIONS], dtype=np.float32))
         except (DatasetError, KeyError) as exc:
             raise DatasetError(f"{lab_path}:{line}: {exc}") from None
     meta_path, meta_rows = _open(metadata)

@@ -17,6 +17,7 @@ from models.classifiers import ARCHITECTURE, Classifier, MultiViewClassifier, to
 from models.datasets.chexpert import (
     OBSERVATIONS,
     apply_policy,
+    complete_no_finding,
     model1_raw,
     patient_split,
     read_chexpert,
@@ -137,6 +138,10 @@ def test_model1_target_from_observations() -> None:
             r[idx[k.replace("_", " ")]] = v
         return r
 
+    # the CheXpert labeller leaves No Finding blank when a pathology is positive or uncertain
+    assert complete_no_finding(raw(Edema=1))[idx["No Finding"]] == 0
+    assert complete_no_finding(raw(Edema=-1))[idx["No Finding"]] == -1
+    assert math.isnan(complete_no_finding(raw(Support_Devices=1))[idx["No Finding"]])
     assert model1_raw(raw(No_Finding=1, Support_Devices=1))[0] == 0
     assert model1_raw(raw(Edema=1))[0] == 1
     assert model1_raw(raw(Edema=-1))[0] == -1
@@ -172,12 +177,13 @@ def test_chexpert_reader_groups_views_and_keeps_blanks(tmp_path: Path) -> None:
     assert r0.frontal.name == "view1_frontal.jpg" and r0.lateral is not None and r0.lateral.name == "view2_lateral.jpg"
     i = OBSERVATIONS.index
     assert r0.raw[i("Edema")] == 1 and r0.raw[i("Cardiomegaly")] == -1 and np.isnan(r0.raw[i("Fracture")])
+    assert r0.raw[i("No Finding")] == 0  # completed from the positive Edema
     assert recs[1].lateral is None
     assert read_chexpert(base)[0].key == r0.key  # the CheXpert-v1.0 folder itself is accepted too
     # a dataset of these records: blank labels are masked, the lateral is present
     ds = StudyDataset(recs, "model2", "u-ignore", ImageCache(32), Normalisation(), 0)
     f, lat, present, target, mask = ds[0]
-    assert f.shape == (1, 32, 32) and present and mask.sum() == 1 and target[i("Edema")] == 1
+    assert f.shape == (1, 32, 32) and present and mask.sum() == 2 and target[i("Edema")] == 1
 
 
 def test_mimic_reader_joins_metadata_and_labels(tmp_path: Path) -> None:
