@@ -12,14 +12,20 @@ measured in the same run). Not a pass/fail test.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import torch
+# Run as a script, this file's folder is first on sys.path and would shadow the ``models`` package
+# with this very file: put the repository first instead.
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 
-from models.config import BUNDLED_WEIGHTS
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from models.config import BUNDLED_WEIGHTS  # noqa: E402
 
 
 def _nets(weights_dir: Path) -> dict[str, tuple[Callable[[torch.Tensor], object], torch.nn.Module, int]]:
@@ -45,7 +51,7 @@ def _nets(weights_dir: Path) -> dict[str, tuple[Callable[[torch.Tensor], object]
         else:
             net, size = MultiViewClassifier(1 if name == "model1" else 14), 224
         out[f"{name} frontal (DenseNet-121)"] = (net, net, size)
-        out[f"{name} frontal+lateral"] = ((lambda x, n=net: n(x, x)), net, size)
+        out[f"{name} frontal+lateral (studies/s)"] = ((lambda x, n=net: n(x, x)), net, size)
     p = weights_dir / "view_classifier.json"
     if p.exists():
         vc = ViewClassifier.from_card(p)
