@@ -101,15 +101,19 @@ def _transfer_syntax(ds: Dataset) -> UID:
     return ExplicitVRLittleEndian
 
 
-def _contexts(datasets: Sequence[Dataset]) -> dict[str, list[UID]]:
-    wanted: dict[str, list[UID]] = {}
+def _contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[UID]]]:
+    """One presentation context per (SOP class, transfer syntax) sent.
+
+    An acceptor accepts at most one transfer syntax per context, so a JPEG 2000 CR and an
+    uncompressed CR need two contexts; an uncompressed one also offers the other uncompressed
+    little-endian syntaxes (pynetdicom converts between them)."""
+    wanted: dict[tuple[str, UID], list[UID]] = {}
     for ds in datasets:
-        syntaxes = wanted.setdefault(str(ds.SOPClassUID), [])
         ts = _transfer_syntax(ds)
-        for t in [ts, *(x for x in _UNCOMPRESSED_LE if ts in _UNCOMPRESSED_LE)]:
-            if t not in syntaxes:
-                syntaxes.append(t)
-    return wanted
+        key = (str(ds.SOPClassUID), ts)
+        if key not in wanted:
+            wanted[key] = [ts, *(x for x in _UNCOMPRESSED_LE if ts in _UNCOMPRESSED_LE and x != ts)]
+    return [(sop_class, syntaxes) for (sop_class, _), syntaxes in wanted.items()]
 
 
 def _make_ae(calling_ae: str, timeout_s: float) -> AE:
@@ -161,14 +165,14 @@ def send(
         return [r for r in results if r is not None]
 
     contexts = _contexts([ds for _, ds in sendable])
-    n_contexts = sum(len(v) for v in contexts.values())
+    n_contexts = len(contexts)
     if n_contexts > _MAX_CONTEXTS:
         raise ValueError(
             f"{n_contexts} presentation contexts needed for one association (at most {_MAX_CONTEXTS});"
             " send fewer SOP class/transfer syntax combinations per call"
         )
     ae = _make_ae(destination.calling_ae_title or calling_ae, destination.timeout_s)
-    for sop_class, syntaxes in contexts.items():
+    for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, syntaxes)
 
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"

@@ -16,7 +16,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
 from dicom_node.config import DestinationConfig
 from dicom_node.scu import SendResult, classify_status, echo, send
-from tests.conftest import free_port
+from tests.conftest import DATA, free_port
 
 pytestmark = pytest.mark.network
 
@@ -239,3 +239,18 @@ def test_peer_that_never_answers_is_retryable(peer: Callable[..., int], report_d
     assert all(not r.delivered and r.retryable for r in results), results
     assert "no C-STORE response" in results[0].status
     assert "lost" in results[1].status
+
+
+def test_same_sop_class_in_two_transfer_syntaxes_goes_in_one_send(scp) -> None:  # type: ignore[no-untyped-def]
+    """A JPEG 2000 CR and an uncompressed CR in one association need a context each: an acceptor
+    accepts one transfer syntax per context (our own SCP prefers uncompressed)."""
+    from dicom_node.config import DestinationConfig
+    from dicom_node.scu import send as scu_send
+    from tests.dicom_node.conftest import SCP_AET
+
+    dest = DestinationConfig(name="self", ae_title=SCP_AET, host="127.0.0.1", port=scp.port)
+    results = scu_send([DATA / "RG1_J2KR.dcm", DATA / "RG3_UNCR.dcm", DATA / "siim_cr_pa_secondary_capture.dcm"],
+                       dest, calling_ae="SENDER")
+    assert [r.delivered for r in results] == [True, True, True], [r.status for r in results]
+    stored = {p.name for p in scp.files()}
+    assert len(stored) == 3
