@@ -34,7 +34,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(workdir: Path, port: int) -> Path:
+def write_config(workdir: Path, port: int, weights_dir: str | None = None) -> Path:
     cfg = {
         "dicom": {"ae_title": "CXR_WORKER", "bind_host": "127.0.0.1", "port": port,
                   "storage_dir": "storage", "min_free_disk_mb": 200},
@@ -43,8 +43,10 @@ def write_config(workdir: Path, port: int) -> Path:
         "destinations": [],
         "results_dir": "results",
         "worker": {"device": "auto", "batch_size": 8, "poll_interval_seconds": 0.5},
-        "logging": {"level": "WARNING"},
+        "logging": {"level": "INFO"},
     }
+    if weights_dir:
+        cfg["models"] = {"weights_dir": str(Path(weights_dir).resolve())}
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     for p in ("queue.sqlite3", "queue.sqlite3-wal", "queue.sqlite3-shm"):
         (workdir / p).unlink(missing_ok=True)
     port = _free_port()
-    config = write_config(workdir, port)
+    config = write_config(workdir, port, args.weights_dir)
     samples = [Path(p) for p in args.samples] if args.samples else [SAMPLES / n for n in DEFAULT_SAMPLES]
     t0 = time.monotonic()
     log = open(workdir / "service.log", "w")
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cxr-worker-demo", description=__doc__)
     p.add_argument("--workdir", default=str(REPO / "var" / "demo"))
     p.add_argument("--timeout", type=float, default=150.0)
+    p.add_argument("--weights-dir", default=None, help="model cards to use instead of the bundled ones")
     p.add_argument("samples", nargs="*")
     return run(p.parse_args(argv))
 
