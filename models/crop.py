@@ -9,7 +9,8 @@ Pipeline for one probability map (any size, values in [0, 1]):
 5. resize to the original image's resolution (linear on the 0/1 mask, re-thresholded at 0.5);
 6. bounding box of the mask plus a margin (a fraction of the box's width/height on each side),
    clipped to the image;
-7. quality checks: area fraction in a plausible range, exactly two components, left/right balance.
+7. quality checks: area fraction in a plausible range, exactly two components, left/right balance,
+   solidity (area / convex hull) of each lung.
    A failed check keeps the mask but returns the full-image box and ``MaskQuality(ok=False, ...)``.
 """
 
@@ -31,6 +32,9 @@ class QualityLimits:
     max_area_fraction: float = 0.65
     min_balance: float = 0.35  # smaller lung / larger lung
     min_component_fraction: float = 0.005  # components smaller than this (of the image) are noise
+    # area / convex-hull area of each lung; JSRT predictions are >= 0.79, ragged masks on images
+    # unlike the training data fall below 0.7 and would give an unreliable crop
+    min_solidity: float = 0.70
 
 
 DEFAULT_LIMITS = QualityLimits()
@@ -109,10 +113,17 @@ def bounding_box(mask: np.ndarray, margin: float) -> CropBox:
     return CropBox(x0=max(0, x0 - mx), y0=max(0, y0 - my), x1=min(w, x1 + mx), y1=min(h, y1 + my))
 
 
+def _solidity(component: np.ndarray) -> float:
+    contours, _ = cv2.findContours(component.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull = cv2.contourArea(cv2.convexHull(np.vstack(contours))) if contours else 0.0
+    return float(component.sum()) / hull if hull > 0 else 0.0
+
+
 def assess(mask: np.ndarray, limits: QualityLimits = DEFAULT_LIMITS) -> MaskQuality:
     """Plausibility of a cleaned mask (see :class:`QualityLimits`)."""
-    n, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     areas = sorted((int(a) for a in stats[1:, cv2.CC_STAT_AREA]), reverse=True)
+    solidity = [_solidity(labels == i) for i in range(1, n)]
     area_fraction = float(sum(areas)) / float(mask.size)
     balance = (areas[1] / areas[0]) if len(areas) >= 2 and areas[0] > 0 else 0.0
     reasons: list[str] = []
@@ -123,6 +134,9 @@ def assess(mask: np.ndarray, limits: QualityLimits = DEFAULT_LIMITS) -> MaskQual
                        f"{limits.min_area_fraction:.0%}-{limits.max_area_fraction:.0%}")
     if len(areas) >= 2 and balance < limits.min_balance:
         reasons.append(f"left/right balance {balance:.2f} below {limits.min_balance:.2f}")
+    if solidity and min(solidity) < limits.min_solidity:
+        reasons.append(f"lung region solidity {min(solidity):.2f} below {limits.min_solidity:.2f} "
+                       f"(ragged mask)")
     return MaskQuality(area_fraction=round(area_fraction, 4), components=len(areas),
                        left_right_balance=round(float(balance), 4), ok=not reasons,
                        reason="; ".join(reasons))

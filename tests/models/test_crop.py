@@ -123,6 +123,16 @@ def test_implausible_mask_falls_back_to_full_image(prob: np.ndarray, reason: str
     assert res.mask.shape == (300, 400)
 
 
+def test_ragged_mask_is_rejected_by_solidity() -> None:
+    prob = two_lungs(256)
+    for y in range(50, 210, 18):  # comb-like bites out of the left lung's outer edge
+        prob[y:y + 12, 40:100] = 0.0
+    res = mask_and_crop(prob, (256, 256))
+    assert not res.quality.ok and "solidity" in res.quality.reason
+    assert res.crop == CropBox(0, 0, 256, 256)
+    assert "solidity" not in assess(postprocess(two_lungs(256))).reason
+
+
 def test_area_fraction_limit() -> None:
     prob = two_lungs(256)
     q = assess(postprocess(prob), QualityLimits(max_area_fraction=0.1))
