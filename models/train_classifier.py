@@ -293,6 +293,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="crop frontals to the lungs with this lung-mask card, as at inference "
                         "(default: full images; the card then says so and the Analyzer feeds full images)")
     p.add_argument("--crop-margin", type=float, default=0.05)
+    p.add_argument("--init-from", type=Path, metavar="CARD",
+                   help="initialise the backbone and lateral embeddings from another classifier card "
+                        "(e.g. Model 1 from Model 2: transfer from the 14 observations)")
     p.add_argument("--tiny", action="store_true", help="a tiny DenseNet (tests and smoke runs)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -303,8 +306,13 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     device = select_device(args.device)
     labels = MODEL1_LABELS if args.model == "model1" else list(OBSERVATIONS)
-    records = labelled(gather_records(args), args.model)
-    train, val = patient_split(records, args.val_fraction, args.seed)
+    # split all studies before dropping those without labels for this model, so Model 1 and
+    # Model 2 trained with the same seed hold out the same patients of a shared source (Model 1
+    # initialised from Model 2 must not be evaluated on Model 2's training patients)
+    everything = gather_records(args)
+    train_all, val_all = patient_split(everything, args.val_fraction, args.seed)
+    train, val = labelled(train_all, args.model), labelled(val_all, args.model)
+    records = train + val
     log.info("%s: %d studies (%d train, %d held out), %d with a lateral", args.model, len(records),
              len(train), len(val), sum(r.lateral is not None for r in records))
     arch = {"growth_rate": 8, "block_config": [2, 2, 2, 2], "num_init_features": 16} if args.tiny else DENSENET121
@@ -313,6 +321,18 @@ def run(args: argparse.Namespace) -> int:
     cache = ImageCache(args.image_size, cropper)
     input_crop = f"lungs (margin {args.crop_margin})" if args.lung_mask else "full image"
     model = MultiViewClassifier(len(labels), **arch).to(device)  # type: ignore[arg-type]
+    if args.init_from:
+        from models.classifiers import load_classifier
+
+        src_card, src = load_classifier(args.init_from, device)
+        if src_card.input_size != args.image_size:
+            log.warning("--init-from %s was trained at %d px, this run uses %d px", args.init_from,
+                        src_card.input_size, args.image_size)
+        keep = {k: v for k, v in src.state_dict().items() if not k.startswith("head.")}
+        missing, _ = model.load_state_dict(keep, strict=False)
+        if [k for k in missing if not k.startswith("head.")]:
+            raise SystemExit(f"--init-from {args.init_from}: backbone does not match ({missing[:3]}...)")
+        log.info("backbone initialised from %s %s (sha256 %s)", src_card.name, src_card.version, src_card.sha256[:12])
     ds_train = StudyDataset(train, args.model, args.uncertainty, cache, norm, args.seed)
     losses = train_loop(model, ds_train, device, epochs=args.epochs, batch_size=args.batch_size,
                         lr=args.lr, seed=args.seed, lateral_dropout=args.lateral_dropout,
@@ -350,7 +370,8 @@ def run(args: argparse.Namespace) -> int:
                          "input_crop": input_crop, "epochs": args.epochs, "batch_size": args.batch_size,
                          "lr": args.lr, "optimizer": "AdamW + one-cycle", "uncertainty": args.uncertainty,
                          "augment": not args.no_augment, "lateral_dropout": args.lateral_dropout,
-                         "seed": args.seed, "val_fraction": args.val_fraction},
+                         "seed": args.seed, "val_fraction": args.val_fraction,
+                         "init_from": (f"{args.init_from.name}" if args.init_from else "random")},
         training_data=(f"{len(train)} studies from {', '.join(sources)} "
                        f"({sum(r.lateral is not None for r in train)} with a lateral); arguments: "
                        + " ".join([*(f"--chexpert {d}" for d in args.chexpert or []),
