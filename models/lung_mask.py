@@ -64,6 +64,11 @@ class LungMasker:
                     f"lung mask input {i} must be a 2-D array (rows, cols), got "
                     f"{getattr(img, 'shape', type(img))}"
                 )
+            if not np.issubdtype(img.dtype, np.floating):
+                raise TypeError(
+                    f"lung mask input {i} has dtype {img.dtype}; expected float in [0, 1] "
+                    f"(decode and window the pixels first, e.g. divide 8-bit data by 255)"
+                )
             a = np.nan_to_num(img.astype(np.float32, copy=False), nan=0.0)
             batch[i, 0] = resize_image(np.clip(a, 0.0, 1.0), self.size)
         batch = (batch - self.mean) / self.std

@@ -163,6 +163,8 @@ def test_masker_rejects_non_2d_input(tmp_path: Path) -> None:
     masker = LungMasker.from_card(make_card(tmp_path), CPU)
     with pytest.raises(ValueError, match="input 0 must be a 2-D"):
         masker.predict([np.zeros((10, 10, 3), np.float32)], margin=0.05)
+    with pytest.raises(TypeError, match="dtype uint8"):
+        masker.predict([np.zeros((10, 10), np.uint8)], margin=0.05)
 
 
 def test_masker_refuses_hash_mismatch(tmp_path: Path) -> None:
