@@ -273,7 +273,17 @@ def test_train_classifier_cli_writes_card_and_split(tmp_path: Path) -> None:
     assert "Abnormal" in card["thresholds"] and card["metrics"]["held_out"]["studies"] > 0
     split = json.loads(out.with_suffix(".split.json").read_text())
     assert split["held_out_keys"]
-    Classifier.from_card(out)  # the written pair loads (hash matches)
+    first = Classifier.from_card(out)  # the written pair loads (hash matches)
+    # transfer: a second model initialised from the first keeps its backbone (0 epochs here)
+    out2 = tmp_path / "w" / "m1b.json"
+    args2 = p.parse_args(["--model", "model2", "--folder", f"{tmp_path / 'l.csv'}:{tmp_path}", "--tiny",
+                          "--epochs", "0", "--image-size", "32", "--device", "cpu", "--out", str(out2),
+                          "--no-progress", "--init-from", str(out)])
+    assert train_classifier.run(args2) == 0
+    second = Classifier.from_card(out2)
+    assert second.card.hyperparameters["init_from"] == "m1.json" and len(second.card.labels) == 14
+    w1, w2 = first.net.features.conv0.weight, second.net.features.conv0.weight
+    assert torch.equal(w1, w2)
 
 
 # --- Grad-CAM and evaluation -----------------------------------------------------------------------
