@@ -1,10 +1,10 @@
 """Evaluate Model 1 / Model 2 (AUROC with bootstrap 95% CIs) and the view classifier (accuracy).
 
-    python -m models.evaluate classifier --card models/weights/model2.json \
+    python -m models.evaluate --card models/weights/model2.json \
         --chexpert-test DATA/chexpert_sample --out report.json --roc roc.png
-    python -m models.evaluate classifier --card models/weights/model1.json --held-out \
+    python -m models.evaluate --card models/weights/model1.json --held-out \
         --chexpert DATA/chexpert_sample --folder ... --out report.json
-    python -m models.evaluate view --card models/weights/view_classifier.json \
+    python -m models.evaluate --card models/weights/view_classifier.json \
         --chexpert DATA/chexpert_sample --out view.json
 
 Per label, only studies labelled 1 or 0 count (uncertain and blank are left out). CIs are the
@@ -207,7 +207,6 @@ def _view_images(args: argparse.Namespace) -> list[tuple[Path, int]]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["classifier", "view"])
     p.add_argument("--card", type=Path, required=True)
     p.add_argument("--chexpert", action="append", metavar="DIR", help="CheXpert train.csv studies")
     p.add_argument("--chexpert-test", action="append", metavar="DIR", help="CheXpert test_labels.csv studies")
@@ -227,8 +226,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from models.common import set_threads
 
+    from models.registry import read_card
+    from models.view_classifier import ARCHITECTURE as VIEW_ARCHITECTURE
+
     set_threads(args.threads)
-    if args.what == "classifier":
+    # the card says what kind of model it is (so `cxr-worker evaluate classifier|viewclassifier`
+    # and `python -m models.evaluate` take the same arguments)
+    if read_card(args.card).architecture != VIEW_ARCHITECTURE:
         recs = _records(args)
         rep = evaluate_classifier(args.card, recs, device=args.device, seed=args.seed, roc_png=args.roc,
                                   use_lateral=not args.frontal_only)
