@@ -90,6 +90,7 @@ class FindingResult:
     label: str
     probability: float
     threshold: float
+    threshold_validated: bool = True  # False: the model card's default, not set on held-out data
 
     @property
     def present(self) -> bool:
@@ -407,6 +408,11 @@ def _free_text(inp: ReportInput) -> list[str]:
     lines.append(
         "Views analysed: frontal" + (" and lateral" if inp.used_lateral and inp.lateral is not None else " only")
     )
+    unvalidated = [f.label for f in inp.findings if not f.threshold_validated]
+    if unvalidated:
+        lines.append(
+            "Decision thresholds not validated on held-out data (model card default): " + ", ".join(unvalidated)
+        )
     return lines
 
 

@@ -218,11 +218,12 @@ class Analyzer:
         c1 = self.model1.card
         model1 = Finding(label=c1.labels[0], probability=float(p1[0]), threshold=c1.threshold(c1.labels[0]))
         c2 = self.model2.card
-        # a card may list outputs whose threshold could not be validated on any data: they are
-        # left out of the result (absent, like labels the model lacks) rather than reported
-        unreported = set(c2.hyperparameters.get("unreported_labels", []))
-        model2 = [Finding(label=lab, probability=float(p), threshold=c2.threshold(lab))
-                  for lab, p in zip(c2.labels, p2, strict=True) if lab not in unreported]
+        # a card may list outputs whose threshold no held-out data could set: they are still
+        # reported (the probability is real), flagged so the report says the threshold is a default
+        unvalidated = set(c2.hyperparameters.get("unvalidated_thresholds", []))
+        model2 = [Finding(label=lab, probability=float(p), threshold=c2.threshold(lab),
+                          threshold_validated=lab not in unvalidated)
+                  for lab, p in zip(c2.labels, p2, strict=True)]
         positives = [f.label for f in model2 if f.present and f.label not in self.heatmap_exclude]
         heatmaps: dict[str, np.ndarray] = {}
         if positives:

@@ -55,6 +55,7 @@ class Finding:
     label: str  # one of the model card's labels (the 14 CheXpert observations for Model 2)
     probability: float
     threshold: float
+    threshold_validated: bool = True  # False: no held-out data could set it (card default)
 
     @property
     def present(self) -> bool:

@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
     metrics: dict[str, Any] = {"train_loss_per_epoch": [round(x, 4) for x in losses],
                                "train_seconds": round(train_s, 1), "device": str(device)}
     thresholds = {lab: 0.5 for lab in labels}
-    unreported: list[str] = []
+    unvalidated: list[str] = []
     if val:
         ds_val = StudyDataset(val, args.model, "u-ignore", cache, norm, args.seed)
         probs = predict(model, ds_val, device, args.batch_size)
@@ -352,8 +352,8 @@ def run(args: argparse.Namespace) -> int:
         tr_raw = np.stack([record_raw(r, args.model) for r in train])
         report, thresholds, origin = held_out_metrics(labels, raw, probs, args.seed, tr_raw, tr_probs)
         metrics["threshold_origin"] = origin
-        if args.model == "model2":  # no data could set these thresholds: the Analyzer leaves them out
-            unreported = [lab for lab in labels if origin[lab].startswith("0.5")]
+        if args.model == "model2":  # no data could set these thresholds: reports flag them
+            unvalidated = [lab for lab in labels if origin[lab].startswith("0.5")]
         metrics["held_out"] = report
         metrics["held_out"]["studies"] = len(val)
         vsrc = np.array([r.source for r in val])
@@ -375,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
                          "augment": not args.no_augment, "lateral_dropout": args.lateral_dropout,
                          "seed": args.seed, "val_fraction": args.val_fraction,
                          "init_from": (f"{args.init_from.name}" if args.init_from else "random"),
-                         "unreported_labels": unreported},
+                         "unvalidated_thresholds": unvalidated},
         training_data=(f"{len(train)} studies from {', '.join(sources)} "
                        f"({sum(r.lateral is not None for r in train)} with a lateral); arguments: "
                        + " ".join([*(f"--chexpert {d}" for d in args.chexpert or []),

@@ -259,7 +259,8 @@ class Pipeline:
         return srmod.ReportInput(
             frontal=p.frontal_ds, lateral=p.lateral_ds, used_lateral=bool(out.used_lateral),
             model1=srmod.FindingResult(out.model1.label, float(out.model1.probability), float(out.model1.threshold)),
-            findings=[srmod.FindingResult(f.label, float(f.probability), float(f.threshold)) for f in out.model2],
+            findings=[srmod.FindingResult(f.label, float(f.probability), float(f.threshold),
+                                          bool(getattr(f, "threshold_validated", True))) for f in out.model2],
             model1_algorithm=m1, model2_algorithm=m2, lung_mask_algorithm=lm,
             crop=srmod.CropInfo(c.x0, c.y0, c.x1, c.y1),
             mask_quality=srmod.MaskQualityInfo(q.area_fraction, q.components, q.left_right_balance, q.ok, q.reason),
@@ -290,7 +291,8 @@ class Pipeline:
             "model1": {"label": out.model1.label, "probability": float(out.model1.probability),
                        "threshold": float(out.model1.threshold), "present": bool(out.model1.present)},
             "model2": [{"label": f.label, "probability": float(f.probability), "threshold": float(f.threshold),
-                        "present": bool(f.present)} for f in out.model2],
+                        "present": bool(f.present), "threshold_validated": bool(f.threshold_validated)}
+                       for f in out.model2],
             "models": [{"name": m.name, "version": m.version, "sha256": m.sha256} for m in out.models],
             "crop": {"x0": c.x0, "y0": c.y0, "x1": c.x1, "y1": c.y1},
             "mask_quality": {"area_fraction": float(q.area_fraction), "components": int(q.components),

@@ -167,15 +167,16 @@ def test_model_input_follows_card_input_crop(cfg: ModelsConfig) -> None:
     assert img.shape == (100, 80) and b == CropBox(0, 0, 80, 100)
 
 
-def test_unreported_labels_are_absent(cfg: ModelsConfig) -> None:
+def test_unvalidated_thresholds_are_reported_and_flagged(cfg: ModelsConfig) -> None:
     import json
 
     path = cfg.weights_dir / "model2.json"
     card = json.loads(path.read_text())
-    card["hyperparameters"]["unreported_labels"] = ["Pneumonia", "Pleural Other"]
+    card["hyperparameters"]["unvalidated_thresholds"] = ["Pneumonia", "Pleural Other"]
     path.write_text(json.dumps(card))
     an = Analyzer.from_config(cfg, device="cpu")
     out = an.analyse([StudyInput("u", np.random.default_rng(6).random((64, 64), dtype=np.float32))])[0]
     assert isinstance(out, StudyAnalysis)
-    labels = [f.label for f in out.model2]
-    assert len(labels) == 12 and "Pneumonia" not in labels and "Pleural Other" not in labels
+    assert len(out.model2) == 14
+    flagged = {f.label for f in out.model2 if not f.threshold_validated}
+    assert flagged == {"Pneumonia", "Pleural Other"}
