@@ -133,17 +133,18 @@ def print_table(details: dict, samples: list[Path]) -> None:
         ds = pydicom.dcmread(p, stop_before_pixels=True)
         names[ds.StudyInstanceUID] = str(ds.get("PatientName", "")) or str(ds.get("PatientID", "?"))
     print()
-    print(f"{'patient':<22} {'state':<8} {'views':<22} {'Model 1':<20} top findings (probability)")
+    print(f"{'patient':<22} {'state':<8} {'views':<22} {'Model 1 (abnormal)':<24} top findings (probability)")
     print("-" * 110)
     for uid, d in details.items():
         result = d.results[-1].payload if d.results else {}
         views = result.get("views", {})
         view_txt = ", ".join(f"{k}:{v}" for k, v in views.items()) or "-"
         m1 = result.get("model1")
-        m1_txt = f"{'abnormal' if m1['present'] else 'no finding'} {m1['probability']:.2f}" if m1 else "-"
+        m1_txt = (f"{'abnormal' if m1['present'] else 'normal'} p={m1['probability']:.2f}/t={m1['threshold']:.2f}"
+                  if m1 else "-")
         top = sorted(result.get("model2", []), key=lambda f: -f["probability"])[:3]
         top_txt = ", ".join(f"{f['label']} {f['probability']:.2f}" for f in top) or (d.state_reason or "")
-        print(f"{names.get(uid, '?')[:22]:<22} {d.state:<8} {view_txt[:22]:<22} {m1_txt:<20} {top_txt}")
+        print(f"{names.get(uid, '?')[:22]:<22} {d.state:<8} {view_txt[:22]:<22} {m1_txt:<24} {top_txt}")
         if result:
             print(f"{'':<22} SR:        {result.get('report_path', '-')}")
             if result.get("key_image_png"):
