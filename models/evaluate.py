@@ -225,7 +225,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from models.common import set_threads
-
     from models.registry import read_card
     from models.view_classifier import ARCHITECTURE as VIEW_ARCHITECTURE
 

@@ -175,21 +175,23 @@ class Pipeline:
         self.deliver_due()
 
     def _guarded(self, study: ClaimedStudy, fn: Callable[[], object]) -> None:
+        """Run one study's step; whatever goes wrong is recorded for that study alone."""
         try:
             fn()
         except StudyRejected as exc:
-            log.warning("study %s not analysed: %s", study.id, exc)
-            self._finish_safely(lambda: self.queue.ignore(study.id, self.worker_id, str(exc)))
+            reason = str(exc)
+            log.warning("study %s not analysed: %s", study.id, reason)
+            self._finish_safely(lambda: self.queue.ignore(study.id, self.worker_id, reason))
         except StudyError as exc:
-            log.warning("study %s failed (%s): %s", study.id, "will retry" if exc.retryable else "permanent", exc)
-            self._finish_safely(lambda: self.queue.fail(study.id, self.worker_id, error=str(exc),
-                                                        retryable=exc.retryable))
+            error, retryable = str(exc), exc.retryable
+            log.warning("study %s failed (%s): %s", study.id, "will retry" if retryable else "permanent", error)
+            self._finish_safely(lambda: self.queue.fail(study.id, self.worker_id, error=error, retryable=retryable))
         except LeaseLost:
             log.warning("study %s: lease lost while working on it; another worker has it now", study.id)
         except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
             log.exception("study %s failed unexpectedly", study.id)
-            self._finish_safely(lambda: self.queue.fail(study.id, self.worker_id,
-                                                        error=f"{type(exc).__name__}: {exc}", retryable=True))
+            self._finish_safely(lambda: self.queue.fail(study.id, self.worker_id, error=error, retryable=True))
 
     def _finish_safely(self, fn: Callable[[], object]) -> None:
         try:
