@@ -97,7 +97,7 @@ def run_once(label: str, n: int, batch: int, device: str, port: int, analyzer: o
             "queue": {"database_url": f"sqlite:///{root / 'queue.sqlite3'}", "lease_seconds": 600},
             "destinations": [{"name": "pacs", "ae_title": "BENCH_PACS", "host": "127.0.0.1", "port": port}],
             "results_dir": str(root / "results"),
-            "worker": {"device": device, "batch_size": batch},
+            "worker": {"device": device, "batch_size": batch, "name": f"bench-{label}"},
         }, environ={})
         if analyzer is None:
             pipeline = Pipeline.from_config(cfg, queue)
