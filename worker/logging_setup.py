@@ -18,4 +18,5 @@ def configure(level: str = "INFO") -> None:
     # pynetdicom is chatty at INFO and logs whole datasets at DEBUG (PHI): keep it at WARNING
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     root._cxr_configured = True  # type: ignore[attr-defined]
