@@ -41,7 +41,7 @@ def shared_data() -> Path:
     """``../shared/data`` (or $CXR_SHARED_DATA); skips the test with a reason when absent."""
     d = _shared_data_dir()
     if d is None:
-        pytest.skip("../shared/data not present (set CXR_SHARED_DATA): quality test skipped")
+        pytest.skip("../shared/data not present (set CXR_SHARED_DATA): this test needs the research data there")
     return d
 
 
