@@ -168,6 +168,7 @@ class ReportInput:
     device: DeviceInfo = field(default_factory=DeviceInfo)
     previous: Sequence[PreviousReport | Dataset] = ()
     series_number: int = DEFAULT_SERIES_NUMBER
+    considered_instances: Sequence[str] = ()  # SOP Instance UIDs of every image the analysis weighed
     content_datetime: _dt.datetime | None = None  # defaults to now
 
     @property
@@ -217,7 +218,7 @@ def _algo_key(a: AlgorithmInfo) -> str:
 
 def report_uid(sources: Sequence[Dataset | str], algorithms: Sequence[AlgorithmInfo]) -> str:
     """The SOP Instance UID of the report on ``sources`` by ``algorithms`` (order-independent)."""
-    uids = sorted(str(s.SOPInstanceUID) if isinstance(s, Dataset) else str(s) for s in sources)
+    uids = sorted({str(s.SOPInstanceUID) if isinstance(s, Dataset) else str(s) for s in sources})
     algos = sorted(_algo_key(a) for a in algorithms)
     return deterministic_uid("cxr-sr-v1", *uids, "--", *algos)
 
@@ -475,7 +476,9 @@ def _build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
         log.warning("report for SOP %s has no Model 2 findings", inp.frontal.SOPInstanceUID)
     headers = [source_header(ds) for ds in sources]
     study_uid = str(headers[0].StudyInstanceUID)
-    sop_uid = report_uid(sources, inp.algorithms)
+    # every instance the analysis considered, not only the pair: a late image always yields a new
+    # report (that names this one as predecessor), the same images and models the same report
+    sop_uid = report_uid([*sources, *inp.considered_instances], inp.algorithms)
     series_uid = report_series_uid(study_uid, inp.device)
 
     device = hd.sr.ObserverContext(

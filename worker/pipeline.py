@@ -267,6 +267,7 @@ class Pipeline:
             crop=srmod.CropInfo(c.x0, c.y0, c.x1, c.y1),
             mask_quality=srmod.MaskQualityInfo(q.area_fraction, q.components, q.left_right_balance, q.ok, q.reason),
             device=self.device, previous=previous,
+            considered_instances=[i.sop_instance_uid for i in p.claimed.instances if i.eligible],
         )
 
     def key_image(self, p: PreparedStudy, out: Any, folder: Path, sr_ds: Dataset) -> tuple[Dataset | None, Path | None]:

@@ -229,6 +229,14 @@ def test_uid_is_deterministic_and_order_independent(frontal: Dataset, lateral: D
     assert build_report(_input(frontal, lateral, model2_algorithm=newer)).SOPInstanceUID != a.SOPInstanceUID
     assert build_report(_input(frontal)).SOPInstanceUID != a.SOPInstanceUID
     assert pydicom.uid.UID(a.SOPInstanceUID).is_valid
+    # the images weighed count, not only the pair: a late extra image gives a new report...
+    both = [str(frontal.SOPInstanceUID), str(lateral.SOPInstanceUID)]
+    assert build_report(_input(frontal, lateral, considered_instances=both)).SOPInstanceUID == a.SOPInstanceUID
+    late = build_report(_input(frontal, lateral, considered_instances=[*both, "1.2.3.4.5"]))
+    assert late.SOPInstanceUID != a.SOPInstanceUID
+    # ...and the same set in another order the same report
+    again = build_report(_input(frontal, lateral, considered_instances=["1.2.3.4.5", *reversed(both)]))
+    assert again.SOPInstanceUID == late.SOPInstanceUID
 
 
 def test_reanalysis_lists_the_report_it_replaces(frontal: Dataset, lateral: Dataset, tmp_path: Path) -> None:

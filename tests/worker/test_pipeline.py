@@ -163,3 +163,29 @@ def test_delivery_retries_with_backoff_then_delivers(tmp_path: Path, database_ur
     assert [r.SOPInstanceUID for r in received if r.Modality == "SR"] == [d.results[-1].report_sop_instance_uid]
     # nothing is due yet: a second pass sends nothing
     assert env.pipeline.deliver_due() == 0
+
+
+def test_late_image_gives_a_new_report_naming_the_old(tmp_path: Path, database_url: str, weights: Path,
+                                                      sc: Dataset) -> None:
+    """Even a late image that does not change the chosen pair (a second, lower-ranked frontal)
+    produces a new report, which lists the one it replaces."""
+    env = Env(tmp_path, database_url, weights)
+    first = _fresh(sc)
+    env.add(first)
+    env.ready_and_run()
+    d = env.queue.study(first.StudyInstanceUID)
+    assert d.state == "done"
+    old_uid = d.results[-1].report_sop_instance_uid
+
+    late = _fresh(sc, study=first.StudyInstanceUID)
+    late.ImageType = ["DERIVED", "SECONDARY"]  # ranked below the first frontal: the pair is unchanged
+    env.add(late)
+    env.ready_and_run()
+    d = env.queue.study(first.StudyInstanceUID)
+    assert d.state == "done" and len(d.results) == 2
+    assert d.results[-1].payload["frontal_sop_instance_uid"] == first.SOPInstanceUID
+    new_uid = d.results[-1].report_sop_instance_uid
+    assert new_uid != old_uid
+    sr = pydicom.dcmread(d.results[-1].payload["report_path"])
+    pred = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert pred.ReferencedSOPInstanceUID == old_uid
