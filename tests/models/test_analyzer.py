@@ -20,14 +20,6 @@ from models.view_classifier import ViewCNN
 from .test_classifiers import tiny_card
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_view_card(path: Path) -> ModelCard:
     torch.manual_seed(0)
     net = ViewCNN(width=4, blocks=3)

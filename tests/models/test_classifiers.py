@@ -32,15 +32,6 @@ from models.train_classifier import ImageCache, StudyDataset, train_loop
 TINY = {"growth_rate": 4, "block_config": [1, 1, 1, 1], "num_init_features": 8}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    """Tiny networks run fastest on one thread; more threads oversubscribe a shared CPU badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_card(path: Path, labels: list[str], *, thresholds: dict[str, float] | None = None,
               size: int = 32, seed: int = 0, name: str | None = None) -> ModelCard:
     """Write a randomly initialised tiny classifier card + weights to ``path``."""

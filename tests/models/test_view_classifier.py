@@ -9,20 +9,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from models.registry import ModelLoadError
 from models.view_classifier import ViewClassifier
 
 from .test_analyzer import tiny_view_card
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_predictions_follow_card_labels_and_threshold(tmp_path: Path) -> None:

@@ -18,14 +18,6 @@ from models.xrv_adapter import XRV_DEFAULT_PATHOLOGIES, XrvClassifier
 xrv = pytest.importorskip("torchxrayvision")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def xrv_model() -> torch.nn.Module:
     torch.manual_seed(0)
