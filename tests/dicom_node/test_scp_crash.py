@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,8 +21,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from tests.conftest import DATA, REPO, free_port
-from tests.dicom_node.conftest import UID_ROOT, echo
+from tests.conftest import DATA, free_port
+from tests.dicom_node.conftest import UID_ROOT
+from tests.service import ServiceProcess
 
 pytestmark = [
     pytest.mark.network,
@@ -56,46 +53,6 @@ def _instances() -> list[Dataset]:
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(UID_ROOT)
         out.append(ds)
     return out
-
-
-class Server:
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config, self.log = config, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, port: int, timeout_s: float = 120.0) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "worker.cli", "serve", "--config", str(self.config), "--role", "scp"],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"cxr-worker serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if echo(port, called=AET) == 0:
-                    return
-            except AssertionError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"cxr-worker serve did not answer C-ECHO in {timeout_s} s:\n{self.log.read_text()[-3000:]}")
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def _send_all(port: int, items: list[Dataset], acked: list[str], stop_on_failure: bool) -> None:
@@ -159,10 +116,10 @@ def test_kill_9_midway_loses_no_acknowledged_instance(tmp_path: Path) -> None:
         "logging": {"level": "INFO"},
     }))
     items = _instances()
-    server = Server(config, tmp_path / "serve.log")
+    server = ServiceProcess(config, role="scp")
     acked: list[str] = []
     try:
-        server.start(port)
+        server.start(port=port, ae_title=AET)
         sender = threading.Thread(target=_send_all, args=(port, items, acked, True), daemon=True)
         sender.start()
         deadline = time.monotonic() + 120
@@ -178,7 +135,7 @@ def test_kill_9_midway_loses_no_acknowledged_instance(tmp_path: Path) -> None:
         by_uid = _check_consistent(storage, db, acked)
         assert len(by_uid) >= len(acked)
 
-        server.start(port)  # restart on the same storage and database
+        server.start(port=port, ae_title=AET)  # restart on the same storage and database
         resent: list[str] = []
         _send_all(port, items, resent, stop_on_failure=False)  # the PACS retries everything
         assert sorted(resent) == sorted(str(d.SOPInstanceUID) for d in items)
