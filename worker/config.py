@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from db.config import CompletionConfig, QueueConfig
 from dicom_node.config import DestinationConfig, DicomNodeConfig
@@ -78,10 +78,6 @@ class AppConfig(BaseModel):
         if dupes:
             raise ValueError(f"destination names must be unique; repeated: {', '.join(dupes)}")
         return v
-
-    @model_validator(mode="after")
-    def _lease_vs_timeout(self) -> AppConfig:
-        return self
 
     def destination(self, name: str) -> DestinationConfig:
         for d in self.destinations:

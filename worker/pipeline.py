@@ -16,6 +16,7 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from db.queue import ClaimedStudy, LeaseLost, Queue
 from db.records import InstanceRow
@@ -92,6 +93,7 @@ class Pipeline:
         eligible = [i for i in study.instances if i.eligible]
         if not eligible:
             raise StudyRejected("no chest radiograph among the study's instances")
+        by_id = {inst.id: inst for inst in eligible}
         headers: dict[int, Dataset] = {}
         for inst in eligible:
             try:
@@ -114,7 +116,7 @@ class Pipeline:
             t1 = time.perf_counter()
             imgs = []
             for iid in undecided:
-                pixels[iid] = self._decode(headers[iid], iid, study)
+                pixels[iid] = self._decode(by_id[iid])
                 imgs.append(pixels[iid])
             for iid, pred in zip(undecided, self.analyzer.classify_views(imgs), strict=True):
                 guesses[iid] = ViewGuess(pred.view, None, "view_classifier", float(pred.probability),
@@ -132,10 +134,9 @@ class Pipeline:
                                 f"a lateral alone is not analysed")
         f_id = int(frontal.key)  # type: ignore[arg-type]
         l_id = int(lateral.key) if lateral is not None else None  # type: ignore[arg-type]
-        if f_id not in pixels:
-            pixels[f_id] = self._decode(headers[f_id], f_id, study)
-        if l_id is not None and l_id not in pixels:
-            pixels[l_id] = self._decode(headers[l_id], l_id, study)
+        for iid in (f_id, l_id):
+            if iid is not None and iid not in pixels:
+                pixels[iid] = self._decode(by_id[iid])
         return PreparedStudy(
             claimed=study, frontal_ds=headers[f_id], frontal_pixels=pixels[f_id],
             lateral_ds=headers[l_id] if l_id is not None else None,
@@ -144,8 +145,7 @@ class Pipeline:
             timings_ms={"read_decode": _ms(t0)},
         )
 
-    def _decode(self, header: Dataset, inst_id: int, study: ClaimedStudy) -> Any:
-        inst = next(i for i in study.instances if i.id == inst_id)
+    def _decode(self, inst: InstanceRow) -> Any:
         try:
             return load_image(self._path(inst)).pixels
         except PixelDecodeError as exc:
@@ -217,15 +217,15 @@ class Pipeline:
         wants_key = any(d.send_key_image for d in self.cfg.destinations) or self.cfg.results_dir is not None
         if wants_key:
             key_ds, key_png = self.key_image(p, out, folder, sr_ds)
-            if key_ds is not None:
-                files.append((str(key_ds.SOPInstanceUID), str(key_ds.SOPClassUID), folder / f"KEY_{key_ds.SOPInstanceUID}.dcm"))
+            if key_ds is not None and key_png is not None:  # written beside its PNG
+                files.append((str(key_ds.SOPInstanceUID), str(key_ds.SOPClassUID), key_png.with_suffix(".dcm")))
         p.timings_ms["report"] = _ms(t0)
         p.timings_ms.update({f"model_{k}": v for k, v in out.timings_ms.items()})
         payload = self.payload(p, out, sr_path, key_png)
         deliveries = []
         for d in self.cfg.destinations:
             for uid, cls, path in files:
-                if cls == srmod_key_class() and not d.send_key_image:
+                if cls == SecondaryCaptureImageStorage and not d.send_key_image:
                     continue
                 deliveries.append((d.name, uid, cls, str(path)))
         self.queue.complete(p.claimed.id, self.worker_id, result_payload=payload,
@@ -350,6 +350,3 @@ class Pipeline:
                             f"retry in {delay:.0f} s" if delay is not None else "giving up")
         return delivered
 
-
-def srmod_key_class() -> str:
-    return "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage (the key image)
