@@ -53,6 +53,8 @@ bench: venv system-deps
 
 lint: venv
 	$(VENV)/bin/ruff check worker dicom_node models db tests bench
+	$(VENV)/bin/ruff format --check worker dicom_node models db tests bench
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) var

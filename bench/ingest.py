@@ -80,7 +80,19 @@ def make_copies(source: Path, out: Path, count: int, per_study: int = 2) -> int:
 
 def storescu(port: int, aec: str, src: Path) -> float:
     """Send every file under ``src`` on one association; return wall seconds. Raises on failure."""
-    cmd = ["storescu", "-aet", "BENCH", "-aec", aec, "+sd", "+r", "-nh", "127.0.0.1", str(port), str(src)]
+    cmd = [
+        "storescu",
+        "-aet",
+        "BENCH",
+        "-aec",
+        aec,
+        "+sd",
+        "+r",
+        "-nh",
+        "127.0.0.1",
+        str(port),
+        str(src),
+    ]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     dt = time.perf_counter() - t0
@@ -98,8 +110,18 @@ def run_dcmtk(src: Path, work: Path, n: int) -> float:
     out.mkdir()
     port = free_port()
     proc = subprocess.Popen(
-        ["storescp", "-aet", "DCMTK", "--max-pdu", str(DCMTK_MAX_PDU), "--output-directory", str(out), str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            "storescp",
+            "-aet",
+            "DCMTK",
+            "--max-pdu",
+            str(DCMTK_MAX_PDU),
+            "--output-directory",
+            str(out),
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         wait_port(port)
@@ -143,13 +165,23 @@ def run_ours(src: Path, work: Path, n: int, fsync: bool) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--count", type=int, default=200)
-    ap.add_argument("--rounds", type=int, default=1, help="alternate dcmtk/ours this many times; best of each")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="alternate dcmtk/ours this many times; best of each"
+    )
     ap.add_argument("--source", type=Path, default=REPO / "tests/data/RG1_UNCR.dcm")
-    ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
-    ap.add_argument("--no-fsync", action="store_true", help="ours without fsync (to measure its cost)")
-    ap.add_argument("--profile", type=Path, default=None, help="write a cProfile of our SCP run here")
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)"
+    )
+    ap.add_argument(
+        "--no-fsync", action="store_true", help="ours without fsync (to measure its cost)"
+    )
+    ap.add_argument(
+        "--profile", type=Path, default=None, help="write a cProfile of our SCP run here"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for tool in ("storescu", "storescp"):
@@ -163,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         src.mkdir()
         total = make_copies(args.source, src, args.count)
         mb = total / 1e6
-        print(f"{args.count} instances of {args.source.name}, {mb:.0f} MB in total, one association each")
+        print(
+            f"{args.count} instances of {args.source.name}, {mb:.0f} MB in total, one association each"
+        )
         best_d = best_o = float("inf")
         for r in range(1, args.rounds + 1):
             # Start each run with no dirty pages left by the previous step, so neither server pays
@@ -181,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                 prof.dump_stats(args.profile)
             else:
                 o = run_ours(src, work, args.count, fsync=not args.no_fsync)
-            print(f"round {r}: dcmtk storescp {mb / d:7.1f} MB/s ({d:.2f} s)   ours {mb / o:7.1f} MB/s ({o:.2f} s)")
+            print(
+                f"round {r}: dcmtk storescp {mb / d:7.1f} MB/s ({d:.2f} s)   ours {mb / o:7.1f} MB/s ({o:.2f} s)"
+            )
             best_d, best_o = min(best_d, d), min(best_o, o)
         fs = "no fsync" if args.no_fsync else "fsync + SQLite commit per instance"
         print(f"dcmtk storescp: {mb / best_d:.1f} MB/s")

@@ -28,7 +28,9 @@ import torch  # noqa: E402
 from models.config import BUNDLED_WEIGHTS  # noqa: E402
 
 
-def _nets(weights_dir: Path) -> dict[str, tuple[Callable[[torch.Tensor], object], torch.nn.Module, int]]:
+def _nets(
+    weights_dir: Path,
+) -> dict[str, tuple[Callable[[torch.Tensor], object], torch.nn.Module, int]]:
     from models.classifiers import MultiViewClassifier, load_classifier
     from models.pix2pix import UNetGenerator
     from models.registry import read_card
@@ -38,7 +40,9 @@ def _nets(weights_dir: Path) -> dict[str, tuple[Callable[[torch.Tensor], object]
     p = weights_dir / "lung_mask.json"
     if p.exists():
         c = read_card(p)
-        gen = UNetGenerator(ngf=int(c.hyperparameters.get("ngf", 16)), depth=int(c.hyperparameters.get("depth", 8)))
+        gen = UNetGenerator(
+            ngf=int(c.hyperparameters.get("ngf", 16)), depth=int(c.hyperparameters.get("depth", 8))
+        )
         out["lung_mask (Pix2Pix U-Net)"] = (gen, gen, c.input_size)
     else:
         gen = UNetGenerator(ngf=16, depth=8)
@@ -62,7 +66,9 @@ def _nets(weights_dir: Path) -> dict[str, tuple[Callable[[torch.Tensor], object]
     return out
 
 
-def _throughput(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int, device: torch.device) -> float:
+def _throughput(
+    fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int, device: torch.device
+) -> float:
     from models.common import autocast
 
     with torch.inference_mode(), autocast(device):
@@ -88,8 +94,14 @@ def _analyzer_rate(weights_dir: Path, device: str, batch: int, repeats: int) -> 
         print(f"  (analyzer skipped: {exc})")
         return None
     rng = np.random.default_rng(0)
-    studies = [StudyInput(str(i), rng.random((1024, 1024), dtype=np.float32),
-                          rng.random((1024, 1024), dtype=np.float32) if i % 2 else None) for i in range(batch)]
+    studies = [
+        StudyInput(
+            str(i),
+            rng.random((1024, 1024), dtype=np.float32),
+            rng.random((1024, 1024), dtype=np.float32) if i % 2 else None,
+        )
+        for i in range(batch)
+    ]
     an.analyse(studies[:1])
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -98,7 +110,9 @@ def _analyzer_rate(weights_dir: Path, device: str, batch: int, repeats: int) -> 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--weights-dir", type=Path, default=BUNDLED_WEIGHTS)
     ap.add_argument("--repeats", type=int, default=3)
@@ -107,9 +121,13 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     nets = _nets(args.weights_dir)
-    print(f"torch {torch.__version__}, CPU threads {args.threads}, "
-          f"CUDA {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}")
-    print(f"{'model':34s} {'input':>6s} {'device':>6s} {'batch':>5s} {'images/s':>9s} {'ratio':>6s}")
+    print(
+        f"torch {torch.__version__}, CPU threads {args.threads}, "
+        f"CUDA {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}"
+    )
+    print(
+        f"{'model':34s} {'input':>6s} {'device':>6s} {'batch':>5s} {'images/s':>9s} {'ratio':>6s}"
+    )
     for name, (fn, module, size) in nets.items():
         base = None
         for dev in devices:
@@ -119,15 +137,21 @@ def main() -> int:
                 reps = args.repeats if dev.type == "cpu" else max(args.repeats, 20)
                 rate = _throughput(fn, x, max(1, reps if batch == 1 else max(1, reps // 2)), dev)
                 base = base or rate
-                print(f"{name:34s} {size:6d} {dev.type:>6s} {batch:5d} {rate:9.1f} {rate / base:6.2f}")
+                print(
+                    f"{name:34s} {size:6d} {dev.type:>6s} {batch:5d} {rate:9.1f} {rate / base:6.2f}"
+                )
         module.to("cpu")
     if not args.no_analyzer:
         for dev in devices:
             for batch in (1, 16):
-                rate = _analyzer_rate(args.weights_dir, dev.type, batch, 1 if dev.type == "cpu" else 3)
+                rate = _analyzer_rate(
+                    args.weights_dir, dev.type, batch, 1 if dev.type == "cpu" else 3
+                )
                 if rate is not None:
-                    print(f"{'Analyzer (1024 px studies, end to end)':34s} {'':>6s} {dev.type:>6s} {batch:5d} "
-                          f"{rate:9.1f} {'':>6s}")
+                    print(
+                        f"{'Analyzer (1024 px studies, end to end)':34s} {'':>6s} {dev.type:>6s} {batch:5d} "
+                        f"{rate:9.1f} {'':>6s}"
+                    )
     return 0
 
 

@@ -54,8 +54,12 @@ def start_storescp(out: Path) -> tuple[subprocess.Popen[bytes], int]:
         sys.exit("storescp (dcmtk) is needed: make system-deps")
     port = free_port()
     out.mkdir(parents=True)
-    proc = subprocess.Popen([exe, "-aet", "BENCH_PACS", "-od", str(out), "+uf", "+xa", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [exe, "-aet", "BENCH_PACS", "-od", str(out), "+uf", "+xa", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -78,33 +82,58 @@ def fill_queue(root: Path, n: int, storage: Path) -> Queue:
         (storage / ds.StudyInstanceUID).mkdir(parents=True)
         ds.save_as(storage / rel, enforce_file_format=True)
         queue.record_instance(
-            study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID, sop_instance_uid=ds.SOPInstanceUID,
-            sop_class_uid=ds.SOPClassUID, transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-            modality=ds.Modality, body_part=ds.get("BodyPartExamined"), view_position=ds.get("ViewPosition"),
-            eligible=True, ineligible_reason=None, rel_path=rel, size_bytes=(storage / rel).stat().st_size,
-            calling_ae="BENCH")
+            study_uid=ds.StudyInstanceUID,
+            series_uid=ds.SeriesInstanceUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+            modality=ds.Modality,
+            body_part=ds.get("BodyPartExamined"),
+            view_position=ds.get("ViewPosition"),
+            eligible=True,
+            ineligible_reason=None,
+            rel_path=rel,
+            size_bytes=(storage / rel).stat().st_size,
+            calling_ae="BENCH",
+        )
     queue.sweep_completion(quiet_seconds=0.001, max_wait_seconds=0.001)
     return queue
 
 
-def run_once(label: str, n: int, batch: int, device: str, port: int, analyzer: object | None) -> tuple[dict, object]:
+def run_once(
+    label: str, n: int, batch: int, device: str, port: int, analyzer: object | None
+) -> tuple[dict, object]:
     root = Path(tempfile.mkdtemp(prefix=f"bench-pipeline-{label}-"))
     try:
         storage = root / "storage"
         queue = fill_queue(root, n, storage)
-        cfg = parse_config({
-            "dicom": {"storage_dir": str(storage), "min_free_disk_mb": 10},
-            "queue": {"database_url": f"sqlite:///{root / 'queue.sqlite3'}", "lease_seconds": 600},
-            "destinations": [{"name": "pacs", "ae_title": "BENCH_PACS", "host": "127.0.0.1", "port": port}],
-            "results_dir": str(root / "results"),
-            "worker": {"device": device, "batch_size": batch, "name": f"bench-{label}"},
-        }, environ={})
+        cfg = parse_config(
+            {
+                "dicom": {"storage_dir": str(storage), "min_free_disk_mb": 10},
+                "queue": {
+                    "database_url": f"sqlite:///{root / 'queue.sqlite3'}",
+                    "lease_seconds": 600,
+                },
+                "destinations": [
+                    {"name": "pacs", "ae_title": "BENCH_PACS", "host": "127.0.0.1", "port": port}
+                ],
+                "results_dir": str(root / "results"),
+                "worker": {"device": device, "batch_size": batch, "name": f"bench-{label}"},
+            },
+            environ={},
+        )
         if analyzer is None:
             pipeline = Pipeline.from_config(cfg, queue)
         else:
             pipeline = Pipeline(cfg, queue, analyzer)
-        loop = WorkerLoop(queue, pipeline, worker_id=f"bench-{label}", batch_size=batch,
-                          poll_interval=0.1, heartbeat_interval=30)
+        loop = WorkerLoop(
+            queue,
+            pipeline,
+            worker_id=f"bench-{label}",
+            batch_size=batch,
+            poll_interval=0.1,
+            heartbeat_interval=30,
+        )
         t0 = time.perf_counter()
         while loop.run_once():
             pass
@@ -112,21 +141,33 @@ def run_once(label: str, n: int, batch: int, device: str, port: int, analyzer: o
         lat = []
         for s in queue.latest(n):
             d = queue.study(s.study_uid)
-            assert d is not None and d.state == "done", (d.state if d else None, d.state_reason if d else None)
+            assert d is not None and d.state == "done", (
+                d.state if d else None,
+                d.state_reason if d else None,
+            )
             sent = [x.updated_at for x in d.deliveries if x.state == "delivered"]
             assert sent, f"study {s.study_uid} was not delivered"
             lat.append((max(sent) - d.ready_at).total_seconds())
         lat.sort()
         p95 = lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]
         queue.close()
-        return {"label": label, "batch": batch, "studies": n, "seconds": elapsed,
-                "studies_per_s": n / elapsed, "p50": statistics.median(lat), "p95": p95}, pipeline.analyzer
+        return {
+            "label": label,
+            "batch": batch,
+            "studies": n,
+            "seconds": elapsed,
+            "studies_per_s": n / elapsed,
+            "p50": statistics.median(lat),
+            "p95": p95,
+        }, pipeline.analyzer
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--studies", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -142,13 +183,21 @@ def main() -> int:
         baseline, _ = run_once("naive", args.studies, 1, args.device, port, analyzer)
         batched, _ = run_once("batched", args.studies, args.batch_size, args.device, port, analyzer)
         dev = "cuda" if (args.device != "cpu" and torch.cuda.is_available()) else "cpu"
-        print(f"device: {dev} ({torch.cuda.get_device_name(0) if dev == 'cuda' else os.cpu_count()} "
-              f"{'GPU' if dev == 'cuda' else 'CPU cores'}), torch threads {torch.get_num_threads()}")
-        print(f"{'run':<10} {'batch':>5} {'studies':>7} {'seconds':>8} {'studies/s':>10} {'p50 s':>7} {'p95 s':>7}")
+        print(
+            f"device: {dev} ({torch.cuda.get_device_name(0) if dev == 'cuda' else os.cpu_count()} "
+            f"{'GPU' if dev == 'cuda' else 'CPU cores'}), torch threads {torch.get_num_threads()}"
+        )
+        print(
+            f"{'run':<10} {'batch':>5} {'studies':>7} {'seconds':>8} {'studies/s':>10} {'p50 s':>7} {'p95 s':>7}"
+        )
         for r in (baseline, batched):
-            print(f"{r['label']:<10} {r['batch']:>5} {r['studies']:>7} {r['seconds']:>8.1f} "
-                  f"{r['studies_per_s']:>10.2f} {r['p50']:>7.1f} {r['p95']:>7.1f}")
-        print(f"ratio batched/naive throughput: {batched['studies_per_s'] / baseline['studies_per_s']:.2f}x")
+            print(
+                f"{r['label']:<10} {r['batch']:>5} {r['studies']:>7} {r['seconds']:>8.1f} "
+                f"{r['studies_per_s']:>10.2f} {r['p50']:>7.1f} {r['p95']:>7.1f}"
+            )
+        print(
+            f"ratio batched/naive throughput: {batched['studies_per_s'] / baseline['studies_per_s']:.2f}x"
+        )
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)

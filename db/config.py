@@ -19,9 +19,13 @@ class QueueConfig(_Strict):
         DEFAULT_DATABASE_URL,
         description="sqlite:///path or postgresql+psycopg://user@host/db; env CXR_DATABASE_URL overrides",
     )
-    lease_seconds: float = Field(300.0, gt=0, description="A claim expires this long after the last heartbeat")
+    lease_seconds: float = Field(
+        300.0, gt=0, description="A claim expires this long after the last heartbeat"
+    )
     heartbeat_seconds: float = Field(30.0, gt=0)
-    max_attempts: int = Field(3, ge=1, description="After this many failed attempts a study is failed")
+    max_attempts: int = Field(
+        3, ge=1, description="After this many failed attempts a study is failed"
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -45,8 +49,12 @@ class QueueConfig(_Strict):
 class CompletionConfig(_Strict):
     """When a study that is still receiving instances counts as complete (``ready``)."""
 
-    quiet_seconds: float = Field(30.0, gt=0, description="Ready after no instance arrived for this long")
-    max_wait_seconds: float = Field(600.0, gt=0, description="Ready at most this long after the first instance")
+    quiet_seconds: float = Field(
+        30.0, gt=0, description="Ready after no instance arrived for this long"
+    )
+    max_wait_seconds: float = Field(
+        600.0, gt=0, description="Ready at most this long after the first instance"
+    )
     sweep_interval_seconds: float = Field(5.0, gt=0)
 
     @model_validator(mode="after")

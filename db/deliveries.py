@@ -40,9 +40,15 @@ def due(conn: Connection, *, at: datetime, limit: int, hold: timedelta) -> list[
                 sa.select(deliveries.c.id)
                 .where(
                     deliveries.c.state.in_(OPEN),
-                    sa.or_(deliveries.c.next_attempt_at.is_(None), deliveries.c.next_attempt_at <= at),
+                    sa.or_(
+                        deliveries.c.next_attempt_at.is_(None), deliveries.c.next_attempt_at <= at
+                    ),
                 )
-                .order_by(deliveries.c.next_attempt_at.is_not(None), deliveries.c.next_attempt_at, deliveries.c.id)
+                .order_by(
+                    deliveries.c.next_attempt_at.is_not(None),
+                    deliveries.c.next_attempt_at,
+                    deliveries.c.id,
+                )
                 .limit(limit),
                 skip_locked=True,
             )
@@ -52,7 +58,9 @@ def due(conn: Connection, *, at: datetime, limit: int, hold: timedelta) -> list[
     )
     if not ids:
         return []
-    conn.execute(sa.update(deliveries).where(deliveries.c.id.in_(ids)).values(next_attempt_at=at + hold))
+    conn.execute(
+        sa.update(deliveries).where(deliveries.c.id.in_(ids)).values(next_attempt_at=at + hold)
+    )
     rows = conn.execute(
         sa.select(deliveries, studies.c.study_uid)
         .join(studies, studies.c.id == deliveries.c.study_id)
@@ -63,7 +71,13 @@ def due(conn: Connection, *, at: datetime, limit: int, hold: timedelta) -> list[
 
 
 def mark(
-    conn: Connection, delivery_id: int, *, delivered: bool, status: str, retry_at: datetime | None, at: datetime
+    conn: Connection,
+    delivery_id: int,
+    *,
+    delivered: bool,
+    status: str,
+    retry_at: datetime | None,
+    at: datetime,
 ) -> DeliveryState:
     if delivered:
         state, next_at = DeliveryState.DELIVERED, None
@@ -89,10 +103,14 @@ def mark(
 
 def resend(conn: Connection, study_uid: str, *, at: datetime) -> int:
     """Every delivery of the study's latest result back to pending, attempts reset."""
-    sid = conn.execute(sa.select(studies.c.id).where(studies.c.study_uid == study_uid)).scalar_one_or_none()
+    sid = conn.execute(
+        sa.select(studies.c.id).where(studies.c.study_uid == study_uid)
+    ).scalar_one_or_none()
     if sid is None:
         return 0
-    rid = conn.execute(sa.select(sa.func.max(results.c.id)).where(results.c.study_id == sid)).scalar()
+    rid = conn.execute(
+        sa.select(sa.func.max(results.c.id)).where(results.c.study_id == sid)
+    ).scalar()
     if rid is None:
         return 0
     return int(

@@ -48,7 +48,10 @@ def make_engine(url: str) -> Engine:
             pool_timeout=10,
             pool_recycle=1800,
             pool_pre_ping=True,  # a restarted server must not hand us dead connections
-            connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S, "application_name": "cxr-pacs-worker"},
+            connect_args={
+                "connect_timeout": PG_CONNECT_TIMEOUT_S,
+                "application_name": "cxr-pacs-worker",
+            },
         )
     raise ValueError(
         f"{safe_url(u)}: unsupported database; use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
@@ -106,7 +109,9 @@ def is_retryable(e: BaseException) -> bool:
 
 def unavailable(e: BaseException, url: str | URL) -> QueueUnavailable:
     """A :class:`QueueUnavailable` that says what failed, where, and what to do."""
-    detail = str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e) else type(e).__name__
+    detail = (
+        str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e) else type(e).__name__
+    )
     return QueueUnavailable(
         f"study queue database {safe_url(url)} is unavailable: {detail}; "
         "check that the database is running and reachable (queue.database_url); callers may retry later"
@@ -118,7 +123,12 @@ def translate_errors(url: str | URL) -> Iterator[None]:
     """Turn connection-level failures into :class:`QueueUnavailable`; let other errors through."""
     try:
         yield
-    except (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, exc.DisconnectionError) as e:
+    except (
+        exc.OperationalError,
+        exc.InterfaceError,
+        exc.TimeoutError,
+        exc.DisconnectionError,
+    ) as e:
         if is_retryable(e):
             raise
         raise unavailable(e, url) from e
@@ -128,7 +138,9 @@ def translate_errors(url: str | URL) -> Iterator[None]:
         raise
 
 
-def lock_rows(conn: Connection, stmt: sa.Select[Any], *, skip_locked: bool = False) -> sa.Select[Any]:
+def lock_rows(
+    conn: Connection, stmt: sa.Select[Any], *, skip_locked: bool = False
+) -> sa.Select[Any]:
     """``FOR UPDATE [SKIP LOCKED]`` on PostgreSQL. SQLite has no row locks (SQLAlchemy would drop the
     clause anyway): there, ``BEGIN IMMEDIATE`` serialises writers and compare-and-set does the rest."""
     if conn.dialect.name == "postgresql":

@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-
 class StudyState(StrEnum):
     RECEIVING = "receiving"
     READY = "ready"
@@ -264,7 +263,9 @@ class Queue:
         (id, study_uid, attempts, previous_report_uid, lease_expires_at) or None if another
         transaction got there first. ``reason`` may be a function of that row."""
         if (expected, new) not in TRANSITIONS:
-            raise InvalidTransition(f"study {study_id}: {expected} -> {new} is not an allowed transition")
+            raise InvalidTransition(
+                f"study {study_id}: {expected} -> {new} is not an allowed transition"
+            )
         stmt = (
             sa.update(studies)
             .where(studies.c.id == study_id, studies.c.state == expected.value, *where)
@@ -284,13 +285,22 @@ class Queue:
             return None
         text = reason(row) if callable(reason) else reason
         if callable(reason):
-            conn.execute(sa.update(studies).where(studies.c.id == study_id).values(state_reason=text))
+            conn.execute(
+                sa.update(studies).where(studies.c.id == study_id).values(state_reason=text)
+            )
         conn.execute(
             sa.insert(events).values(
-                study_id=study_id, at=now, from_state=expected.value, to_state=new.value, reason=text, actor=actor
+                study_id=study_id,
+                at=now,
+                from_state=expected.value,
+                to_state=new.value,
+                reason=text,
+                actor=actor,
             )
         )
-        log.info("study %s (%s): %s -> %s by %s: %s", study_id, row.study_uid, expected, new, actor, text)
+        log.info(
+            "study %s (%s): %s -> %s by %s: %s", study_id, row.study_uid, expected, new, actor, text
+        )
         return row
 
     def _held(self, conn: Connection, study_id: int, worker_id: str, *, lock: bool = True) -> Any:
@@ -299,11 +309,14 @@ class Queue:
         stmt = sa.select(studies).where(studies.c.id == study_id)
         row = conn.execute(lock_rows(conn, stmt) if lock else stmt).first()
         if row is None:
-            raise LeaseLost(f"study {study_id} does not exist (purged?); worker {worker_id} must drop it")
+            raise LeaseLost(
+                f"study {study_id} does not exist (purged?); worker {worker_id} must drop it"
+            )
         if row.state != S.PROCESSING or row.lease_owner != worker_id:
             raise LeaseLost(
                 f"worker {worker_id} no longer holds study {study_id} ({row.study_uid}): it is "
-                f"{row.state}" + (f", held by {row.lease_owner}" if row.lease_owner else "")
+                f"{row.state}"
+                + (f", held by {row.lease_owner}" if row.lease_owner else "")
                 + "; discard this work (the lease expired or the study was requeued)"
             )
         return row
@@ -395,7 +408,12 @@ class Queue:
             study_id, state = created_id, None
         else:
             row = conn.execute(
-                lock_rows(conn, sa.select(studies.c.id, studies.c.state).where(studies.c.study_uid == study_uid))
+                lock_rows(
+                    conn,
+                    sa.select(studies.c.id, studies.c.state).where(
+                        studies.c.study_uid == study_uid
+                    ),
+                )
             ).first()
             if row is None:
                 raise _Conflict(f"study {study_uid} vanished while recording an instance (purged)")
@@ -429,23 +447,39 @@ class Queue:
         new_episode["reopened_count"] = studies.c.reopened_count + 1
         ok: Any = True
         if state == S.RECEIVING:
-            conn.execute(sa.update(studies).where(studies.c.id == study_id).values(updated_at=at, **bump))
+            conn.execute(
+                sa.update(studies).where(studies.c.id == study_id).values(updated_at=at, **bump)
+            )
         elif state == S.PROCESSING:
             conn.execute(
                 sa.update(studies)
                 .where(studies.c.id == study_id)
                 .values(needs_reanalysis=True, updated_at=at, **bump)
             )
-            log.info("study %s (%s): instance arrived during analysis; will re-analyse", study_id, study_uid)
+            log.info(
+                "study %s (%s): instance arrived during analysis; will re-analyse",
+                study_id,
+                study_uid,
+            )
         elif state == S.READY:
             ok = self._transition(
-                conn, study_id, S.READY, S.RECEIVING, actor="scp", now=at,
+                conn,
+                study_id,
+                S.READY,
+                S.RECEIVING,
+                actor="scp",
+                now=at,
                 reason="another instance arrived: waiting for the study to be quiet again",
                 values={**bump, "ready_at": None},
             )
         elif state == S.DONE:
             ok = self._transition(
-                conn, study_id, S.DONE, S.RECEIVING, actor="scp", now=at,
+                conn,
+                study_id,
+                S.DONE,
+                S.RECEIVING,
+                actor="scp",
+                now=at,
                 reason="reopened: an instance arrived after the report; the next report replaces it",
                 values={
                     **new_episode,
@@ -455,18 +489,30 @@ class Queue:
             )
         elif state == S.FAILED:
             ok = self._transition(
-                conn, study_id, S.FAILED, S.RECEIVING, actor="scp", now=at,
+                conn,
+                study_id,
+                S.FAILED,
+                S.RECEIVING,
+                actor="scp",
+                now=at,
                 reason="reopened: new instance after failure (attempts reset)",
                 values={**new_episode, "attempts": 0},
             )
         elif state == S.IGNORED and inst["eligible"]:
             ok = self._transition(
-                conn, study_id, S.IGNORED, S.RECEIVING, actor="scp", now=at,
+                conn,
+                study_id,
+                S.IGNORED,
+                S.RECEIVING,
+                actor="scp",
+                now=at,
                 reason="reopened: an eligible instance arrived",
                 values={**new_episode, "attempts": 0},
             )
         else:  # ignored, and this instance changes nothing
-            conn.execute(sa.update(studies).where(studies.c.id == study_id).values(updated_at=at, **bump))
+            conn.execute(
+                sa.update(studies).where(studies.c.id == study_id).values(updated_at=at, **bump)
+            )
         if ok is None:
             raise _Conflict(f"study {study_uid} changed state while recording an instance")
         return True
@@ -474,14 +520,23 @@ class Queue:
     def instance_exists(self, sop_instance_uid: str) -> bool:
         """True if this SOP Instance UID is already stored."""
         return self._read(
-            lambda c: c.execute(
-                sa.select(instances.c.id).where(instances.c.sop_instance_uid == sop_instance_uid)
-            ).first()
-            is not None
+            lambda c: (
+                c.execute(
+                    sa.select(instances.c.id).where(
+                        instances.c.sop_instance_uid == sop_instance_uid
+                    )
+                ).first()
+                is not None
+            )
         )
 
     def sweep_completion(
-        self, *, quiet_seconds: float, max_wait_seconds: float, now: datetime | None = None, limit: int = 500
+        self,
+        *,
+        quiet_seconds: float,
+        max_wait_seconds: float,
+        now: datetime | None = None,
+        limit: int = 500,
     ) -> int:
         """Receiving studies with no instance for ``quiet_seconds``, or whose first instance is older
         than ``max_wait_seconds``, become ``ready`` (or ``ignored`` with a reason when none of their
@@ -497,7 +552,10 @@ class Queue:
                     sa.select(studies.c.id, studies.c.last_instance_at, studies.c.first_instance_at)
                     .where(
                         studies.c.state == S.RECEIVING.value,
-                        sa.or_(studies.c.last_instance_at <= quiet_before, studies.c.first_instance_at <= wait_before),
+                        sa.or_(
+                            studies.c.last_instance_at <= quiet_before,
+                            studies.c.first_instance_at <= wait_before,
+                        ),
                     )
                     .order_by(studies.c.id)
                     .limit(limit),
@@ -508,7 +566,10 @@ class Queue:
             for r in rows:
                 insts = conn.execute(
                     sa.select(
-                        instances.c.eligible, instances.c.body_part, instances.c.modality, instances.c.ineligible_reason
+                        instances.c.eligible,
+                        instances.c.body_part,
+                        instances.c.modality,
+                        instances.c.ineligible_reason,
                     ).where(instances.c.study_id == r.id)
                 ).all()
                 if any(i.eligible for i in insts):
@@ -518,13 +579,25 @@ class Queue:
                         else f"complete: {max_wait_seconds:g}s since the first instance ({len(insts)} instance(s))"
                     )
                     done = self._transition(
-                        conn, r.id, S.RECEIVING, S.READY, actor="scheduler", now=at, reason=why,
+                        conn,
+                        r.id,
+                        S.RECEIVING,
+                        S.READY,
+                        actor="scheduler",
+                        now=at,
+                        reason=why,
                         values={"ready_at": at},
                     )
                 else:
                     done = self._transition(
-                        conn, r.id, S.RECEIVING, S.IGNORED, actor="scheduler", now=at,
-                        reason=ignored_reason(insts), values={"finished_at": at},
+                        conn,
+                        r.id,
+                        S.RECEIVING,
+                        S.IGNORED,
+                        actor="scheduler",
+                        now=at,
+                        reason=ignored_reason(insts),
+                        values={"finished_at": at},
                     )
                 changed += done is not None
             return changed
@@ -533,7 +606,9 @@ class Queue:
 
     # ------------------------------------------------------------------ working
 
-    def claim(self, worker_id: str, *, limit: int = 1, now: datetime | None = None) -> list[ClaimedStudy]:
+    def claim(
+        self, worker_id: str, *, limit: int = 1, now: datetime | None = None
+    ) -> list[ClaimedStudy]:
         """Take up to ``limit`` ready studies (oldest first) for ``worker_id``; each is held until
         ``now + lease_seconds`` unless heartbeats extend it. Counts an attempt."""
         if limit < 1:
@@ -542,24 +617,35 @@ class Queue:
         until = at + self.lease
 
         def run(conn: Connection) -> list[ClaimedStudy]:
-            ids = conn.execute(
-                lock_rows(
-                    conn,
-                    sa.select(studies.c.id)
-                    .where(
-                        studies.c.state == S.READY.value,
-                        sa.or_(studies.c.ready_at.is_(None), studies.c.ready_at <= at),
+            ids = (
+                conn.execute(
+                    lock_rows(
+                        conn,
+                        sa.select(studies.c.id)
+                        .where(
+                            studies.c.state == S.READY.value,
+                            sa.or_(studies.c.ready_at.is_(None), studies.c.ready_at <= at),
+                        )
+                        .order_by(studies.c.ready_at, studies.c.id)
+                        .limit(limit),
+                        skip_locked=True,
                     )
-                    .order_by(studies.c.ready_at, studies.c.id)
-                    .limit(limit),
-                    skip_locked=True,
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             won = []
             for sid in ids:
                 row = self._transition(
-                    conn, sid, S.READY, S.PROCESSING, actor=worker_id, now=at,
-                    reason=lambda r: f"claimed by {worker_id} (attempt {r.attempts} of {self.max_attempts})",
+                    conn,
+                    sid,
+                    S.READY,
+                    S.PROCESSING,
+                    actor=worker_id,
+                    now=at,
+                    reason=lambda r: (
+                        f"claimed by {worker_id} (attempt {r.attempts} of {self.max_attempts})"
+                    ),
                     values={
                         "lease_owner": worker_id,
                         "lease_expires_at": until,
@@ -595,23 +681,29 @@ class Queue:
 
         return self._write(run)
 
-    def heartbeat(self, worker_id: str, study_ids: Sequence[int], now: datetime | None = None) -> list[int]:
+    def heartbeat(
+        self, worker_id: str, study_ids: Sequence[int], now: datetime | None = None
+    ) -> list[int]:
         """Extend the leases ``worker_id`` still holds; returns those ids (others were lost)."""
         if not study_ids:
             return []
         at = _utcnow(now)
 
         def run(conn: Connection) -> list[int]:
-            held = conn.execute(
-                sa.update(studies)
-                .where(
-                    studies.c.id.in_(sorted(set(study_ids))),
-                    studies.c.state == S.PROCESSING.value,
-                    studies.c.lease_owner == worker_id,
+            held = (
+                conn.execute(
+                    sa.update(studies)
+                    .where(
+                        studies.c.id.in_(sorted(set(study_ids))),
+                        studies.c.state == S.PROCESSING.value,
+                        studies.c.lease_owner == worker_id,
+                    )
+                    .values(heartbeat_at=at, lease_expires_at=at + self.lease, updated_at=at)
+                    .returning(studies.c.id)
                 )
-                .values(heartbeat_at=at, lease_expires_at=at + self.lease, updated_at=at)
-                .returning(studies.c.id)
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             return sorted(held)
 
         held = self._write(run)
@@ -640,7 +732,9 @@ class Queue:
         try:
             json.dumps(result_payload, allow_nan=False)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"study {study_id}: result_payload is not plain JSON ({e}); nothing was stored") from e
+            raise ValueError(
+                f"study {study_id}: result_payload is not plain JSON ({e}); nothing was stored"
+            ) from e
 
         def run(conn: Connection) -> int:
             row = self._held(conn, study_id, worker_id)
@@ -684,7 +778,13 @@ class Queue:
             held = [studies.c.lease_owner == worker_id]
             if row.needs_reanalysis:
                 moved = self._transition(
-                    conn, study_id, S.PROCESSING, S.RECEIVING, actor=worker_id, now=at, where=held,
+                    conn,
+                    study_id,
+                    S.PROCESSING,
+                    S.RECEIVING,
+                    actor=worker_id,
+                    now=at,
+                    where=held,
                     reason=f"result {result_id} stored, but instances arrived during the analysis: re-analysing",
                     values={
                         **_CLEAR_LEASE,
@@ -696,7 +796,13 @@ class Queue:
                 )
             else:
                 moved = self._transition(
-                    conn, study_id, S.PROCESSING, S.DONE, actor=worker_id, now=at, where=held,
+                    conn,
+                    study_id,
+                    S.PROCESSING,
+                    S.DONE,
+                    actor=worker_id,
+                    now=at,
+                    where=held,
                     reason=f"result {result_id} stored"
                     + (f", report {report_sop_instance_uid}" if report_sop_instance_uid else "")
                     + f", {len(deliveries)} delivery(ies) queued",
@@ -709,7 +815,13 @@ class Queue:
         return self._write(run)
 
     def fail(
-        self, study_id: int, worker_id: str, *, error: str, retryable: bool, now: datetime | None = None
+        self,
+        study_id: int,
+        worker_id: str,
+        *,
+        error: str,
+        retryable: bool,
+        now: datetime | None = None,
     ) -> StudyState:
         """Record a failed attempt: back to ``ready`` after a back-off delay if ``retryable`` and
         attempts remain, else ``failed`` with the error as reason. Returns the new state."""
@@ -728,7 +840,13 @@ class Queue:
             if delay is not None:
                 new = S.READY
                 moved = self._transition(
-                    conn, study_id, S.PROCESSING, S.READY, actor=worker_id, now=at, where=held,
+                    conn,
+                    study_id,
+                    S.PROCESSING,
+                    S.READY,
+                    actor=worker_id,
+                    now=at,
+                    where=held,
                     reason=f"attempt {row.attempts} of {self.max_attempts} failed: {error}; retry in {delay:g}s",
                     values={**_CLEAR_LEASE, "ready_at": at + timedelta(seconds=delay)},
                 )
@@ -740,8 +858,15 @@ class Queue:
                     else f"failed (not retryable): {error}"
                 )
                 moved = self._transition(
-                    conn, study_id, S.PROCESSING, S.FAILED, actor=worker_id, now=at, where=held,
-                    reason=why, values={**_CLEAR_LEASE, "finished_at": at},
+                    conn,
+                    study_id,
+                    S.PROCESSING,
+                    S.FAILED,
+                    actor=worker_id,
+                    now=at,
+                    where=held,
+                    reason=why,
+                    values={**_CLEAR_LEASE, "finished_at": at},
                 )
             if moved is None:
                 raise LeaseLost(f"worker {worker_id} lost study {study_id} while failing it")
@@ -749,15 +874,24 @@ class Queue:
 
         return self._write(run)
 
-    def ignore(self, study_id: int, worker_id: str, reason: str, now: datetime | None = None) -> None:
+    def ignore(
+        self, study_id: int, worker_id: str, reason: str, now: datetime | None = None
+    ) -> None:
         """The worker found nothing it can analyse (e.g. no frontal view): processing -> ignored."""
         at = _utcnow(now)
 
         def run(conn: Connection) -> None:
             self._held(conn, study_id, worker_id)
             moved = self._transition(
-                conn, study_id, S.PROCESSING, S.IGNORED, actor=worker_id, now=at, reason=reason,
-                where=[studies.c.lease_owner == worker_id], values={**_CLEAR_LEASE, "finished_at": at},
+                conn,
+                study_id,
+                S.PROCESSING,
+                S.IGNORED,
+                actor=worker_id,
+                now=at,
+                reason=reason,
+                where=[studies.c.lease_owner == worker_id],
+                values={**_CLEAR_LEASE, "finished_at": at},
             )
             if moved is None:
                 raise LeaseLost(f"worker {worker_id} lost study {study_id} while ignoring it")
@@ -765,7 +899,11 @@ class Queue:
         self._write(run)
 
     def release(
-        self, study_id: int, worker_id: str, reason: str = "released by the worker", now: datetime | None = None
+        self,
+        study_id: int,
+        worker_id: str,
+        reason: str = "released by the worker",
+        now: datetime | None = None,
     ) -> None:
         """Give the study back to ``ready`` without counting the attempt (e.g. on shutdown)."""
         at = _utcnow(now)
@@ -773,7 +911,13 @@ class Queue:
         def run(conn: Connection) -> None:
             self._held(conn, study_id, worker_id)
             moved = self._transition(
-                conn, study_id, S.PROCESSING, S.READY, actor=worker_id, now=at, reason=reason,
+                conn,
+                study_id,
+                S.PROCESSING,
+                S.READY,
+                actor=worker_id,
+                now=at,
+                reason=reason,
                 where=[studies.c.lease_owner == worker_id],
                 values={
                     **_CLEAR_LEASE,
@@ -807,13 +951,25 @@ class Queue:
                 expired = [studies.c.lease_expires_at < at]
                 if r.attempts >= self.max_attempts:
                     moved = self._transition(
-                        conn, r.id, S.PROCESSING, S.FAILED, actor="scheduler", now=at, where=expired,
+                        conn,
+                        r.id,
+                        S.PROCESSING,
+                        S.FAILED,
+                        actor="scheduler",
+                        now=at,
+                        where=expired,
                         reason=f"lease expired (worker {r.lease_owner}) after {r.attempts} attempt(s); giving up",
                         values={**_CLEAR_LEASE, "finished_at": at},
                     )
                 else:
                     moved = self._transition(
-                        conn, r.id, S.PROCESSING, S.READY, actor="scheduler", now=at, where=expired,
+                        conn,
+                        r.id,
+                        S.PROCESSING,
+                        S.READY,
+                        actor="scheduler",
+                        now=at,
+                        where=expired,
                         reason=f"lease expired (worker {r.lease_owner})",
                         values={**_CLEAR_LEASE, "ready_at": at},
                     )
@@ -831,7 +987,12 @@ class Queue:
 
         def run(conn: Connection) -> bool:
             row = conn.execute(
-                lock_rows(conn, sa.select(studies.c.id, studies.c.state).where(studies.c.study_uid == study_uid))
+                lock_rows(
+                    conn,
+                    sa.select(studies.c.id, studies.c.state).where(
+                        studies.c.study_uid == study_uid
+                    ),
+                )
             ).first()
             if row is None or row.state not in REQUEUEABLE:
                 return False
@@ -839,14 +1000,27 @@ class Queue:
 
         return self._write(run)
 
-    def _requeue(self, conn: Connection, study_id: int, state: StudyState, actor: str, at: datetime) -> bool:
-        values: dict[str, Any] = {**_CLEAR_LEASE, "attempts": 0, "ready_at": at, "finished_at": None}
+    def _requeue(
+        self, conn: Connection, study_id: int, state: StudyState, actor: str, at: datetime
+    ) -> bool:
+        values: dict[str, Any] = {
+            **_CLEAR_LEASE,
+            "attempts": 0,
+            "ready_at": at,
+            "finished_at": None,
+        }
         report = self._latest_report_uid(conn, study_id)
         if report is not None:
             values["previous_report_uid"] = report
         return (
             self._transition(
-                conn, study_id, state, S.READY, actor=actor, now=at, values=values,
+                conn,
+                study_id,
+                state,
+                S.READY,
+                actor=actor,
+                now=at,
+                values=values,
                 reason=f"requeued by {actor} (was {state}; attempts reset)",
             )
             is not None
@@ -857,9 +1031,18 @@ class Queue:
         at = _utcnow(now)
 
         def run(conn: Connection) -> int:
-            ids = conn.execute(
-                lock_rows(conn, sa.select(studies.c.id).where(studies.c.state == S.FAILED.value).order_by(studies.c.id))
-            ).scalars().all()
+            ids = (
+                conn.execute(
+                    lock_rows(
+                        conn,
+                        sa.select(studies.c.id)
+                        .where(studies.c.state == S.FAILED.value)
+                        .order_by(studies.c.id),
+                    )
+                )
+                .scalars()
+                .all()
+            )
             return sum(self._requeue(conn, sid, S.FAILED, actor, at) for sid in ids)
 
         return self._write(run)
@@ -961,8 +1144,9 @@ class Queue:
                     raise _Conflict(f"study {r.study_uid} changed while purging it")
                 gone.append(r.study_uid)
             if gone:
-                log.info("purged %d finished study(ies) older than %s", len(gone), cutoff.isoformat())
+                log.info(
+                    "purged %d finished study(ies) older than %s", len(gone), cutoff.isoformat()
+                )
             return gone
 
         return self._write(run)
-

@@ -103,13 +103,21 @@ def latest(conn: Connection, n: int) -> list[StudySummary]:
 
 def _events_of(conn: Connection, study_id: int) -> list[EventRow]:
     return [
-        EventRow(at=e.at, from_state=e.from_state, to_state=e.to_state, reason=e.reason, actor=e.actor)
-        for e in conn.execute(sa.select(events_table).where(events_table.c.study_id == study_id).order_by(events_table.c.id))
+        EventRow(
+            at=e.at, from_state=e.from_state, to_state=e.to_state, reason=e.reason, actor=e.actor
+        )
+        for e in conn.execute(
+            sa.select(events_table)
+            .where(events_table.c.study_id == study_id)
+            .order_by(events_table.c.id)
+        )
     ]
 
 
 def study_events(conn: Connection, study_uid: str) -> list[EventRow]:
-    sid = conn.execute(sa.select(studies.c.id).where(studies.c.study_uid == study_uid)).scalar_one_or_none()
+    sid = conn.execute(
+        sa.select(studies.c.id).where(studies.c.study_uid == study_uid)
+    ).scalar_one_or_none()
     return [] if sid is None else _events_of(conn, sid)
 
 
@@ -117,7 +125,9 @@ def study(conn: Connection, study_uid: str) -> StudyDetail | None:
     r = conn.execute(sa.select(studies).where(studies.c.study_uid == study_uid)).first()
     if r is None:
         return None
-    insts = conn.execute(sa.select(instances).where(instances.c.study_id == r.id).order_by(instances.c.id))
+    insts = conn.execute(
+        sa.select(instances).where(instances.c.study_id == r.id).order_by(instances.c.id)
+    )
     res = conn.execute(sa.select(results).where(results.c.study_id == r.id).order_by(results.c.id))
     dels = conn.execute(
         sa.select(deliveries, studies.c.study_uid)

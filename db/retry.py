@@ -53,7 +53,9 @@ def decide(
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     if base_seconds < 0 or cap_seconds < 0:
-        raise ValueError(f"base_seconds ({base_seconds}) and cap_seconds ({cap_seconds}) must be >= 0")
+        raise ValueError(
+            f"base_seconds ({base_seconds}) and cap_seconds ({cap_seconds}) must be >= 0"
+        )
     if kind in PERMANENT_KINDS or attempts >= max_attempts:
         return None
     exponent = max(attempts - 1, 0)

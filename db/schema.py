@@ -45,7 +45,9 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         if value.tzinfo is None or value.utcoffset() is None:
-            raise ValueError(f"naive datetime {value.isoformat()} given: pass an aware datetime (UTC)")
+            raise ValueError(
+                f"naive datetime {value.isoformat()} given: pass an aware datetime (UTC)"
+            )
         value = value.astimezone(UTC)
         if dialect.name == "sqlite":
             return value.replace(tzinfo=None)
@@ -90,7 +92,9 @@ class Study(Base):
     heartbeat_at: Mapped[datetime | None]
     first_instance_at: Mapped[datetime | None]  # first instance of the current receiving episode
     last_instance_at: Mapped[datetime | None]
-    ready_at: Mapped[datetime | None]  # when it becomes claimable (later than now after a retryable failure)
+    ready_at: Mapped[
+        datetime | None
+    ]  # when it becomes claimable (later than now after a retryable failure)
     claimed_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     reopened_count: Mapped[int] = mapped_column(default=0, server_default="0")
@@ -149,7 +153,10 @@ class Delivery(Base):
     __table_args__ = (
         sa.CheckConstraint(f"state IN ({_in(DELIVERY_STATES)})", name="state"),
         sa.UniqueConstraint(
-            "result_id", "destination", "sop_instance_uid", name="uq_deliveries_result_destination_sop"
+            "result_id",
+            "destination",
+            "sop_instance_uid",
+            name="uq_deliveries_result_destination_sop",
         ),
         sa.Index("ix_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
     )

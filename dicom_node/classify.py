@@ -16,16 +16,35 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 # BodyPartExamined values meaning the chest, including the spellings seen from real devices
 # (German/French/Spanish/Portuguese/Italian "thorax"/"torace") besides the DICOM defined term CHEST.
-_CHEST_BODY_PARTS = frozenset({
-    "CHEST", "THORAX", "TORAX", "TORACE", "THORACIC", "LUNG", "LUNGS", "CHEST_PA", "CHEST_AP",
-    "CHEST_LAT", "PORTABLE CHEST", "CHEST PA", "CHEST AP", "CXR", "BRUSTKORB", "POUMON", "PULMON",
-})
+_CHEST_BODY_PARTS = frozenset(
+    {
+        "CHEST",
+        "THORAX",
+        "TORAX",
+        "TORACE",
+        "THORACIC",
+        "LUNG",
+        "LUNGS",
+        "CHEST_PA",
+        "CHEST_AP",
+        "CHEST_LAT",
+        "PORTABLE CHEST",
+        "CHEST PA",
+        "CHEST AP",
+        "CXR",
+        "BRUSTKORB",
+        "POUMON",
+        "PULMON",
+    }
+)
 # Words in Study/Series Description or Protocol Name that say "chest" when BodyPartExamined is absent.
 _CHEST_WORDS = re.compile(
     r"(?<![A-Z])(CHEST|THORAX|THORAC\w*|TORAX|TORACE|LUNGS?|CXR|PULM\w*|POUMON|BRUSTKORB)(?![A-Z])"
 )
 # SNOMED / SRT codes for chest or thorax in AnatomicRegionSequence
-_CHEST_CODES = frozenset({"T-D3000", "51185008", "43799004", "T-D0100", "302551006", "39607008", "T-28000"})
+_CHEST_CODES = frozenset(
+    {"T-D3000", "51185008", "43799004", "T-D0100", "302551006", "39607008", "T-28000"}
+)
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -65,7 +84,12 @@ def chest_eligibility(ds: Dataset) -> tuple[bool, str | None]:
         return False, f"BodyPartExamined {body_part} is not the chest"
     if _anatomic_codes(ds) & _CHEST_CODES:
         return True, None
-    for keyword in ("StudyDescription", "SeriesDescription", "ProtocolName", "RequestedProcedureDescription"):
+    for keyword in (
+        "StudyDescription",
+        "SeriesDescription",
+        "ProtocolName",
+        "RequestedProcedureDescription",
+    ):
         if _CHEST_WORDS.search(_text(ds, keyword)):
             return True, None
     return False, (

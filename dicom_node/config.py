@@ -42,7 +42,9 @@ class DicomNodeConfig(_Strict):
     )
     storage_dir: Path = Field(Path("var/storage"), description="Folder for received instances")
     min_free_disk_mb: int = Field(
-        1024, ge=0, description="Below this much free space C-STORE answers 0xA700 (out of resources)"
+        1024,
+        ge=0,
+        description="Below this much free space C-STORE answers 0xA700 (out of resources)",
     )
     max_associations: int = Field(10, ge=1, le=1000)
     acse_timeout_s: float = Field(30.0, gt=0)

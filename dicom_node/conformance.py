@@ -36,20 +36,49 @@ SEQUENCE_DELIMITER = 0xFFFEE0DD
 PIXEL_DATA = 0x7FE00010
 MAX_NESTING = 32
 
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_SHORT_VRS = frozenset({
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
-    b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
-})
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_SHORT_VRS = frozenset(
+    {
+        b"AE",
+        b"AS",
+        b"AT",
+        b"CS",
+        b"DA",
+        b"DS",
+        b"DT",
+        b"FD",
+        b"FL",
+        b"IS",
+        b"LO",
+        b"LT",
+        b"PN",
+        b"SH",
+        b"SL",
+        b"SS",
+        b"ST",
+        b"TM",
+        b"UI",
+        b"UL",
+        b"US",
+    }
+)
 
 # First bytes of the first fragment of a frame, per encapsulated transfer syntax family.
 _JPEG_SOI = b"\xff\xd8"
 _J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
-_JPEG_FAMILY = frozenset({
-    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
-    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
-})
+_JPEG_FAMILY = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.81",
+    }
+)
 _J2K_FAMILY = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
 _RLE = "1.2.840.10008.1.2.5"
 
@@ -110,13 +139,16 @@ class _Walker:
                     raise self._fail(pos, "item delimiter outside an undefined-length item")
                 return pos + 8
             if tag >> 16 == 0xFFFE:
-                raise self._fail(pos, f"unexpected item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) inside a dataset")
+                raise self._fail(
+                    pos,
+                    f"unexpected item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) inside a dataset",
+                )
             if implicit:
                 vr = None
                 (length,) = self._u32.unpack_from(buf, pos + 4)
                 vpos = pos + 8
             else:
-                vr = bytes(buf[pos + 4:pos + 6])
+                vr = bytes(buf[pos + 4 : pos + 6])
                 if vr in _LONG_VRS:
                     if pos + 12 > end:
                         raise self._fail(pos, "truncated element header (need 12 bytes)")
@@ -127,7 +159,8 @@ class _Walker:
                     vpos = pos + 8
                 else:
                     raise self._fail(
-                        pos, f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR ({vr!r}) in an explicit VR transfer syntax"
+                        pos,
+                        f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR ({vr!r}) in an explicit VR transfer syntax",
                     )
             where = f"element ({tag >> 16:04X},{tag & 0xFFFF:04X})"
             if length == UNDEFINED_LENGTH:
@@ -139,11 +172,14 @@ class _Walker:
                     # PS3.5 6.2.2: UN with undefined length holds implicit VR little endian items
                     pos = self._sequence(vpos, end, implicit or vr == b"UN", depth + 1, None)
                 else:
-                    raise self._fail(pos, f"{where} has undefined length, not allowed for VR {vr!r}")
+                    raise self._fail(
+                        pos, f"{where} has undefined length, not allowed for VR {vr!r}"
+                    )
             else:
                 if vpos + length > end:
                     raise self._fail(
-                        pos, f"{where} declares {length} bytes but only {end - vpos} remain (truncated?)"
+                        pos,
+                        f"{where} declares {length} bytes but only {end - vpos} remain (truncated?)",
                     )
                 if vr == b"SQ":
                     self._sequence(vpos, end, implicit, depth + 1, vpos + length)
@@ -154,7 +190,9 @@ class _Walker:
             raise self._fail(pos, "item without its item delimiter (truncated?)")
         return pos
 
-    def _sequence(self, pos: int, end: int, implicit: bool, depth: int, defined_end: int | None) -> int:
+    def _sequence(
+        self, pos: int, end: int, implicit: bool, depth: int, defined_end: int | None
+    ) -> int:
         limit = end if defined_end is None else defined_end
         while pos < limit:
             tag, _ = self._header(pos, limit)
@@ -164,12 +202,17 @@ class _Walker:
                     raise self._fail(pos, "sequence delimiter inside a defined-length sequence")
                 return pos + 8
             if tag != ITEM:
-                raise self._fail(pos, f"expected a sequence item, found ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+                raise self._fail(
+                    pos, f"expected a sequence item, found ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+                )
             if length == UNDEFINED_LENGTH:
                 pos = self.dataset(pos + 8, limit, implicit, depth, until_delimiter=True)
             else:
                 if pos + 8 + length > limit:
-                    raise self._fail(pos, f"sequence item declares {length} bytes beyond its sequence (truncated?)")
+                    raise self._fail(
+                        pos,
+                        f"sequence item declares {length} bytes beyond its sequence (truncated?)",
+                    )
                 self.dataset(pos + 8, pos + 8 + length, implicit, depth, until_delimiter=False)
                 pos += 8 + length
         if defined_end is None:
@@ -186,7 +229,10 @@ class _Walker:
             if tag != ITEM or length == UNDEFINED_LENGTH:
                 raise self._fail(pos, "encapsulated Pixel Data: expected a defined-length item")
             if pos + 8 + length > end:
-                raise self._fail(pos, f"Pixel Data fragment declares {length} bytes but only {end - pos - 8} remain (truncated?)")
+                raise self._fail(
+                    pos,
+                    f"Pixel Data fragment declares {length} bytes but only {end - pos - 8} remain (truncated?)",
+                )
             frags.append((pos + 8, length))
             pos += 8 + length
 
@@ -217,7 +263,9 @@ def _positive_int(ds: Dataset, keyword: str, default: int | None = None) -> int:
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise DatasetMismatch(f"image pixel module: {keyword} {value!r} is not an integer") from None
+        raise DatasetMismatch(
+            f"image pixel module: {keyword} {value!r} is not an integer"
+        ) from None
     if n < 1:
         raise DatasetMismatch(f"image pixel module: {keyword} is {n}, must be at least 1")
     return n
@@ -260,21 +308,29 @@ def _check_pixels(ds: Dataset, layout: PixelDataLayout | None, ts: UID, buf: mem
             )
         return
     if layout.length is not None:
-        raise DatasetMismatch(f"Pixel Data is not encapsulated but transfer syntax {ts} ({ts.name}) requires it")
+        raise DatasetMismatch(
+            f"Pixel Data is not encapsulated but transfer syntax {ts} ({ts.name}) requires it"
+        )
     data_frags = layout.fragments[1:]  # the first item is the Basic Offset Table
     if not data_frags or all(n == 0 for _, n in data_frags):
         raise DatasetMismatch("encapsulated Pixel Data has no data fragments")
     if len(data_frags) < frames:
-        raise DatasetMismatch(f"encapsulated Pixel Data has {len(data_frags)} fragments for {frames} frames")
+        raise DatasetMismatch(
+            f"encapsulated Pixel Data has {len(data_frags)} fragments for {frames} frames"
+        )
     off, n = data_frags[0]
-    head = bytes(buf[off:off + min(n, 64)])
+    head = bytes(buf[off : off + min(n, 64)])
     if ts in _JPEG_FAMILY:
         ok, what = head.startswith(_JPEG_SOI), "a JPEG start-of-image marker (FFD8)"
     elif ts in _J2K_FAMILY:
         ok = head.startswith(_J2K_SOC_SIZ) or head.startswith(_JP2_SIGNATURE)
         what = "a JPEG 2000 codestream (FF4F FF51)"
     elif ts == _RLE:
-        ok = len(head) >= 8 and 1 <= struct.unpack_from("<L", head)[0] <= 15 and struct.unpack_from("<L", head, 4)[0] == 64
+        ok = (
+            len(head) >= 8
+            and 1 <= struct.unpack_from("<L", head)[0] <= 15
+            and struct.unpack_from("<L", head, 4)[0] == 64
+        )
         what = "an RLE header (1-15 segments, first at offset 64)"
     else:
         return  # a compressed syntax we do not know how to sniff: accept as received
@@ -312,7 +368,9 @@ def inspect_dataset(
         ds = read_dataset(BytesIO(bytes(buf[:header_end])), implicit, little)
         ds.set_original_encoding(implicit, little)
     except Exception as exc:
-        raise UndecodableDataset(f"pydicom cannot decode the header: {type(exc).__name__}: {exc}") from None
+        raise UndecodableDataset(
+            f"pydicom cannot decode the header: {type(exc).__name__}: {exc}"
+        ) from None
 
     sop_class = validate_uid(_get(ds, "SOPClassUID"), what="SOPClassUID")
     sop_instance = validate_uid(_get(ds, "SOPInstanceUID"), what="SOPInstanceUID")

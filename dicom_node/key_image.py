@@ -89,23 +89,33 @@ class KeyImage:
     shown: list[str]  # labels whose heatmaps are drawn, strongest first
 
 
-def key_image_uid(frontal: Dataset, algorithms: Sequence[AlgorithmInfo], report: str | None = None) -> str:
+def key_image_uid(
+    frontal: Dataset, algorithms: Sequence[AlgorithmInfo], report: str | None = None
+) -> str:
     """The key image's SOP Instance UID: a function of its report's UID (or sources and models)."""
     if report:
         return deterministic_uid("cxr-key-image-v1", "report", report)
     if not algorithms:
-        raise ValueError("key image: give report_uid or the algorithms, so its UID is deterministic")
+        raise ValueError(
+            "key image: give report_uid or the algorithms, so its UID is deterministic"
+        )
     return deterministic_uid("cxr-key-image-v1", report_uid([frontal], algorithms))
 
 
 def _strongest(inp: KeyImageInput) -> list[FindingResult | ShownFinding]:
-    present = [f for f in inp.findings if f.present and f.label in inp.heatmaps and f.label != "No Finding"]
+    present = [
+        f for f in inp.findings if f.present and f.label in inp.heatmaps and f.label != "No Finding"
+    ]
     return sorted(present, key=lambda f: (-f.probability, f.label))[:MAX_HEATMAPS]
 
 
-def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, color: tuple[int, int, int]) -> None:
+def _text(
+    img: np.ndarray, text: str, org: tuple[int, int], scale: float, color: tuple[int, int, int]
+) -> None:
     thickness = max(1, int(round(scale * 2)))
-    cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+    cv2.putText(
+        img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA
+    )
     cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thickness, cv2.LINE_AA)
 
 
@@ -122,7 +132,9 @@ def render(inp: KeyImageInput) -> tuple[np.ndarray, list[str]]:
 
     shown = _strongest(inp)
     for color, finding in zip(_HEAT, shown, strict=False):
-        heat = cv2.resize(np.clip(np.asarray(inp.heatmaps[finding.label], dtype=np.float32), 0, 1), (w, h))
+        heat = cv2.resize(
+            np.clip(np.asarray(inp.heatmaps[finding.label], dtype=np.float32), 0, 1), (w, h)
+        )
         alpha = np.clip((heat - HEATMAP_FLOOR) / (1 - HEATMAP_FLOOR), 0, 1)[..., None] * 0.45
         canvas = (canvas * (1 - alpha) + np.array(color, dtype=np.float32) * alpha).astype(np.uint8)
         level = ((heat >= 0.6) * 255).astype(np.uint8)
@@ -131,7 +143,11 @@ def render(inp: KeyImageInput) -> tuple[np.ndarray, list[str]]:
 
     line = max(2, w // 300)
     if inp.lung_mask is not None:
-        mask = cv2.resize((np.asarray(inp.lung_mask) > 0).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+        mask = cv2.resize(
+            (np.asarray(inp.lung_mask) > 0).astype(np.uint8),
+            (w, h),
+            interpolation=cv2.INTER_NEAREST,
+        )
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(canvas, contours, -1, _LUNG, line)
     if inp.crop is not None:
@@ -170,7 +186,9 @@ def build_key_image(inp: KeyImageInput) -> KeyImage:
     rgb, shown = render(inp)
     header = source_header(inp.frontal)
     sop_uid = key_image_uid(inp.frontal, inp.algorithms, inp.report_uid)
-    series_uid = deterministic_uid("cxr-key-series", str(header.StudyInstanceUID), inp.device.name, inp.device.ae_title)
+    series_uid = deterministic_uid(
+        "cxr-key-series", str(header.StudyInstanceUID), inp.device.name, inp.device.ae_title
+    )
     orientation = header.get("PatientOrientation")
     known = orientation is not None and len(orientation) == 2 and all(str(v) for v in orientation)
     with no_person_name_warnings():
@@ -186,7 +204,12 @@ def build_key_image(inp: KeyImageInput) -> KeyImage:
 
 
 def _sc_image(
-    inp: KeyImageInput, header: Dataset, rgb: np.ndarray, sop_uid: str, series_uid: str, orientation: object
+    inp: KeyImageInput,
+    header: Dataset,
+    rgb: np.ndarray,
+    sop_uid: str,
+    series_uid: str,
+    orientation: object,
 ) -> hd.sc.SCImage:
     return hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
@@ -200,7 +223,9 @@ def _sc_image(
         instance_number=1,
         manufacturer=inp.device.manufacturer,
         # highdicom insists on a value; an unknown one is emptied by the caller
-        patient_orientation=tuple(str(v) for v in orientation) if orientation is not None else ("L", "F"),  # type: ignore[arg-type,attr-defined]
+        patient_orientation=tuple(str(v) for v in orientation)
+        if orientation is not None
+        else ("L", "F"),  # type: ignore[arg-type,attr-defined]
     )
 
 
@@ -232,7 +257,9 @@ def _describe(sc: Dataset, inp: KeyImageInput, header: Dataset, shown: list[str]
     sc.InstanceCreationDate, sc.InstanceCreationTime = sc.ContentDate, sc.ContentTime
 
 
-def write_key_image(key: KeyImage, dicom_path: str | Path, png_path: str | Path | None = None) -> tuple[Path, Path | None]:
+def write_key_image(
+    key: KeyImage, dicom_path: str | Path, png_path: str | Path | None = None
+) -> tuple[Path, Path | None]:
     """Write the DICOM file (and the PNG when ``png_path`` is given), each atomically."""
     dicom_path = Path(dicom_path)
     dicom_path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,8 +296,15 @@ def write_for_pipeline(
     box = CropInfo(*crop) if isinstance(crop, tuple) else crop
     key = build_key_image(
         KeyImageInput(
-            frontal=frontal, image=pixels, model1=model1, findings=shown, report_uid=report_uid,
-            lung_mask=mask, crop=box, heatmaps=dict(heatmaps), device=device,
+            frontal=frontal,
+            image=pixels,
+            model1=model1,
+            findings=shown,
+            report_uid=report_uid,
+            lung_mask=mask,
+            crop=box,
+            heatmaps=dict(heatmaps),
+            device=device,
         )
     )
     uid = str(key.dataset.SOPInstanceUID)

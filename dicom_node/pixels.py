@@ -253,7 +253,9 @@ def _voi_lut(item: Dataset, values: np.ndarray) -> np.ndarray:
     if isinstance(data, bytes):
         lut = np.frombuffer(data, dtype=np.uint16 if bits > 8 else np.uint8)
     else:
-        lut = np.asarray(data if isinstance(data, list | tuple | pydicom.multival.MultiValue) else [data])
+        lut = np.asarray(
+            data if isinstance(data, list | tuple | pydicom.multival.MultiValue) else [data]
+        )
     lut = lut.astype(np.float64)[:n_entries]
     if lut.size == 0:
         raise ValueError("empty LUT Data")

@@ -80,9 +80,13 @@ def handle_echo(event: Event) -> int:
     return SUCCESS
 
 
-def _store(event: Event, storage: InstanceStorage, sink: InstanceSink, calling_ae: str) -> tuple[int, str, Any]:
+def _store(
+    event: Event, storage: InstanceStorage, sink: InstanceSink, calling_ae: str
+) -> tuple[int, str, Any]:
     req = cast(C_STORE, event.request)
-    sop_instance = validate_uid(str(req.AffectedSOPInstanceUID or ""), what="Affected SOP Instance UID")
+    sop_instance = validate_uid(
+        str(req.AffectedSOPInstanceUID or ""), what="Affected SOP Instance UID"
+    )
     sop_class = validate_uid(str(req.AffectedSOPClassUID or ""), what="Affected SOP Class UID")
     if sink.instance_exists(sop_instance):
         return SUCCESS, "duplicate, already stored", None
@@ -101,10 +105,14 @@ def _store(event: Event, storage: InstanceStorage, sink: InstanceSink, calling_a
         eligible, reason = chest_eligibility(info.header)
         storage.check_free_space(len(received))
         meta = create_file_meta(
-            sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance), transfer_syntax=UID(ts)
+            sop_class_uid=UID(sop_class),
+            sop_instance_uid=UID(sop_instance),
+            transfer_syntax=UID(ts),
         )
         meta.SourceApplicationEntityTitle = calling_ae
-        stored = storage.write(info.study_uid, sop_instance, (_PREAMBLE, encode_file_meta(meta), received))
+        stored = storage.write(
+            info.study_uid, sop_instance, (_PREAMBLE, encode_file_meta(meta), received)
+        )
     new = sink.record_instance(
         study_uid=info.study_uid,
         series_uid=info.series_uid,
@@ -139,11 +147,18 @@ def handle_store(event: Event, storage: InstanceStorage, sink: InstanceSink) -> 
         status = status_for(exc)
         outcome = f"{type(exc).__name__}: {exc}"
         if status == PROCESSING_FAILURE:
-            log.error("C-STORE sop=%s from %s failed unexpectedly", _sop(event), calling_ae, exc_info=True)
+            log.error(
+                "C-STORE sop=%s from %s failed unexpectedly", _sop(event), calling_ae, exc_info=True
+            )
     level = logging.INFO if status == SUCCESS else logging.WARNING
     log.log(
-        level, "C-STORE sop=%s study=%s from %s -> %s: %s (%.0f ms)",
-        _sop(event), study or "?", calling_ae, status_name(status), outcome,
+        level,
+        "C-STORE sop=%s study=%s from %s -> %s: %s (%.0f ms)",
+        _sop(event),
+        study or "?",
+        calling_ae,
+        status_name(status),
+        outcome,
         (time.perf_counter() - started) * 1000,
     )
     return status
@@ -166,7 +181,9 @@ class StorageSCP:
     ) -> None:
         self.config = config
         self.sink = sink
-        self.storage = InstanceStorage(config.storage_dir, min_free_disk_mb=config.min_free_disk_mb, fsync=fsync)
+        self.storage = InstanceStorage(
+            config.storage_dir, min_free_disk_mb=config.min_free_disk_mb, fsync=fsync
+        )
         self.maximum_pdu_size = maximum_pdu_size
         self.ae: AE | None = None
         self.server: ThreadedAssociationServer | None = None
@@ -224,7 +241,10 @@ class StorageSCP:
             self.server = server
             log.info(
                 "storage SCP %s listening on %s:%d, storing under %s",
-                self.config.ae_title, self.config.bind_host, self.config.port, self.config.storage_dir,
+                self.config.ae_title,
+                self.config.bind_host,
+                self.config.port,
+                self.config.storage_dir,
             )
             return server
 
@@ -247,7 +267,9 @@ class StorageSCP:
                 time.sleep(0.05)
             left = ae.active_associations
             if left:
-                log.warning("aborting %d association(s) still open after %.0f s", len(left), grace_s)
+                log.warning(
+                    "aborting %d association(s) still open after %.0f s", len(left), grace_s
+                )
             ae.shutdown()
             log.info("storage SCP %s stopped", self.config.ae_title)
 

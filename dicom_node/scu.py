@@ -158,7 +158,9 @@ def send(
         if ds is None:
             results[i] = SendResult(uid, False, False, error)
         elif "SOPClassUID" not in ds or not uid:
-            results[i] = SendResult(uid or str(items[i]), False, False, "dataset has no SOP Class/Instance UID")
+            results[i] = SendResult(
+                uid or str(items[i]), False, False, "dataset has no SOP Class/Instance UID"
+            )
         else:
             sendable.append((i, ds))
     if not sendable:
@@ -184,7 +186,9 @@ def send(
     else:
         reason = "" if assoc.is_established else _why_not_established(assoc, destination)
     if assoc is None or not assoc.is_established:
-        log.warning("delivery to %s: %s; %d instance(s) to retry", destination.name, reason, len(sendable))
+        log.warning(
+            "delivery to %s: %s; %d instance(s) to retry", destination.name, reason, len(sendable)
+        )
         for i, ds in sendable:
             results[i] = SendResult(str(ds.SOPInstanceUID), False, True, reason)
         return [r for r in results if r is not None]
@@ -206,12 +210,16 @@ def send(
 def _store_one(assoc: Association, ds: Dataset, where: str) -> SendResult:
     uid = str(ds.SOPInstanceUID)
     if not assoc.is_established:
-        return SendResult(uid, False, True, f"association with {where} was lost before this instance")
+        return SendResult(
+            uid, False, True, f"association with {where} was lost before this instance"
+        )
     sop_class = str(ds.SOPClassUID)
     accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class]
     if not accepted:
         return SendResult(
-            uid, False, False,
+            uid,
+            False,
+            False,
             f"{where} accepted no presentation context for SOP class {sop_class} "
             f"({UID(sop_class).name}) with transfer syntax {_transfer_syntax(ds).name}",
         )
@@ -221,10 +229,15 @@ def _store_one(assoc: Association, ds: Dataset, where: str) -> SendResult:
         # pynetdicom could not encode the dataset in any accepted transfer syntax
         return SendResult(uid, False, False, f"cannot send to {where}: {type(exc).__name__}: {exc}")
     except (ConnectionError, OSError, RuntimeError) as exc:
-        return SendResult(uid, False, True, f"association with {where} failed: {type(exc).__name__}: {exc}")
+        return SendResult(
+            uid, False, True, f"association with {where} failed: {type(exc).__name__}: {exc}"
+        )
     if rsp is None or "Status" not in rsp:
         return SendResult(
-            uid, False, True, f"no C-STORE response from {where} (timeout, abort or invalid response)"
+            uid,
+            False,
+            True,
+            f"no C-STORE response from {where} (timeout, abort or invalid response)",
         )
     code = int(rsp.Status)
     delivered, retryable = classify_status(code)

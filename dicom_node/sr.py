@@ -168,7 +168,9 @@ class ReportInput:
     device: DeviceInfo = field(default_factory=DeviceInfo)
     previous: Sequence[PreviousReport | Dataset] = ()
     series_number: int = DEFAULT_SERIES_NUMBER
-    considered_instances: Sequence[str] = ()  # SOP Instance UIDs of every image the analysis weighed
+    considered_instances: Sequence[
+        str
+    ] = ()  # SOP Instance UIDs of every image the analysis weighed
     content_datetime: _dt.datetime | None = None  # defaults to now
 
     @property
@@ -235,7 +237,10 @@ def source_header(ds: Dataset) -> Dataset:
     """A header-only copy with every type 2 patient/study attribute highdicom reads present."""
     out = Dataset()
     for elem in ds:
-        if elem.keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") or elem.tag.group == 0x7FE0:
+        if (
+            elem.keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+            or elem.tag.group == 0x7FE0
+        ):
             continue
         out.add(copy.deepcopy(elem))
     for kw in _TYPE2_PATIENT_STUDY:
@@ -246,7 +251,14 @@ def source_header(ds: Dataset) -> Dataset:
     return out
 
 
-_KEEP_AS_IS = {"PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"}
+_KEEP_AS_IS = {
+    "PatientID",
+    "IssuerOfPatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+}
 
 
 def sanitize_copied_attributes(sr: Dataset) -> None:
@@ -270,7 +282,11 @@ def sanitize_copied_attributes(sr: Dataset) -> None:
             continue
         except ValueError:
             pass
-        if elem.VR == "AS" and str(elem.value).strip().isdigit() and len(str(elem.value).strip()) <= 3:
+        if (
+            elem.VR == "AS"
+            and str(elem.value).strip().isdigit()
+            and len(str(elem.value).strip()) <= 3
+        ):
             elem.value = f"{int(str(elem.value).strip()):03d}Y"
             action = "repaired as years"
         elif elem.keyword in _TYPE2_PATIENT_STUDY:
@@ -279,8 +295,13 @@ def sanitize_copied_attributes(sr: Dataset) -> None:
         else:
             del sr[elem.tag]
             action = "dropped"
-        log.warning("report %s: source attribute %s had an invalid %s value; %s",
-                    sr.get("SOPInstanceUID", "?"), elem.keyword or elem.tag, elem.VR, action)
+        log.warning(
+            "report %s: source attribute %s had an invalid %s value; %s",
+            sr.get("SOPInstanceUID", "?"),
+            elem.keyword or elem.tag,
+            elem.VR,
+            action,
+        )
 
 
 def _valid_spacing(value: object) -> bool:
@@ -299,12 +320,24 @@ def _library_stub(ds: Dataset) -> Dataset:
     written only when both attributes are present and valid.
     """
     stub = Dataset()
-    for kw in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "Modality", "StudyInstanceUID",
-               "SeriesInstanceUID", "FrameOfReferenceUID"):
+    for kw in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "Rows",
+        "Columns",
+        "Modality",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "FrameOfReferenceUID",
+    ):
         if kw in ds:
             setattr(stub, kw, ds.get(kw))
     orientation = ds.get("PatientOrientation")
-    if orientation is not None and len(orientation) == 2 and _valid_spacing(ds.get("ImagerPixelSpacing")):
+    if (
+        orientation is not None
+        and len(orientation) == 2
+        and _valid_spacing(ds.get("ImagerPixelSpacing"))
+    ):
         stub.PatientOrientation = orientation
         stub.ImagerPixelSpacing = ds.ImagerPixelSpacing
     else:
@@ -317,7 +350,9 @@ def _algorithm_id(a: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
     if a.architecture:
         params.append(f"architecture={a.architecture}")
     return hd.sr.AlgorithmIdentification(
-        name=a.name[:64] or "unnamed", version=a.version[:64] or "unknown", parameters=params,
+        name=a.name[:64] or "unnamed",
+        version=a.version[:64] or "unknown",
+        parameters=params,
         family=codes.ARTIFICIAL_INTELLIGENCE,
     )
 
@@ -351,8 +386,12 @@ def _finding_group(
         finding_type=code,
         algorithm_id=_algorithm_id(algo),
         measurements=[
-            hd.sr.Measurement(name=codes.PROBABILITY, value=round(p, 6), unit=codes.UNIT_PROBABILITY),
-            hd.sr.Measurement(name=codes.DECISION_THRESHOLD, value=round(t, 6), unit=codes.UNIT_PROBABILITY),
+            hd.sr.Measurement(
+                name=codes.PROBABILITY, value=round(p, 6), unit=codes.UNIT_PROBABILITY
+            ),
+            hd.sr.Measurement(
+                name=codes.DECISION_THRESHOLD, value=round(t, 6), unit=codes.UNIT_PROBABILITY
+            ),
         ],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=code, value=codes.PRESENT if p >= t else codes.ABSENT)
@@ -361,16 +400,22 @@ def _finding_group(
     )
 
 
-def _mask_group(inp: ReportInput, sop_uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
+def _mask_group(
+    inp: ReportInput, sop_uid: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
     q = inp.mask_quality
     if q is None:
         return None
     measurements = [
         hd.sr.Measurement(
-            name=codes.LUNG_MASK_AREA_FRACTION, value=round(float(q.area_fraction), 6), unit=codes.UNIT_RATIO
+            name=codes.LUNG_MASK_AREA_FRACTION,
+            value=round(float(q.area_fraction), 6),
+            unit=codes.UNIT_RATIO,
         ),
         hd.sr.Measurement(
-            name=codes.LUNG_MASK_BALANCE, value=round(float(q.left_right_balance), 6), unit=codes.UNIT_RATIO
+            name=codes.LUNG_MASK_BALANCE,
+            value=round(float(q.left_right_balance), 6),
+            unit=codes.UNIT_RATIO,
         ),
     ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -398,21 +443,29 @@ def _free_text(inp: ReportInput) -> list[str]:
     lines = [NOT_FOR_DIAGNOSTIC_USE]
     if inp.crop is not None:
         c = inp.crop
-        lines.append(f"Lung crop box on the frontal image (pixels): x0={c.x0} y0={c.y0} x1={c.x1} y1={c.y1}")
+        lines.append(
+            f"Lung crop box on the frontal image (pixels): x0={c.x0} y0={c.y0} x1={c.x1} y1={c.y1}"
+        )
     if inp.mask_quality is not None:
         q = inp.mask_quality
-        state = "acceptable" if q.ok else f"REJECTED ({q.reason or 'no reason given'}); the full image was analysed"
+        state = (
+            "acceptable"
+            if q.ok
+            else f"REJECTED ({q.reason or 'no reason given'}); the full image was analysed"
+        )
         lines.append(
             f"Lung mask {state}: area fraction {q.area_fraction:.3f}, components {q.components}, "
             f"left/right balance {q.left_right_balance:.3f}"
         )
     lines.append(
-        "Views analysed: frontal" + (" and lateral" if inp.used_lateral and inp.lateral is not None else " only")
+        "Views analysed: frontal"
+        + (" and lateral" if inp.used_lateral and inp.lateral is not None else " only")
     )
     unvalidated = [f.label for f in inp.findings if not f.threshold_validated]
     if unvalidated:
         lines.append(
-            "Decision thresholds not validated on held-out data (model card default): " + ", ".join(unvalidated)
+            "Decision thresholds not validated on held-out data (model card default): "
+            + ", ".join(unvalidated)
         )
     return lines
 
@@ -424,7 +477,9 @@ def _qualitative_container(lines: list[str]) -> hd.sr.ContainerContentItem:
     container.ContentSequence = hd.sr.ContentSequence(
         [
             hd.sr.TextContentItem(
-                name=codes.COMMENT, value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+                name=codes.COMMENT,
+                value=text[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
             for text in lines
         ]
@@ -432,7 +487,9 @@ def _qualitative_container(lines: list[str]) -> hd.sr.ContainerContentItem:
     return container
 
 
-def _previous(items: Sequence[PreviousReport | Dataset], study_uid: str, own_uid: str) -> list[Dataset]:
+def _previous(
+    items: Sequence[PreviousReport | Dataset], study_uid: str, own_uid: str
+) -> list[Dataset]:
     out = []
     for p in items:
         if isinstance(p, PreviousReport):
@@ -459,7 +516,9 @@ def no_person_name_warnings() -> Iterator[None]:
     """Silence highdicom's person-name format warning, which quotes the patient's name (PHI)
     into warnings and logs. Local to the calls that copy patient data; nothing global."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"The string .* unlikely to represent the intended person name")
+        warnings.filterwarnings(
+            "ignore", message=r"The string .* unlikely to represent the intended person name"
+        )
         yield
 
 
@@ -492,10 +551,13 @@ def _build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
     )
     observation = hd.sr.ObservationContext(observer_device_context=device)
 
-    analysed = [inp.frontal] + ([inp.lateral] if inp.used_lateral and inp.lateral is not None else [])
+    analysed = [inp.frontal] + (
+        [inp.lateral] if inp.used_lateral and inp.lateral is not None else []
+    )
     group_sources = [
         hd.sr.SourceImageForMeasurementGroup(
-            referenced_sop_class_uid=str(ds.SOPClassUID), referenced_sop_instance_uid=str(ds.SOPInstanceUID)
+            referenced_sop_class_uid=str(ds.SOPClassUID),
+            referenced_sop_instance_uid=str(ds.SOPInstanceUID),
         )
         for ds in analysed
     ]
@@ -510,7 +572,11 @@ def _build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
     if mask_group is not None:
         groups.append(mask_group)
 
-    procedure = codes.PROCEDURE_CHEST_XR_2_VIEWS if inp.lateral is not None else codes.PROCEDURE_CHEST_XR_1_VIEW
+    procedure = (
+        codes.PROCEDURE_CHEST_XR_2_VIEWS
+        if inp.lateral is not None
+        else codes.PROCEDURE_CHEST_XR_1_VIEW
+    )
     report = hd.sr.MeasurementReport(
         observation_context=observation,
         procedure_reported=procedure,
@@ -581,8 +647,14 @@ class ReportedFinding:
 
 def read_findings(sr: Dataset | str | Path) -> list[ReportedFinding]:
     """The Model 1 and Model 2 findings of a report built by :func:`build_report`, in order."""
-    doc = sr if isinstance(sr, hd.sr.Comprehensive3DSR) else (
-        hd.sr.Comprehensive3DSR.from_dataset(sr if isinstance(sr, Dataset) else pydicom.dcmread(str(sr)))
+    doc = (
+        sr
+        if isinstance(sr, hd.sr.Comprehensive3DSR)
+        else (
+            hd.sr.Comprehensive3DSR.from_dataset(
+                sr if isinstance(sr, Dataset) else pydicom.dcmread(str(sr))
+            )
+        )
     )
     out = []
     content = doc.content

@@ -84,7 +84,9 @@ class InstanceStorage:
                 f"dicom.min_free_disk_mb={self.min_free_disk_mb} (free space or lower the threshold)"
             )
 
-    def write(self, study_uid: str, sop_instance_uid: str, chunks: Iterable[bytes | memoryview]) -> StoredFile:
+    def write(
+        self, study_uid: str, sop_instance_uid: str, chunks: Iterable[bytes | memoryview]
+    ) -> StoredFile:
         """Atomically write ``chunks`` as the instance's file and return where it went.
 
         An existing file of that name is replaced atomically (readers see the old or the new

@@ -89,7 +89,14 @@ _FRONTAL_WORDS = {
     "ANTEROPOSTERIOR": "AP",
     "PORTABLE": "AP",
 }
-_LATERAL_WORDS = {"LAT": "LAT", "LATERAL": "LAT", "LL": "LL", "RL": "RL", "LLAT": "LL", "RLAT": "RL"}
+_LATERAL_WORDS = {
+    "LAT": "LAT",
+    "LATERAL": "LAT",
+    "LL": "LL",
+    "RL": "RL",
+    "LLAT": "LL",
+    "RLAT": "RL",
+}
 _OBLIQUE_WORDS = {"OBLIQUE", "OBL", "LAO", "RAO", "LPO", "RPO"}
 
 _SERIES_TEXT = ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProcessingDescription")
@@ -219,7 +226,9 @@ class Candidate:
     sop_instance_uid: str = ""
 
     @classmethod
-    def from_dataset(cls, ds: Dataset, key: Hashable | None = None, guess: ViewGuess | None = None) -> Candidate:
+    def from_dataset(
+        cls, ds: Dataset, key: Hashable | None = None, guess: ViewGuess | None = None
+    ) -> Candidate:
         image_type = tuple(_norm(v) for v in (ds.get("ImageType") or []))
         uid = str(ds.get("SOPInstanceUID", ""))
         return cls(
@@ -238,8 +247,16 @@ _LATERAL_RANK = {"LL": 0, "LAT": 1, None: 1, "RL": 2}
 
 def _quality_key(c: Candidate) -> tuple[int, int, int, float, str]:
     original = 0 if (c.image_type[:1] == ("ORIGINAL",)) else 1
-    primary = 0 if (len(c.image_type) > 1 and c.image_type[1] == "PRIMARY") or not c.image_type else 1
-    return (primary, original, -(c.rows * c.cols), -c.guess.confidence, str(c.sop_instance_uid or c.key))
+    primary = (
+        0 if (len(c.image_type) > 1 and c.image_type[1] == "PRIMARY") or not c.image_type else 1
+    )
+    return (
+        primary,
+        original,
+        -(c.rows * c.cols),
+        -c.guess.confidence,
+        str(c.sop_instance_uid or c.key),
+    )
 
 
 def pick_pair(candidates: Sequence[Candidate]) -> tuple[Candidate | None, Candidate | None]:
@@ -255,9 +272,13 @@ def pick_pair(candidates: Sequence[Candidate]) -> tuple[Candidate | None, Candid
     frontals = [c for c in candidates if c.guess.view == "frontal"]
     laterals = [c for c in candidates if c.guess.view == "lateral"]
     frontal = min(
-        frontals, key=lambda c: (_FRONTAL_RANK.get(c.guess.projection, 2), *_quality_key(c)), default=None
+        frontals,
+        key=lambda c: (_FRONTAL_RANK.get(c.guess.projection, 2), *_quality_key(c)),
+        default=None,
     )
     lateral = min(
-        laterals, key=lambda c: (_LATERAL_RANK.get(c.guess.projection, 1), *_quality_key(c)), default=None
+        laterals,
+        key=lambda c: (_LATERAL_RANK.get(c.guess.projection, 1), *_quality_key(c)),
+        default=None,
     )
     return frontal, lateral

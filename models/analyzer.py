@@ -43,9 +43,13 @@ class ClassifierLike(Protocol):
     @property
     def info(self) -> ModelInfo: ...
 
-    def predict(self, frontals: list[np.ndarray], laterals: list[np.ndarray | None]) -> np.ndarray: ...
+    def predict(
+        self, frontals: list[np.ndarray], laterals: list[np.ndarray | None]
+    ) -> np.ndarray: ...
 
-    def heatmaps(self, frontal: np.ndarray, lateral: np.ndarray | None, labels: list[str]) -> dict[str, np.ndarray]: ...
+    def heatmaps(
+        self, frontal: np.ndarray, lateral: np.ndarray | None, labels: list[str]
+    ) -> dict[str, np.ndarray]: ...
 
 
 class MaskerLike(Protocol):
@@ -72,12 +76,21 @@ def _ms(t0: float) -> float:
 class Analyzer:
     """All models, loaded once; see the module docstring."""
 
-    def __init__(self, masker: MaskerLike, model1: ClassifierLike, model2: ClassifierLike,
-                 view: ViewClassifier | None, *, margin: float = 0.05,
-                 heatmap_exclude: Sequence[str] = ("No Finding",)) -> None:
+    def __init__(
+        self,
+        masker: MaskerLike,
+        model1: ClassifierLike,
+        model2: ClassifierLike,
+        view: ViewClassifier | None,
+        *,
+        margin: float = 0.05,
+        heatmap_exclude: Sequence[str] = ("No Finding",),
+    ) -> None:
         if model1.card.labels != ["Abnormal"]:
-            raise ValueError(f"Model 1 card {model1.card.name} must have the single label 'Abnormal', "
-                             f"has {model1.card.labels}")
+            raise ValueError(
+                f"Model 1 card {model1.card.name} must have the single label 'Abnormal', "
+                f"has {model1.card.labels}"
+            )
         self.masker = masker
         self.model1 = model1
         self.model2 = model2
@@ -102,24 +115,39 @@ class Analyzer:
         else:
             model2 = Classifier.from_card(cfg.resolve(cfg.model2), dev)
         view = ViewClassifier.from_card(cfg.resolve(cfg.view_classifier), dev)
-        log.info("models loaded on %s: %s", dev, ", ".join(f"{m.name} {m.version}" for m in
-                                                          [masker.card, model1.card, model2.card, view.card]))
+        log.info(
+            "models loaded on %s: %s",
+            dev,
+            ", ".join(
+                f"{m.name} {m.version}" for m in [masker.card, model1.card, model2.card, view.card]
+            ),
+        )
         return cls(masker, model1, model2, view, margin=cfg.crop_margin_fraction)
 
     def model_infos(self) -> list[ModelInfo]:
         cards = [self.masker.card, self.model1.card]
-        infos = [ModelInfo(name=c.name, version=c.version, sha256=c.sha256, architecture=c.architecture)
-                 for c in cards]
+        infos = [
+            ModelInfo(name=c.name, version=c.version, sha256=c.sha256, architecture=c.architecture)
+            for c in cards
+        ]
         infos.append(self.model2.info)
         if self.view is not None:
-            infos.append(ModelInfo(name=self.view.card.name, version=self.view.card.version,
-                                   sha256=self.view.card.sha256, architecture=self.view.card.architecture))
+            infos.append(
+                ModelInfo(
+                    name=self.view.card.name,
+                    version=self.view.card.version,
+                    sha256=self.view.card.sha256,
+                    architecture=self.view.card.architecture,
+                )
+            )
         return infos
 
     def classify_views(self, images: list[np.ndarray]) -> list[ViewPrediction]:
         """Frontal or lateral for each image. Raises ValueError naming the first invalid image."""
         if self.view is None:
-            raise RuntimeError("no view classifier is loaded: set models.view_classifier in config.yaml")
+            raise RuntimeError(
+                "no view classifier is loaded: set models.view_classifier in config.yaml"
+            )
         return self.view.predict(images)
 
     # --- analysis -----------------------------------------------------------------------------
@@ -131,7 +159,11 @@ class Analyzer:
         for i, s in enumerate(studies):
             try:
                 frontal = validate_image(s.frontal, f"study {s.key}: frontal image")
-                lateral = validate_image(s.lateral, f"study {s.key}: lateral image") if s.lateral is not None else None
+                lateral = (
+                    validate_image(s.lateral, f"study {s.key}: lateral image")
+                    if s.lateral is not None
+                    else None
+                )
                 work.append(_Work(i, s, frontal, lateral, {}))
             except Exception as exc:  # noqa: BLE001 - reported for this study only
                 results[i] = exc
@@ -142,14 +174,16 @@ class Analyzer:
 
         # 1. lung mask + crop of every frontal
         t0 = time.perf_counter()
-        masks = self._batched(work, lambda ws: self.masker.predict([w.frontal for w in ws], margin=self.margin), fail)
+        masks = self._batched(
+            work, lambda ws: self.masker.predict([w.frontal for w in ws], margin=self.margin), fail
+        )
         ms = _ms(t0) / max(len(work), 1)
         work = [w for w in work if results[w.index] is None]
         for w in work:
             m = masks[id(w)]
             w.mask = m
             c = m.crop
-            w.crop = w.frontal[c.y0:c.y1, c.x0:c.x1]
+            w.crop = w.frontal[c.y0 : c.y1, c.x0 : c.x1]
             w.timings["lung_mask"] = round(ms, 1)
         work = [w for w in work if self._check_crop(w, fail)]
 
@@ -157,8 +191,16 @@ class Analyzer:
         probs: dict[str, dict[int, np.ndarray]] = {}
         for name, model in (("model1", self.model1), ("model2", self.model2)):
             t0 = time.perf_counter()
-            out = self._batched(work, lambda ws, m=model: list(m.predict(
-                [self._input(m, w)[0] for w in ws], [w.lateral if m.uses_lateral else None for w in ws])), fail)  # type: ignore[misc]
+            out = self._batched(
+                work,
+                lambda ws, m=model: list(
+                    m.predict(
+                        [self._input(m, w)[0] for w in ws],
+                        [w.lateral if m.uses_lateral else None for w in ws],
+                    )
+                ),
+                fail,
+            )  # type: ignore[misc]
             ms = _ms(t0) / max(len(work), 1)
             probs[name] = out
             work = [w for w in work if results[w.index] is None]
@@ -186,12 +228,21 @@ class Analyzer:
     def _check_crop(self, w: _Work, fail: Callable[[_Work, Exception], None]) -> bool:
         assert w.crop is not None
         if w.crop.size == 0 or min(w.crop.shape) < 2:
-            fail(w, ValueError(f"study {w.study.key}: lung crop {w.mask.crop if w.mask else None} is empty"))
+            fail(
+                w,
+                ValueError(
+                    f"study {w.study.key}: lung crop {w.mask.crop if w.mask else None} is empty"
+                ),
+            )
             return False
         return True
 
-    def _batched(self, work: list[_Work], fn: Callable[[list[_Work]], Sequence[T]],
-                 fail: Callable[[_Work, Exception], None]) -> dict[int, T]:
+    def _batched(
+        self,
+        work: list[_Work],
+        fn: Callable[[list[_Work]], Sequence[T]],
+        fail: Callable[[_Work, Exception], None],
+    ) -> dict[int, T]:
         """Run ``fn`` on the whole batch; if it raises, run it per study to find the culprit."""
         if not work:
             return {}
@@ -204,7 +255,9 @@ class Analyzer:
             if len(work) == 1:
                 fail(work[0], exc)
                 return {}
-            log.warning("batched step failed for %d studies (%s); retrying one by one", len(work), exc)
+            log.warning(
+                "batched step failed for %d studies (%s); retrying one by one", len(work), exc
+            )
         res: dict[int, T] = {}
         for w in work:
             try:
@@ -216,14 +269,22 @@ class Analyzer:
     def _finish(self, w: _Work, p1: np.ndarray, p2: np.ndarray) -> StudyAnalysis:
         assert w.mask is not None and w.crop is not None
         c1 = self.model1.card
-        model1 = Finding(label=c1.labels[0], probability=float(p1[0]), threshold=c1.threshold(c1.labels[0]))
+        model1 = Finding(
+            label=c1.labels[0], probability=float(p1[0]), threshold=c1.threshold(c1.labels[0])
+        )
         c2 = self.model2.card
         # a card may list outputs whose threshold no held-out data could set: they are still
         # reported (the probability is real), flagged so the report says the threshold is a default
         unvalidated = set(c2.hyperparameters.get("unvalidated_thresholds", []))
-        model2 = [Finding(label=lab, probability=float(p), threshold=c2.threshold(lab),
-                          threshold_validated=lab not in unvalidated)
-                  for lab, p in zip(c2.labels, p2, strict=True)]
+        model2 = [
+            Finding(
+                label=lab,
+                probability=float(p),
+                threshold=c2.threshold(lab),
+                threshold_validated=lab not in unvalidated,
+            )
+            for lab, p in zip(c2.labels, p2, strict=True)
+        ]
         positives = [f.label for f in model2 if f.present and f.label not in self.heatmap_exclude]
         heatmaps: dict[str, np.ndarray] = {}
         if positives:
@@ -233,11 +294,19 @@ class Analyzer:
             lateral = w.lateral if self.model2.uses_lateral else None
             image, box = self._input(self.model2, w)
             cams = self.model2.heatmaps(image, lateral, positives)
-            heatmaps = {lab: to_original_frame(cam, box, w.frontal.shape) for lab, cam in cams.items()}
+            heatmaps = {
+                lab: to_original_frame(cam, box, w.frontal.shape) for lab, cam in cams.items()
+            }
             w.timings["gradcam"] = _ms(t0)
         return StudyAnalysis(
-            key=w.study.key, lung_mask=w.mask, model1=model1, model2=model2, models=self.model_infos(),
-            used_lateral=bool(w.lateral is not None and (self.model1.uses_lateral or self.model2.uses_lateral)),
-            heatmaps=heatmaps, timings_ms=dict(w.timings),
+            key=w.study.key,
+            lung_mask=w.mask,
+            model1=model1,
+            model2=model2,
+            models=self.model_infos(),
+            used_lateral=bool(
+                w.lateral is not None and (self.model1.uses_lateral or self.model2.uses_lateral)
+            ),
+            heatmaps=heatmaps,
+            timings_ms=dict(w.timings),
         )
-

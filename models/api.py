@@ -79,7 +79,9 @@ class StudyAnalysis:
     model2: list[Finding]  # in the model card's label order; labels the model lacks are absent
     models: list[ModelInfo]
     used_lateral: bool
-    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # label -> float32 [0,1], frontal res
+    heatmaps: dict[str, np.ndarray] = field(
+        default_factory=dict
+    )  # label -> float32 [0,1], frontal res
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 

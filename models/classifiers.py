@@ -32,14 +32,22 @@ ARCHITECTURE = "densenet121-shared-backbone-late-fusion"
 DENSENET121 = {"growth_rate": 32, "block_config": [6, 12, 24, 16], "num_init_features": 64}
 
 
-def densenet_backbone(growth_rate: int = 32, block_config: tuple[int, ...] | list[int] = (6, 12, 24, 16),
-                      num_init_features: int = 64) -> nn.Sequential:
+def densenet_backbone(
+    growth_rate: int = 32,
+    block_config: tuple[int, ...] | list[int] = (6, 12, 24, 16),
+    num_init_features: int = 64,
+) -> nn.Sequential:
     """torchvision's DenseNet feature extractor (DenseNet-121 by default) with a 1-channel stem.
 
     Built with random weights: nothing is downloaded."""
-    net = DenseNet(growth_rate=growth_rate, block_config=tuple(block_config),  # type: ignore[arg-type]
-                   num_init_features=num_init_features)
-    net.features.conv0 = nn.Conv2d(1, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)
+    net = DenseNet(
+        growth_rate=growth_rate,
+        block_config=tuple(block_config),  # type: ignore[arg-type]
+        num_init_features=num_init_features,
+    )
+    net.features.conv0 = nn.Conv2d(
+        1, num_init_features, kernel_size=7, stride=2, padding=3, bias=False
+    )
     nn.init.kaiming_normal_(net.features.conv0.weight)
     return net.features
 
@@ -47,9 +55,15 @@ def densenet_backbone(growth_rate: int = 32, block_config: tuple[int, ...] | lis
 class MultiViewClassifier(nn.Module):
     """Frontal + optional lateral -> one logit per label."""
 
-    def __init__(self, num_labels: int, *, growth_rate: int = 32,
-                 block_config: tuple[int, ...] | list[int] = (6, 12, 24, 16),
-                 num_init_features: int = 64, dropout: float = 0.2) -> None:
+    def __init__(
+        self,
+        num_labels: int,
+        *,
+        growth_rate: int = 32,
+        block_config: tuple[int, ...] | list[int] = (6, 12, 24, 16),
+        num_init_features: int = 64,
+        dropout: float = 0.2,
+    ) -> None:
         super().__init__()
         self.features = densenet_backbone(growth_rate, block_config, num_init_features)
         norm5 = self.features.norm5
@@ -70,8 +84,12 @@ class MultiViewClassifier(nn.Module):
     def pool(fmap: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(fmap, 1).flatten(1)
 
-    def fuse(self, frontal_feat: torch.Tensor, lateral: torch.Tensor | None,
-             lateral_present: torch.Tensor | None) -> torch.Tensor:
+    def fuse(
+        self,
+        frontal_feat: torch.Tensor,
+        lateral: torch.Tensor | None,
+        lateral_present: torch.Tensor | None,
+    ) -> torch.Tensor:
         b = frontal_feat.shape[0]
         lat = self.lateral_missing.expand(b, -1).clone()
         if lateral is not None and lateral_present is not None and bool(lateral_present.any()):
@@ -80,8 +98,12 @@ class MultiViewClassifier(nn.Module):
             lat = lat.index_copy(0, idx, lat_feat.to(lat.dtype))
         return self.head(self.dropout(torch.cat([frontal_feat, lat], dim=1)))
 
-    def forward(self, frontal: torch.Tensor, lateral: torch.Tensor | None = None,
-                lateral_present: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        frontal: torch.Tensor,
+        lateral: torch.Tensor | None = None,
+        lateral_present: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``frontal``: (B,1,H,W); ``lateral``: (B,1,H,W) or None; ``lateral_present``: (B,) bool
         saying which rows of ``lateral`` are real (others are ignored). Returns (B, labels) logits."""
         if lateral is not None and lateral_present is None:
@@ -104,15 +126,18 @@ def build_classifier(card: ModelCard) -> MultiViewClassifier:
     return MultiViewClassifier(len(card.labels), **arch_kwargs(card))
 
 
-def load_classifier(card_path: Path, device: torch.device | str = "cpu"
-                    ) -> tuple[ModelCard, MultiViewClassifier]:
+def load_classifier(
+    card_path: Path, device: torch.device | str = "cpu"
+) -> tuple[ModelCard, MultiViewClassifier]:
     """Load a classifier from its card (SHA-256 checked), in eval mode on ``device``."""
     card, state = load_weights(Path(card_path))
     model = build_classifier(card)
     try:
         model.load_state_dict(to_float(state))
     except RuntimeError as exc:
-        raise ModelLoadError(f"weights of {card_path} do not fit the network its card describes: {exc}") from None
+        raise ModelLoadError(
+            f"weights of {card_path} do not fit the network its card describes: {exc}"
+        ) from None
     return card, model.to(device).eval()
 
 
@@ -120,7 +145,9 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """Resize a 2-D image to ``size`` x ``size`` (the aspect ratio is not kept, as in CheXpert)."""
     h, w = image.shape
     interp = cv2.INTER_AREA if (h > size or w > size) else cv2.INTER_LINEAR
-    return cv2.resize(np.ascontiguousarray(image, dtype=np.float32), (size, size), interpolation=interp)
+    return cv2.resize(
+        np.ascontiguousarray(image, dtype=np.float32), (size, size), interpolation=interp
+    )
 
 
 def to_tensor(images: list[np.ndarray], card: ModelCard) -> torch.Tensor:
@@ -137,7 +164,9 @@ def validate_image(image: np.ndarray, what: str) -> np.ndarray:
         shape = getattr(image, "shape", None)
         raise ValueError(f"{what}: expected a 2-D greyscale array, got shape {shape}")
     if min(image.shape) < 16:
-        raise ValueError(f"{what}: image {image.shape} is too small to analyse (need at least 16x16)")
+        raise ValueError(
+            f"{what}: image {image.shape} is too small to analyse (need at least 16x16)"
+        )
     img = image.astype(np.float32, copy=False)
     if not np.isfinite(img).all():
         raise ValueError(f"{what}: image contains NaN or infinite values")
@@ -155,7 +184,9 @@ class Classifier:
 
     uses_lateral = True
 
-    def __init__(self, card: ModelCard, net: MultiViewClassifier, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, card: ModelCard, net: MultiViewClassifier, device: torch.device | str = "cpu"
+    ) -> None:
         self.card = card
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
@@ -167,11 +198,16 @@ class Classifier:
 
     @property
     def info(self) -> ModelInfo:
-        return ModelInfo(name=self.card.name, version=self.card.version, sha256=self.card.sha256,
-                         architecture=self.card.architecture)
+        return ModelInfo(
+            name=self.card.name,
+            version=self.card.version,
+            sha256=self.card.sha256,
+            architecture=self.card.architecture,
+        )
 
-    def _inputs(self, frontals: list[np.ndarray], laterals: list[np.ndarray | None]
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def _inputs(
+        self, frontals: list[np.ndarray], laterals: list[np.ndarray | None]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         if len(frontals) != len(laterals):
             raise ValueError(f"{len(frontals)} frontal images but {len(laterals)} lateral entries")
         f = to_tensor(frontals, self.card).to(self.device)
@@ -180,7 +216,9 @@ class Classifier:
             return f, None, None
         size = self.card.input_size
         blank = np.zeros((size, size), dtype=np.float32)
-        lat = to_tensor([lat if lat is not None else blank for lat in laterals], self.card).to(self.device)
+        lat = to_tensor([lat if lat is not None else blank for lat in laterals], self.card).to(
+            self.device
+        )
         return f, lat, torch.tensor(present, dtype=torch.bool, device=self.device)
 
     @torch.no_grad()
@@ -194,10 +232,14 @@ class Classifier:
             logits = self.net(f, lat, present)
         return torch.sigmoid(logits.float()).cpu().numpy()
 
-    def heatmaps(self, frontal: np.ndarray, lateral: np.ndarray | None, labels: list[str]) -> dict[str, np.ndarray]:
+    def heatmaps(
+        self, frontal: np.ndarray, lateral: np.ndarray | None, labels: list[str]
+    ) -> dict[str, np.ndarray]:
         from models.gradcam import grad_cam
 
         idx = [self.card.labels.index(lab) for lab in labels]
         f, lat, present = self._inputs([frontal], [lateral])
-        cams = grad_cam(self.net.feature_map, lambda fm: self.net.fuse(self.net.pool(fm), lat, present), f, idx)
+        cams = grad_cam(
+            self.net.feature_map, lambda fm: self.net.fuse(self.net.pool(fm), lat, present), f, idx
+        )
         return dict(zip(labels, cams, strict=True))

@@ -42,8 +42,10 @@ DEFAULT_LIMITS = QualityLimits()
 
 def _check_map(prob: np.ndarray) -> np.ndarray:
     if not isinstance(prob, np.ndarray) or prob.ndim != 2 or prob.size == 0:
-        raise ValueError(f"probability map must be a non-empty 2-D numpy array, got "
-                         f"{getattr(prob, 'shape', type(prob))}")
+        raise ValueError(
+            f"probability map must be a non-empty 2-D numpy array, got "
+            f"{getattr(prob, 'shape', type(prob))}"
+        )
     return prob
 
 
@@ -75,7 +77,9 @@ def smooth(mask: np.ndarray, kernel_fraction: float = 0.02) -> np.ndarray:
     return cv2.morphologyEx(m, cv2.MORPH_CLOSE, kernel)
 
 
-def postprocess(prob: np.ndarray, threshold: float = 0.5, *, limits: QualityLimits = DEFAULT_LIMITS) -> np.ndarray:
+def postprocess(
+    prob: np.ndarray, threshold: float = 0.5, *, limits: QualityLimits = DEFAULT_LIMITS
+) -> np.ndarray:
     """Clean binary lung mask (uint8 0/1) at the probability map's resolution."""
     prob = _check_map(prob)
     mask = (prob >= threshold).astype(np.uint8)
@@ -114,7 +118,9 @@ def bounding_box(mask: np.ndarray, margin: float) -> CropBox:
 
 
 def _solidity(component: np.ndarray) -> float:
-    contours, _ = cv2.findContours(component.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(
+        component.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
     hull = cv2.contourArea(cv2.convexHull(np.vstack(contours))) if contours else 0.0
     return float(component.sum()) / hull if hull > 0 else 0.0
 
@@ -130,20 +136,34 @@ def assess(mask: np.ndarray, limits: QualityLimits = DEFAULT_LIMITS) -> MaskQual
     if len(areas) != 2:
         reasons.append(f"{len(areas)} lung regions found, expected 2")
     if not limits.min_area_fraction <= area_fraction <= limits.max_area_fraction:
-        reasons.append(f"lung area {area_fraction:.1%} of the image is outside "
-                       f"{limits.min_area_fraction:.0%}-{limits.max_area_fraction:.0%}")
+        reasons.append(
+            f"lung area {area_fraction:.1%} of the image is outside "
+            f"{limits.min_area_fraction:.0%}-{limits.max_area_fraction:.0%}"
+        )
     if len(areas) >= 2 and balance < limits.min_balance:
         reasons.append(f"left/right balance {balance:.2f} below {limits.min_balance:.2f}")
     if solidity and min(solidity) < limits.min_solidity:
-        reasons.append(f"lung region solidity {min(solidity):.2f} below {limits.min_solidity:.2f} "
-                       f"(ragged mask)")
-    return MaskQuality(area_fraction=round(area_fraction, 4), components=len(areas),
-                       left_right_balance=round(float(balance), 4), ok=not reasons,
-                       reason="; ".join(reasons))
+        reasons.append(
+            f"lung region solidity {min(solidity):.2f} below {limits.min_solidity:.2f} "
+            f"(ragged mask)"
+        )
+    return MaskQuality(
+        area_fraction=round(area_fraction, 4),
+        components=len(areas),
+        left_right_balance=round(float(balance), 4),
+        ok=not reasons,
+        reason="; ".join(reasons),
+    )
 
 
-def mask_and_crop(prob: np.ndarray, original_shape: tuple[int, int], *, threshold: float = 0.5,
-                  margin: float = 0.05, limits: QualityLimits = DEFAULT_LIMITS) -> LungMaskResult:
+def mask_and_crop(
+    prob: np.ndarray,
+    original_shape: tuple[int, int],
+    *,
+    threshold: float = 0.5,
+    margin: float = 0.05,
+    limits: QualityLimits = DEFAULT_LIMITS,
+) -> LungMaskResult:
     """Post-process a probability map, map it to ``original_shape`` and compute the crop.
 
     Quality is judged on the cleaned mask at the map's resolution (where the image is square, so

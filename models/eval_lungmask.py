@@ -29,18 +29,30 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--card", type=Path,
-                        default=Path(__file__).resolve().parent / "weights" / "lung_mask.json",
-                        help="model card of the lung-mask generator")
+    parser.add_argument(
+        "--card",
+        type=Path,
+        default=Path(__file__).resolve().parent / "weights" / "lung_mask.json",
+        help="model card of the lung-mask generator",
+    )
     parser.add_argument("--data", type=Path, required=True, help="dataset folder (as for training)")
-    parser.add_argument("--all", action="store_true",
-                        help="evaluate every pair in --data instead of the card's validation split")
-    parser.add_argument("--out", type=Path, default=Path("var/eval/lungmask"),
-                        help="folder for report.json and overlays.png")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="evaluate every pair in --data instead of the card's validation split",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("var/eval/lungmask"),
+        help="folder for report.json and overlays.png",
+    )
     parser.add_argument("--margin", type=float, default=0.05, help="crop margin (fraction)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--grid", type=int, default=16, help="images in the overlay grid (0 = none)")
+    parser.add_argument(
+        "--grid", type=int, default=16, help="images in the overlay grid (0 = none)"
+    )
 
 
 def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -60,15 +72,27 @@ def validation_ids(card_path: Path, ids: list[str]) -> list[str]:
     return split_ids(ids, float(hp["val_fraction"]), int(hp["seed"]))[1]
 
 
-def overlay(img: np.ndarray, pred: np.ndarray, truth: np.ndarray, crop: CropBox | None = None,
-            size: int = 256) -> np.ndarray:
+def overlay(
+    img: np.ndarray,
+    pred: np.ndarray,
+    truth: np.ndarray,
+    crop: CropBox | None = None,
+    size: int = 256,
+) -> np.ndarray:
     """RGB tile: ground truth contour green, prediction contour red, crop box yellow."""
     g = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-    tile = cv2.cvtColor(cv2.resize(g, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2RGB)
+    tile = cv2.cvtColor(
+        cv2.resize(g, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2RGB
+    )
     if crop is not None:
         sy, sx = size / img.shape[0], size / img.shape[1]
-        cv2.rectangle(tile, (int(crop.x0 * sx), int(crop.y0 * sy)),
-                      (int(crop.x1 * sx) - 1, int(crop.y1 * sy) - 1), (255, 255, 0), 1)
+        cv2.rectangle(
+            tile,
+            (int(crop.x0 * sx), int(crop.y0 * sy)),
+            (int(crop.x1 * sx) - 1, int(crop.y1 * sy) - 1),
+            (255, 255, 0),
+            1,
+        )
     for m, colour in ((truth, (0, 255, 0)), (pred, (255, 0, 0))):
         small = cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -76,8 +100,16 @@ def overlay(img: np.ndarray, pred: np.ndarray, truth: np.ndarray, crop: CropBox 
     return tile
 
 
-def evaluate_card(card_path: Path, data: Path, *, device: torch.device, ids: list[str] | None = None,
-                  margin: float = 0.05, out_dir: Path | None = None, grid: int = 0) -> dict[str, Any]:
+def evaluate_card(
+    card_path: Path,
+    data: Path,
+    *,
+    device: torch.device,
+    ids: list[str] | None = None,
+    margin: float = 0.05,
+    out_dir: Path | None = None,
+    grid: int = 0,
+) -> dict[str, Any]:
     """Evaluate ``card_path`` on ``ids`` (default: the card's validation split) of ``data``."""
     pairs = find_pairs(data)
     by_id = {p.id: p for p in pairs}
@@ -96,18 +128,30 @@ def evaluate_card(card_path: Path, data: Path, *, device: torch.device, ids: lis
         res = masker.predict([img], margin=margin)[0]
         t_infer += time.perf_counter() - t
         d, j = dice_iou(res.mask, truth)
-        rows.append({"id": i, "dice": round(d, 4), "iou": round(j, 4), "quality_ok": res.quality.ok,
-                     "reason": res.quality.reason})
+        rows.append(
+            {
+                "id": i,
+                "dice": round(d, 4),
+                "iou": round(j, 4),
+                "quality_ok": res.quality.ok,
+                "reason": res.quality.reason,
+            }
+        )
         if grid:
             tiles.append((d, overlay(img, res.mask, truth, res.crop)))
     dice = np.array([r["dice"] for r in rows])
     iou = np.array([r["iou"] for r in rows])
     report: dict[str, Any] = {
-        "card": str(card_path), "data": str(data), "n": len(rows),
-        "dice_mean": round(float(dice.mean()), 4), "dice_p05": round(float(np.percentile(dice, 5)), 4),
-        "iou_mean": round(float(iou.mean()), 4), "iou_p05": round(float(np.percentile(iou, 5)), 4),
+        "card": str(card_path),
+        "data": str(data),
+        "n": len(rows),
+        "dice_mean": round(float(dice.mean()), 4),
+        "dice_p05": round(float(np.percentile(dice, 5)), 4),
+        "iou_mean": round(float(iou.mean()), 4),
+        "iou_p05": round(float(np.percentile(iou, 5)), 4),
         "quality_ok_fraction": round(float(np.mean([r["quality_ok"] for r in rows])), 4),
-        "seconds_per_image": round(t_infer / max(1, len(rows)), 4), "device": str(device),
+        "seconds_per_image": round(t_infer / max(1, len(rows)), 4),
+        "device": str(device),
         "per_image": rows,
     }
     if out_dir is not None:
@@ -120,7 +164,7 @@ def evaluate_card(card_path: Path, data: Path, *, device: torch.device, ids: lis
             rows_n = -(-len(chosen) // cols)
             blank = np.zeros_like(chosen[0])
             chosen += [blank] * (rows_n * cols - len(chosen))
-            sheet = np.vstack([np.hstack(chosen[r * cols:(r + 1) * cols]) for r in range(rows_n)])
+            sheet = np.vstack([np.hstack(chosen[r * cols : (r + 1) * cols]) for r in range(rows_n)])
             cv2.imwrite(str(out_dir / "overlays.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     return report
 
@@ -129,8 +173,15 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     device = select_device(args.device)
     ids = [p.id for p in find_pairs(args.data)] if args.all else None
-    report = evaluate_card(args.card, args.data, device=device, ids=ids, margin=args.margin,
-                           out_dir=args.out, grid=args.grid)
+    report = evaluate_card(
+        args.card,
+        args.data,
+        device=device,
+        ids=ids,
+        margin=args.margin,
+        out_dir=args.out,
+        grid=args.grid,
+    )
     summary = {k: v for k, v in report.items() if k != "per_image"}
     log.info("lung mask evaluation: %s", summary)
     print(json.dumps(summary, indent=2))
@@ -138,10 +189,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.eval_lungmask", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m models.eval_lungmask", description=__doc__.split("\n")[0]
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return run(args)
 
 

@@ -40,8 +40,9 @@ def _auc_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
         return ((ranks * y).sum(axis=-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
-def bootstrap_auroc(y: np.ndarray, p: np.ndarray, *, n_boot: int = 2000, seed: int = 0
-                    ) -> tuple[float, float, float]:
+def bootstrap_auroc(
+    y: np.ndarray, p: np.ndarray, *, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """(AUROC, CI low, CI high); NaNs when y has one class only."""
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=np.float64)
@@ -51,7 +52,7 @@ def bootstrap_auroc(y: np.ndarray, p: np.ndarray, *, n_boot: int = 2000, seed: i
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(y), (n_boot, len(y)))
     yb = y[idx]
-    ok = (yb.min(axis=1) != yb.max(axis=1))  # resamples with a single class have no AUROC
+    ok = yb.min(axis=1) != yb.max(axis=1)  # resamples with a single class have no AUROC
     if not ok.any():
         return auc, float("nan"), float("nan")
     stats = _auc_rows(yb[ok], p[idx[ok]])
@@ -59,16 +60,21 @@ def bootstrap_auroc(y: np.ndarray, p: np.ndarray, *, n_boot: int = 2000, seed: i
     return auc, float(lo), float(hi)
 
 
-def auroc_report(labels: Sequence[str], raw: np.ndarray, probs: np.ndarray, *, seed: int = 0,
-                 n_boot: int = 2000) -> dict[str, Any]:
+def auroc_report(
+    labels: Sequence[str], raw: np.ndarray, probs: np.ndarray, *, seed: int = 0, n_boot: int = 2000
+) -> dict[str, Any]:
     """Per-label AUROC with 95% CIs plus the mean over the CheXpert competition labels present."""
     per: dict[str, Any] = {}
     for j, lab in enumerate(labels):
         keep = (raw[:, j] == 0) | (raw[:, j] == 1)
         y, p = raw[keep, j].astype(int), probs[keep, j]
         auc, lo, hi = bootstrap_auroc(y, p, n_boot=n_boot, seed=seed)
-        per[lab] = {"auroc": _r(auc), "ci95": [_r(lo), _r(hi)], "positives": int(y.sum()),
-                    "negatives": int(len(y) - y.sum())}
+        per[lab] = {
+            "auroc": _r(auc),
+            "ci95": [_r(lo), _r(hi)],
+            "positives": int(y.sum()),
+            "negatives": int(len(y) - y.sum()),
+        }
     out: dict[str, Any] = {"per_label": per}
     comp = [per[c]["auroc"] for c in COMPETITION if c in per and per[c]["auroc"] is not None]
     if comp:
@@ -81,7 +87,9 @@ def _r(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else round(float(x), 4)
 
 
-def roc_figure(labels: Sequence[str], raw: np.ndarray, probs: np.ndarray, path: Path, title: str) -> None:
+def roc_figure(
+    labels: Sequence[str], raw: np.ndarray, probs: np.ndarray, path: Path, title: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,9 +117,17 @@ def roc_figure(labels: Sequence[str], raw: np.ndarray, probs: np.ndarray, path: 
 
 # ----------------------------------------------------------------------------------------------
 
-def evaluate_classifier(card_path: Path, records: Sequence[StudyRecord], *, device: str = "cpu",
-                        batch_size: int = 8, seed: int = 0, roc_png: Path | None = None,
-                        use_lateral: bool = True) -> dict[str, Any]:
+
+def evaluate_classifier(
+    card_path: Path,
+    records: Sequence[StudyRecord],
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    seed: int = 0,
+    roc_png: Path | None = None,
+    use_lateral: bool = True,
+) -> dict[str, Any]:
     from models.classifiers import load_classifier
     from models.train_classifier import ImageCache, StudyDataset, predict, record_raw
 
@@ -130,9 +146,18 @@ def evaluate_classifier(card_path: Path, records: Sequence[StudyRecord], *, devi
         if keep.any():
             pred = probs[keep, j] >= card.threshold(lab)
             acc[lab] = _r(float(np.mean(pred == raw[keep, j].astype(bool))))
-    rep.update({"model": card.name, "version": card.version, "sha256": card.sha256, "studies": len(recs),
-                "with_lateral": sum(r.lateral is not None for r in recs), "used_lateral": use_lateral,
-                "accuracy_at_card_thresholds": acc, "sources": sorted({r.source for r in recs})})
+    rep.update(
+        {
+            "model": card.name,
+            "version": card.version,
+            "sha256": card.sha256,
+            "studies": len(recs),
+            "with_lateral": sum(r.lateral is not None for r in recs),
+            "used_lateral": use_lateral,
+            "accuracy_at_card_thresholds": acc,
+            "sources": sorted({r.source for r in recs}),
+        }
+    )
     sources = sorted({r.source for r in recs})
     if len(sources) > 1:  # a pooled AUROC can hide a per-site confound: report each source too
         src = np.array([r.source for r in recs])
@@ -142,26 +167,34 @@ def evaluate_classifier(card_path: Path, records: Sequence[StudyRecord], *, devi
             sub = auroc_report(card.labels, raw[sel], probs[sel], seed=seed)["per_label"]
             rep["per_source"][sname] = {lab: v for lab, v in sub.items() if v["auroc"] is not None}
     if roc_png is not None:
-        roc_figure(card.labels, raw, probs, roc_png, f"{card.name} {card.version} ({len(recs)} studies)")
+        roc_figure(
+            card.labels, raw, probs, roc_png, f"{card.name} {card.version} ({len(recs)} studies)"
+        )
     return rep
 
 
-def evaluate_view(card_path: Path, items: Sequence[tuple[Path, int]], *, device: str = "cpu",
-                  batch_size: int = 32) -> dict[str, Any]:
+def evaluate_view(
+    card_path: Path, items: Sequence[tuple[Path, int]], *, device: str = "cpu", batch_size: int = 32
+) -> dict[str, Any]:
     from models.datasets.chexpert import load_image
     from models.view_classifier import ViewClassifier
 
     vc = ViewClassifier.from_card(card_path, device)
     probs: list[float] = []
     for i in range(0, len(items), batch_size):
-        probs += list(vc.probabilities([load_image(p) for p, _ in items[i:i + batch_size]]))
+        probs += list(vc.probabilities([load_image(p) for p, _ in items[i : i + batch_size]]))
     y = np.array([lab for _, lab in items])
     pred = np.array(probs) >= vc.card.threshold(vc.card.labels[1])
     wrong = [str(items[int(i)][0].name) for i in np.flatnonzero(pred != y)]
-    return {"model": vc.card.name, "version": vc.card.version, "images": len(items),
-            "frontal": int((y == 0).sum()), "lateral": int((y == 1).sum()),
-            "accuracy": _r(float(np.mean(pred == y))) if len(y) else None,
-            "errors": len(wrong)}
+    return {
+        "model": vc.card.name,
+        "version": vc.card.version,
+        "images": len(items),
+        "frontal": int((y == 0).sum()),
+        "lateral": int((y == 1).sum()),
+        "accuracy": _r(float(np.mean(pred == y))) if len(y) else None,
+        "errors": len(wrong),
+    }
 
 
 def _records(args: argparse.Namespace) -> list[StudyRecord]:
@@ -209,11 +242,16 @@ def _view_images(args: argparse.Namespace) -> list[tuple[Path, int]]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--card", type=Path, required=True)
     p.add_argument("--chexpert", action="append", metavar="DIR", help="CheXpert train.csv studies")
-    p.add_argument("--chexpert-test", action="append", metavar="DIR", help="CheXpert test_labels.csv studies")
+    p.add_argument(
+        "--chexpert-test", action="append", metavar="DIR", help="CheXpert test_labels.csv studies"
+    )
     p.add_argument("--mimic", action="append", metavar="DIR")
     p.add_argument("--folder", action="append", metavar="CSV:DIR[:TEMPLATE]")
-    p.add_argument("--held-out", action="store_true",
-                   help="keep only the studies the card's <card>.split.json held out (plus CheXpert test)")
+    p.add_argument(
+        "--held-out",
+        action="store_true",
+        help="keep only the studies the card's <card>.split.json held out (plus CheXpert test)",
+    )
     p.add_argument("--split", help="split file (default: beside the card)")
     p.add_argument("--frontal-only", action="store_true", help="ignore laterals (classifier)")
     p.add_argument("--device", default="cpu")
@@ -233,8 +271,14 @@ def run(args: argparse.Namespace) -> int:
     # and `python -m models.evaluate` take the same arguments)
     if read_card(args.card).architecture != VIEW_ARCHITECTURE:
         recs = _records(args)
-        rep = evaluate_classifier(args.card, recs, device=args.device, seed=args.seed, roc_png=args.roc,
-                                  use_lateral=not args.frontal_only)
+        rep = evaluate_classifier(
+            args.card,
+            recs,
+            device=args.device,
+            seed=args.seed,
+            roc_png=args.roc,
+            use_lateral=not args.frontal_only,
+        )
     else:
         rep = evaluate_view(args.card, _view_images(args), device=args.device)
     text = json.dumps(rep, indent=2)
@@ -246,9 +290,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    p = argparse.ArgumentParser(
+        prog="python -m models.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     return run(p.parse_args(argv))
 

@@ -18,9 +18,12 @@ import torch
 from models.api import CropBox
 
 
-def grad_cam(feature_fn: Callable[[torch.Tensor], torch.Tensor],
-             head_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-             label_indices: Sequence[int]) -> np.ndarray:
+def grad_cam(
+    feature_fn: Callable[[torch.Tensor], torch.Tensor],
+    head_fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    label_indices: Sequence[int],
+) -> np.ndarray:
     """Heatmaps for one image ``x`` (1, C, H, W): float32 (K, H, W) in [0, 1], one per label index.
 
     Gradients are computed even under ``torch.no_grad`` callers (enabled locally); the network's
@@ -35,20 +38,27 @@ def grad_cam(feature_fn: Callable[[torch.Tensor], torch.Tensor],
         logits = head_fn(fmap).float()
         cams = []
         for k, j in enumerate(label_indices):
-            (grad,) = torch.autograd.grad(logits[0, j], fmap, retain_graph=k < len(label_indices) - 1)
+            (grad,) = torch.autograd.grad(
+                logits[0, j], fmap, retain_graph=k < len(label_indices) - 1
+            )
             weights = grad.mean(dim=(2, 3), keepdim=True)
             cam = torch.relu((weights * fmap).sum(dim=1, keepdim=True))
             cams.append(cam.detach())
-    cam_all = torch.nn.functional.interpolate(torch.cat(cams), size=(h, w), mode="bilinear",
-                                              align_corners=False)[:, 0]
+    cam_all = torch.nn.functional.interpolate(
+        torch.cat(cams), size=(h, w), mode="bilinear", align_corners=False
+    )[:, 0]
     flat = cam_all.flatten(1)
     lo = flat.min(dim=1).values.view(-1, 1, 1)
     hi = flat.max(dim=1).values.view(-1, 1, 1)
-    out = torch.where(hi - lo > 1e-12, (cam_all - lo) / (hi - lo).clamp(min=1e-12), torch.zeros_like(cam_all))
+    out = torch.where(
+        hi - lo > 1e-12, (cam_all - lo) / (hi - lo).clamp(min=1e-12), torch.zeros_like(cam_all)
+    )
     return out.clamp(0, 1).cpu().numpy().astype(np.float32)
 
 
-def to_original_frame(cam: np.ndarray, crop: CropBox, original_shape: tuple[int, int]) -> np.ndarray:
+def to_original_frame(
+    cam: np.ndarray, crop: CropBox, original_shape: tuple[int, int]
+) -> np.ndarray:
     """Map a heatmap over the (resized) crop back into the original frontal frame: resized to the
     crop's size and placed at the crop box; zero outside it. float32 in [0, 1]."""
     out = np.zeros(original_shape, dtype=np.float32)
@@ -56,5 +66,5 @@ def to_original_frame(cam: np.ndarray, crop: CropBox, original_shape: tuple[int,
     if ch <= 0 or cw <= 0:
         raise ValueError(f"crop box {crop} is empty")
     resized = cv2.resize(cam.astype(np.float32), (cw, ch), interpolation=cv2.INTER_LINEAR)
-    out[crop.y0:crop.y1, crop.x0:crop.x1] = np.clip(resized, 0.0, 1.0)
+    out[crop.y0 : crop.y1, crop.x0 : crop.x1] = np.clip(resized, 0.0, 1.0)
     return out

@@ -28,8 +28,15 @@ log = logging.getLogger(__name__)
 class LungMasker:
     """Pix2Pix U-Net lung segmentation configured entirely by its model card."""
 
-    def __init__(self, card: ModelCard, generator: UNetGenerator, device: torch.device, *,
-                 batch_size: int = 8, limits: QualityLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        card: ModelCard,
+        generator: UNetGenerator,
+        device: torch.device,
+        *,
+        batch_size: int = 8,
+        limits: QualityLimits = DEFAULT_LIMITS,
+    ) -> None:
         self.card = card
         self.generator = generator.to(device).eval()
         self.device = device
@@ -45,8 +52,11 @@ class LungMasker:
         card, state = load_weights(Path(card_path))
         hp = card.hyperparameters
         try:
-            gen = UNetGenerator(ngf=int(hp.get("ngf", 16)), depth=int(hp.get("depth", 8)),
-                                dropout=float(hp.get("dropout", 0.5)))
+            gen = UNetGenerator(
+                ngf=int(hp.get("ngf", 16)),
+                depth=int(hp.get("depth", 8)),
+                dropout=float(hp.get("dropout", 0.5)),
+            )
             gen.load_state_dict(to_float(state))
         except (RuntimeError, ValueError, TypeError) as exc:
             raise ModelLoadError(
@@ -79,10 +89,10 @@ class LungMasker:
         out = np.empty((len(images), self.size, self.size), dtype=np.float32)
         with torch.inference_mode():
             for s in range(0, len(images), self.batch_size):
-                x = self._prepare(images[s:s + self.batch_size]).to(self.device)
+                x = self._prepare(images[s : s + self.batch_size]).to(self.device)
                 with autocast(self.device):
                     logits = self.generator(x)
-                out[s:s + len(x)] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+                out[s : s + len(x)] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
         return out
 
     def predict(self, images: list[np.ndarray], *, margin: float) -> list[LungMaskResult]:

@@ -56,8 +56,14 @@ class UNetGenerator(nn.Module):
     paper's noise source) sits in the three decoder blocks after the innermost one and is off in ``eval()``, so
     inference is deterministic. Input height and width must be multiples of ``2 ** depth``."""
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 1, ngf: int = 16, depth: int = 8,
-                 dropout: float = 0.5) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        ngf: int = 16,
+        depth: int = 8,
+        dropout: float = 0.5,
+    ) -> None:
         super().__init__()
         if depth < 2:
             raise ValueError(f"UNetGenerator depth must be >= 2, got {depth}")

@@ -74,7 +74,9 @@ def read_card(card_path: Path) -> ModelCard:
         raise ModelLoadError(f"model card {card_path} is invalid: {exc}") from None
 
 
-def load_weights(card_path: Path, *, map_location: str | torch.device = "cpu") -> tuple[ModelCard, dict[str, torch.Tensor]]:
+def load_weights(
+    card_path: Path, *, map_location: str | torch.device = "cpu"
+) -> tuple[ModelCard, dict[str, torch.Tensor]]:
     """Return the card and its state dict after checking the weights file's SHA-256."""
     card = read_card(card_path)
     weights = card_path.parent / card.weights_file
@@ -93,8 +95,9 @@ def load_weights(card_path: Path, *, map_location: str | torch.device = "cpu") -
     return card, state
 
 
-def save_model(card: ModelCard, state_dict: dict[str, torch.Tensor], card_path: Path,
-               *, half: bool = False) -> ModelCard:
+def save_model(
+    card: ModelCard, state_dict: dict[str, torch.Tensor], card_path: Path, *, half: bool = False
+) -> ModelCard:
     """Write ``state_dict`` as safetensors next to ``card_path`` and the card with its SHA-256.
 
     ``half`` stores floating-point tensors as float16 (weights are cast back on load)."""

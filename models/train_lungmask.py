@@ -37,8 +37,12 @@ ARCHITECTURE = "pix2pix-unet256-generator"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True,
-                        help="dataset folder (CXR_png/ + masks/, Montgomery ManualMask/, or flat)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="dataset folder (CXR_png/ + masks/, Montgomery ManualMask/, or flat)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="model card path to write")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -47,21 +51,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--lambda-l1", type=float, default=100.0)
-    parser.add_argument("--lambda-seg", type=float, default=10.0,
-                        help="weight of the BCE + soft-Dice term (0 = the paper's cGAN + L1 loss)")
+    parser.add_argument(
+        "--lambda-seg",
+        type=float,
+        default=10.0,
+        help="weight of the BCE + soft-Dice term (0 = the paper's cGAN + L1 loss)",
+    )
     parser.add_argument("--dropout", type=float, default=0.5)
     parser.add_argument("--val-fraction", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
-    parser.add_argument("--max-minutes", type=float, default=0.0,
-                        help="stop after this much training time (0 = no limit); best weights kept")
-    parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (tests)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for torch (0 = default)"
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="stop after this much training time (0 = no limit); best weights kept",
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=0, help="stop after this many steps (tests)"
+    )
     parser.add_argument("--version", default="1.0.0", help="model version written to the card")
-    parser.add_argument("--data-description", default="",
-                        help="what the training data is (source, licence), written to the card")
-    parser.add_argument("--no-eval", action="store_true",
-                        help="skip the full-resolution evaluation written to the card at the end")
+    parser.add_argument(
+        "--data-description",
+        default="",
+        help="what the training data is (source, licence), written to the card",
+    )
+    parser.add_argument(
+        "--no-eval",
+        action="store_true",
+        help="skip the full-resolution evaluation written to the card at the end",
+    )
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -79,9 +101,18 @@ def batch_dice(pred: torch.Tensor, target: torch.Tensor) -> list[float]:
     return [float(v) for v in d]
 
 
-def train_step(gen: UNetGenerator, disc: PatchDiscriminator, opt_g: torch.optim.Optimizer,
-               opt_d: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
-               device: torch.device, lambda_l1: float, lambda_seg: float) -> dict[str, float]:
+def train_step(
+    gen: UNetGenerator,
+    disc: PatchDiscriminator,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    device: torch.device,
+    lambda_l1: float,
+    lambda_seg: float,
+) -> dict[str, float]:
     """One Pix2Pix update (discriminator, then generator); returns the batch's losses."""
     y_gan = to_gan_range(y)
     with autocast(device):
@@ -93,8 +124,10 @@ def train_step(gen: UNetGenerator, disc: PatchDiscriminator, opt_g: torch.optim.
     with autocast(device):
         d_real = disc(x, y_gan).float()
         d_fake = disc(x, fake.detach()).float()
-    loss_d = 0.5 * (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
-                    + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+    loss_d = 0.5 * (
+        F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+        + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+    )
     loss_d.backward()
     opt_d.step()
     # generator: fool the discriminator and stay close to the mask
@@ -107,8 +140,13 @@ def train_step(gen: UNetGenerator, disc: PatchDiscriminator, opt_g: torch.optim.
     loss_g = g_gan + lambda_l1 * l1 + lambda_seg * seg
     loss_g.backward()
     opt_g.step()
-    return {"d": loss_d.item(), "g_gan": g_gan.item(), "l1": l1.item(), "seg": seg.item(),
-            "g": loss_g.item()}
+    return {
+        "d": loss_d.item(),
+        "g_gan": g_gan.item(),
+        "l1": l1.item(),
+        "seg": seg.item(),
+        "g": loss_g.item(),
+    }
 
 
 @torch.inference_mode()
@@ -124,8 +162,14 @@ def validate(gen: UNetGenerator, loader: DataLoader, device: torch.device) -> fl
     return float(np.mean(dices)) if dices else float("nan")
 
 
-def make_card(args: argparse.Namespace, *, n_train: int, val_ids: list[str], metrics: dict[str, Any],
-              data_desc: str) -> ModelCard:
+def make_card(
+    args: argparse.Namespace,
+    *,
+    n_train: int,
+    val_ids: list[str],
+    metrics: dict[str, Any],
+    data_desc: str,
+) -> ModelCard:
     return ModelCard(
         name=MODEL_NAME,
         version=args.version,
@@ -137,20 +181,30 @@ def make_card(args: argparse.Namespace, *, n_train: int, val_ids: list[str], met
         labels=["lung"],
         thresholds={"lung": 0.5},
         hyperparameters={
-            "ngf": args.ngf, "ndf": args.ndf, "depth": _depth(args.input_size), "dropout": args.dropout,
-            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-            "lambda_l1": args.lambda_l1, "lambda_seg": args.lambda_seg, "seed": args.seed,
-            "val_fraction": args.val_fraction, "optimizer": "Adam(beta1=0.5, beta2=0.999)",
+            "ngf": args.ngf,
+            "ndf": args.ndf,
+            "depth": _depth(args.input_size),
+            "dropout": args.dropout,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "lambda_l1": args.lambda_l1,
+            "lambda_seg": args.lambda_seg,
+            "seed": args.seed,
+            "val_fraction": args.val_fraction,
+            "optimizer": "Adam(beta1=0.5, beta2=0.999)",
             "loss": "cGAN (BCE, PatchGAN 70x70) + lambda_l1 * L1 + lambda_seg * (BCE + soft Dice)",
             "resize": "anisotropic resize of the whole image to input_size x input_size",
             "output": "logits; sigmoid = lung probability",
         },
         training_data=data_desc,
-        split=(f"models.datasets.masks.split_ids(sorted IDs, val_fraction={args.val_fraction}, "
-               f"seed={args.seed}): {n_train} train / {len(val_ids)} validation IDs held out"),
+        split=(
+            f"models.datasets.masks.split_ids(sorted IDs, val_fraction={args.val_fraction}, "
+            f"seed={args.seed}): {n_train} train / {len(val_ids)} validation IDs held out"
+        ),
         metrics=metrics,
         notes="Output: lung probability map; post-processing and crop in models/crop.py. "
-              "NOT FOR DIAGNOSTIC USE.",
+        "NOT FOR DIAGNOSTIC USE.",
     )
 
 
@@ -169,14 +223,26 @@ def run(args: argparse.Namespace) -> int:
     pairs = find_pairs(args.data)
     train_ids, val_ids = split_ids([p.id for p in pairs], args.val_fraction, args.seed)
     by_id = {p.id: p for p in pairs}
-    log.info("lung-mask training on %s: %d train, %d validation images, device %s",
-             args.data, len(train_ids), len(val_ids), device)
-    train_ds = LungMaskDataset([by_id[i] for i in train_ids], args.input_size, augment=Augment(),
-                               seed=args.seed)
+    log.info(
+        "lung-mask training on %s: %d train, %d validation images, device %s",
+        args.data,
+        len(train_ids),
+        len(val_ids),
+        device,
+    )
+    train_ds = LungMaskDataset(
+        [by_id[i] for i in train_ids], args.input_size, augment=Augment(), seed=args.seed
+    )
     val_ds = LungMaskDataset([by_id[i] for i in val_ids], args.input_size)
     gen_t = torch.Generator().manual_seed(args.seed)
-    train_dl = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=len(train_ds) > args.batch_size,
-                          generator=gen_t, num_workers=0)
+    train_dl = DataLoader(
+        train_ds,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=len(train_ds) > args.batch_size,
+        generator=gen_t,
+        num_workers=0,
+    )
     val_dl = DataLoader(val_ds, batch_size=args.batch_size, shuffle=False, num_workers=0)
 
     depth = _depth(args.input_size)
@@ -186,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
     init_weights(disc)
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.999))
+
     # Pix2Pix schedule: constant for the first half, then linear decay to zero. With a time
     # budget, progress is the larger of the epoch and time fractions, so the decay completes
     # whether the epochs or the minutes run out first.
@@ -205,11 +272,26 @@ def run(args: argparse.Namespace) -> int:
     for epoch in range(args.epochs):
         sums = {"d": 0.0, "g_gan": 0.0, "l1": 0.0, "seg": 0.0}
         n = 0
-        bar = tqdm(train_dl, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, file=sys.stderr,
-                   mininterval=5.0, disable=None)
+        bar = tqdm(
+            train_dl,
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            leave=False,
+            file=sys.stderr,
+            mininterval=5.0,
+            disable=None,
+        )
         for x, y in bar:
-            losses = train_step(gen, disc, opt_g, opt_d, x.to(device), y.to(device), device=device,
-                                lambda_l1=args.lambda_l1, lambda_seg=args.lambda_seg)
+            losses = train_step(
+                gen,
+                disc,
+                opt_g,
+                opt_d,
+                x.to(device),
+                y.to(device),
+                device=device,
+                lambda_l1=args.lambda_l1,
+                lambda_seg=args.lambda_seg,
+            )
             for k in sums:
                 sums[k] += losses[k]
             n += 1
@@ -223,20 +305,39 @@ def run(args: argparse.Namespace) -> int:
             for group in opt.param_groups:
                 group["lr"] = args.lr * factor
         val_dice = validate(gen, val_dl, device)
-        rec = {k: v / max(1, n) for k, v in sums.items()} | {"epoch": epoch + 1, "val_dice": val_dice}
+        rec = {k: v / max(1, n) for k, v in sums.items()} | {
+            "epoch": epoch + 1,
+            "val_dice": val_dice,
+        }
         history.append(rec)
         elapsed = (time.monotonic() - t0) / 60
-        log.info("epoch %d: D %.3f G_gan %.3f L1 %.4f seg %.3f | val Dice %.4f | %.1f min | next lr %.2e",
-                 epoch + 1, rec["d"], rec["g_gan"], rec["l1"], rec["seg"], val_dice, elapsed, args.lr * factor)
+        log.info(
+            "epoch %d: D %.3f G_gan %.3f L1 %.4f seg %.3f | val Dice %.4f | %.1f min | next lr %.2e",
+            epoch + 1,
+            rec["d"],
+            rec["g_gan"],
+            rec["l1"],
+            rec["seg"],
+            val_dice,
+            elapsed,
+            args.lr * factor,
+        )
         if val_dice > best:
             best, best_epoch = val_dice, epoch + 1
-            metrics = {"val_dice_network_res": round(best, 4), "best_epoch": best_epoch,
-                       "train_minutes": round(elapsed, 1), "device": str(device)}
-            card = make_card(args, n_train=len(train_ids), val_ids=val_ids, metrics=metrics,
-                             data_desc=data_desc)
+            metrics = {
+                "val_dice_network_res": round(best, 4),
+                "best_epoch": best_epoch,
+                "train_minutes": round(elapsed, 1),
+                "device": str(device),
+            }
+            card = make_card(
+                args, n_train=len(train_ids), val_ids=val_ids, metrics=metrics, data_desc=data_desc
+            )
             save_model(card, gen.state_dict(), args.out, half=True)
         if stop or (args.max_minutes and elapsed >= args.max_minutes):
-            log.info("stopping after epoch %d (%s)", epoch + 1, "max steps" if stop else "time budget")
+            log.info(
+                "stopping after epoch %d (%s)", epoch + 1, "max steps" if stop else "time budget"
+            )
             break
     log.info("best validation Dice %.4f at epoch %d; card %s", best, best_epoch, args.out)
     if not args.no_eval:
@@ -247,19 +348,28 @@ def run(args: argparse.Namespace) -> int:
         from models.registry import read_card
 
         card = read_card(args.out)
-        metrics = dict(card.metrics) | {"train_minutes_total": round((time.monotonic() - t0) / 60, 1)}
-        metrics |= {k: report[k] for k in ("n", "dice_mean", "dice_p05", "iou_mean", "iou_p05",
-                                           "quality_ok_fraction") if k in report}
+        metrics = dict(card.metrics) | {
+            "train_minutes_total": round((time.monotonic() - t0) / 60, 1)
+        }
+        metrics |= {
+            k: report[k]
+            for k in ("n", "dice_mean", "dice_p05", "iou_mean", "iou_p05", "quality_ok_fraction")
+            if k in report
+        }
         card = card.model_copy(update={"metrics": metrics})
         args.out.write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.train_lungmask", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m models.train_lungmask", description=__doc__.split("\n")[0]
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return run(args)
 
 

@@ -39,9 +39,14 @@ def as_items(images: Sequence[ViewImage]) -> list[tuple[Path, int]]:
     return [(im.path, int(im.lateral)) for im in images]
 
 
-def _tensors(items: Sequence[tuple[Path, int]], cache: ImageCache, norm: Normalisation
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.stack([cache.tensor(p, norm) for p, _ in items]) if items else torch.zeros(0, 1, cache.size, cache.size)
+def _tensors(
+    items: Sequence[tuple[Path, int]], cache: ImageCache, norm: Normalisation
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = (
+        torch.stack([cache.tensor(p, norm) for p, _ in items])
+        if items
+        else torch.zeros(0, 1, cache.size, cache.size)
+    )
     y = torch.tensor([float(lab) for _, lab in items])
     return x, y
 
@@ -49,36 +54,59 @@ def _tensors(items: Sequence[tuple[Path, int]], cache: ImageCache, norm: Normali
 @torch.no_grad()
 def _probs(net: ViewCNN, x: torch.Tensor, device: torch.device) -> np.ndarray:
     net.eval()
-    return torch.cat([torch.sigmoid(net(x[i:i + 64].to(device))).cpu() for i in range(0, len(x), 64)]).numpy() if len(x) else np.zeros(0)
+    return (
+        torch.cat(
+            [torch.sigmoid(net(x[i : i + 64].to(device))).cpu() for i in range(0, len(x), 64)]
+        ).numpy()
+        if len(x)
+        else np.zeros(0)
+    )
 
 
-def gamma_jitter(x: torch.Tensor, norm: Normalisation, gen: torch.Generator, strength: float) -> torch.Tensor:
+def gamma_jitter(
+    x: torch.Tensor, norm: Normalisation, gen: torch.Generator, strength: float
+) -> torch.Tensor:
     """Random gamma in [1/(1+s), 1+s] per image, applied in the [0, 1] pixel domain: exposure
     differs a lot between sites, and dark, low-contrast laterals are the classifier's hardest cases."""
     if strength <= 0:
         return x
     b = x.shape[0]
-    g = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * float(np.log1p(strength))).view(b, 1, 1, 1)
+    g = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * float(np.log1p(strength))).view(
+        b, 1, 1, 1
+    )
     x01 = (x * norm.std + norm.mean).clamp(0, 1)
-    return (x01 ** g - norm.mean) / norm.std
+    return (x01**g - norm.mean) / norm.std
 
 
-def train_view(net: ViewCNN, x: torch.Tensor, y: torch.Tensor, device: torch.device, *, epochs: int,
-               batch_size: int, lr: float, seed: int, progress: bool = True,
-               norm: Normalisation | None = None, gamma: float = 0.0) -> list[float]:
+def train_view(
+    net: ViewCNN,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool = True,
+    norm: Normalisation | None = None,
+    gamma: float = 0.0,
+) -> list[float]:
     gen = torch.Generator().manual_seed(seed)
     pos = float(y.sum())
     pos_weight = torch.tensor([(len(y) - pos) / max(pos, 1.0)], device=device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = max(1, (len(x) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * steps_per_epoch
+    )
     losses = []
     for epoch in tqdm(range(epochs), desc="view classifier", disable=not progress):
         net.train()
         perm = torch.randperm(len(x), generator=gen)
         total = 0.0
         for s in range(steps_per_epoch):
-            idx = perm[s * batch_size:(s + 1) * batch_size]
+            idx = perm[s * batch_size : (s + 1) * batch_size]
             xb = x[idx]
             if norm is not None:
                 xb = gamma_jitter(xb, norm, gen, gamma)
@@ -86,7 +114,9 @@ def train_view(net: ViewCNN, x: torch.Tensor, y: torch.Tensor, device: torch.dev
             flip = torch.rand(len(idx), generator=gen) < 0.5
             xb[flip] = xb[flip].flip(-1)
             logits = net(xb.to(device))
-            loss = F.binary_cross_entropy_with_logits(logits, y[idx].to(device), pos_weight=pos_weight)
+            loss = F.binary_cross_entropy_with_logits(
+                logits, y[idx].to(device), pos_weight=pos_weight
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -99,8 +129,12 @@ def train_view(net: ViewCNN, x: torch.Tensor, y: torch.Tensor, device: torch.dev
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chexpert", action="append", metavar="DIR")
-    p.add_argument("--chexpert-test", action="append", metavar="DIR",
-                   help="CheXpert folders whose test_labels.csv images are only evaluated")
+    p.add_argument(
+        "--chexpert-test",
+        action="append",
+        metavar="DIR",
+        help="CheXpert folders whose test_labels.csv images are only evaluated",
+    )
     p.add_argument("--folder", action="append", metavar="CSV:DIR[:TEMPLATE]")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--image-size", type=int, default=128)
@@ -139,45 +173,102 @@ def run(args: argparse.Namespace) -> int:
     norm = Normalisation(mean=0.5, std=0.25)
     cache = ImageCache(args.image_size)
     xtr, ytr = _tensors(tr_items, cache, norm)
-    log.info("view classifier: %d train images (%d lateral), %d held out, %d test", len(tr_items),
-             int(ytr.sum()), len(va_items), len(te_items))
+    log.info(
+        "view classifier: %d train images (%d lateral), %d held out, %d test",
+        len(tr_items),
+        int(ytr.sum()),
+        len(va_items),
+        len(te_items),
+    )
     net = ViewCNN(width=args.width).to(device)
-    losses = train_view(net, xtr, ytr, device, epochs=args.epochs, batch_size=args.batch_size,
-                        lr=args.lr, seed=args.seed, progress=not args.no_progress, norm=norm, gamma=args.gamma)
-    metrics: dict[str, Any] = {"train_loss_per_epoch": [round(x, 4) for x in losses],
-                               "train_seconds": round(time.time() - t0, 1), "device": str(device)}
+    losses = train_view(
+        net,
+        xtr,
+        ytr,
+        device,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        progress=not args.no_progress,
+        norm=norm,
+        gamma=args.gamma,
+    )
+    metrics: dict[str, Any] = {
+        "train_loss_per_epoch": [round(x, 4) for x in losses],
+        "train_seconds": round(time.time() - t0, 1),
+        "device": str(device),
+    }
     for name, items in (("held_out", va_items), ("chexpert_test", te_items)):
         if items:
             x, y = _tensors(items, cache, norm)
             pred = _probs(net, x, device) >= 0.5
-            metrics[name] = {"images": len(items), "lateral": int(y.sum()),
-                             "accuracy": round(float(np.mean(pred == y.numpy().astype(bool))), 4)}
+            metrics[name] = {
+                "images": len(items),
+                "lateral": int(y.sum()),
+                "accuracy": round(float(np.mean(pred == y.numpy().astype(bool))), 4),
+            }
     card = ModelCard(
-        name="view_classifier", version=args.version, architecture=ARCHITECTURE,
-        weights_file=args.out.with_suffix(".safetensors").name, sha256="0" * 64,
-        input_size=args.image_size, normalisation=norm, labels=["frontal", "lateral"],
+        name="view_classifier",
+        version=args.version,
+        architecture=ARCHITECTURE,
+        weights_file=args.out.with_suffix(".safetensors").name,
+        sha256="0" * 64,
+        input_size=args.image_size,
+        normalisation=norm,
+        labels=["frontal", "lateral"],
         thresholds={"lateral": 0.5},
-        hyperparameters={"width": args.width, "blocks": 5, "epochs": args.epochs, "batch_size": args.batch_size,
-                         "lr": args.lr, "seed": args.seed, "augment": f"gamma {args.gamma}, affine, contrast, horizontal flip",
-                         "loss": "BCE with pos_weight = frontal/lateral ratio"},
-        training_data=(f"{len(tr_items)} images ({int(ytr.sum())} lateral) from "
-                       f"{', '.join(sorted({r.source for r in train}))}"),
-        split=(f"patient-level, {args.val_fraction:.0%} of each source's patients held out with seed "
-               f"{args.seed}; CheXpert test images never trained on"),
-        metrics=metrics, notes=args.notes,
+        hyperparameters={
+            "width": args.width,
+            "blocks": 5,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": args.seed,
+            "augment": f"gamma {args.gamma}, affine, contrast, horizontal flip",
+            "loss": "BCE with pos_weight = frontal/lateral ratio",
+        },
+        training_data=(
+            f"{len(tr_items)} images ({int(ytr.sum())} lateral) from "
+            f"{', '.join(sorted({r.source for r in train}))}"
+        ),
+        split=(
+            f"patient-level, {args.val_fraction:.0%} of each source's patients held out with seed "
+            f"{args.seed}; CheXpert test images never trained on"
+        ),
+        metrics=metrics,
+        notes=args.notes,
     )
     card = save_model(card, net.state_dict(), args.out, half=True)
-    args.out.with_suffix(".split.json").write_text(json.dumps(
-        {"seed": args.seed, "val_fraction": args.val_fraction,
-         "held_out_patients": sorted({im.patient for im in val})}, indent=1) + "\n", encoding="utf-8")
-    log.info("wrote %s: %s", args.out, json.dumps({k: v for k, v in metrics.items() if k != "train_loss_per_epoch"}))
+    args.out.with_suffix(".split.json").write_text(
+        json.dumps(
+            {
+                "seed": args.seed,
+                "val_fraction": args.val_fraction,
+                "held_out_patients": sorted({im.patient for im in val}),
+            },
+            indent=1,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    log.info(
+        "wrote %s: %s",
+        args.out,
+        json.dumps({k: v for k, v in metrics.items() if k != "train_loss_per_epoch"}),
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="python -m models.train_view", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    p = argparse.ArgumentParser(
+        prog="python -m models.train_view",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     return run(p.parse_args(argv))
 

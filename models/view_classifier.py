@@ -29,8 +29,12 @@ class ViewCNN(nn.Module):
         cin = 1
         for i in range(blocks):
             cout = width * 2 ** min(i, 3)
-            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
             cin = cout
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(cin, 1)
@@ -42,9 +46,13 @@ class ViewCNN(nn.Module):
 
 def build_view_cnn(card: ModelCard) -> ViewCNN:
     if card.architecture != ARCHITECTURE:
-        raise ModelLoadError(f"model card {card.name}: architecture {card.architecture!r} is not {ARCHITECTURE!r}")
+        raise ModelLoadError(
+            f"model card {card.name}: architecture {card.architecture!r} is not {ARCHITECTURE!r}"
+        )
     if len(card.labels) != 2:
-        raise ModelLoadError(f"model card {card.name}: a view classifier needs 2 labels, got {card.labels}")
+        raise ModelLoadError(
+            f"model card {card.name}: a view classifier needs 2 labels, got {card.labels}"
+        )
     hp = card.hyperparameters
     return ViewCNN(width=int(hp.get("width", 16)), blocks=int(hp.get("blocks", 5)))
 
@@ -64,7 +72,9 @@ class ViewClassifier:
         try:
             net.load_state_dict(to_float(state))
         except RuntimeError as exc:
-            raise ModelLoadError(f"weights of {card_path} do not fit the network its card describes: {exc}") from None
+            raise ModelLoadError(
+                f"weights of {card_path} do not fit the network its card describes: {exc}"
+            ) from None
         return cls(card, net, torch.device(device))
 
     @torch.no_grad()
@@ -82,5 +92,9 @@ class ViewClassifier:
         out = []
         for p in self.probabilities(images):
             p = float(p)
-            out.append(ViewPrediction(view=pos, probability=p) if p >= thr else ViewPrediction(view=neg, probability=1.0 - p))
+            out.append(
+                ViewPrediction(view=pos, probability=p)
+                if p >= thr
+                else ViewPrediction(view=neg, probability=1.0 - p)
+            )
         return out

@@ -47,17 +47,39 @@ log = logging.getLogger(__name__)
 ARCHITECTURE = "torchxrayvision-densenet121"
 #: torchxrayvision's ``datasets.default_pathologies`` (the order of its 18 DenseNet outputs).
 XRV_DEFAULT_PATHOLOGIES = [
-    "Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema",
-    "Fibrosis", "Effusion", "Pneumonia", "Pleural_Thickening", "Cardiomegaly", "Nodule", "Mass",
-    "Hernia", "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum",
+    "Atelectasis",
+    "Consolidation",
+    "Infiltration",
+    "Pneumothorax",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Effusion",
+    "Pneumonia",
+    "Pleural_Thickening",
+    "Cardiomegaly",
+    "Nodule",
+    "Mass",
+    "Hernia",
+    "Lung Lesion",
+    "Fracture",
+    "Lung Opacity",
+    "Enlarged Cardiomediastinum",
 ]
 #: torchxrayvision name -> CheXpert observation. Only same-meaning names are mapped: e.g.
 #: Pleural_Thickening is not "Pleural Other" and Nodule/Mass are not all of "Lung Lesion".
 XRV_TO_CHEXPERT = {
-    "Atelectasis": "Atelectasis", "Consolidation": "Consolidation", "Pneumothorax": "Pneumothorax",
-    "Edema": "Edema", "Effusion": "Pleural Effusion", "Pneumonia": "Pneumonia",
-    "Cardiomegaly": "Cardiomegaly", "Lung Lesion": "Lung Lesion", "Fracture": "Fracture",
-    "Lung Opacity": "Lung Opacity", "Enlarged Cardiomediastinum": "Enlarged Cardiomediastinum",
+    "Atelectasis": "Atelectasis",
+    "Consolidation": "Consolidation",
+    "Pneumothorax": "Pneumothorax",
+    "Edema": "Edema",
+    "Effusion": "Pleural Effusion",
+    "Pneumonia": "Pneumonia",
+    "Cardiomegaly": "Cardiomegaly",
+    "Lung Lesion": "Lung Lesion",
+    "Fracture": "Fracture",
+    "Lung Opacity": "Lung Opacity",
+    "Enlarged Cardiomediastinum": "Enlarged Cardiomediastinum",
 }
 INPUT_SIZE = 224
 # [0, 1] -> [-1024, 1024]: (x - 0.5) / (1 / 2048)
@@ -65,7 +87,9 @@ XRV_NORMALISATION = Normalisation(mean=0.5, std=1.0 / 2048.0)
 
 
 def xrv_densenet(num_classes: int) -> DenseNet:
-    net = DenseNet(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, num_classes=num_classes)
+    net = DenseNet(
+        growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, num_classes=num_classes
+    )
     net.features.conv0 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     return net
 
@@ -73,7 +97,9 @@ def xrv_densenet(num_classes: int) -> DenseNet:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.exists():
-        raise ModelLoadError(f"torchxrayvision checkpoint {path} not found: check models.torchxrayvision_checkpoint")
+        raise ModelLoadError(
+            f"torchxrayvision checkpoint {path} not found: check models.torchxrayvision_checkpoint"
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -89,7 +115,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"torchxrayvision checkpoint {path} does not hold a state dict of tensors")
+        raise ModelLoadError(
+            f"torchxrayvision checkpoint {path} does not hold a state dict of tensors"
+        )
     return state
 
 
@@ -99,8 +127,14 @@ class XrvClassifier:
 
     uses_lateral = False
 
-    def __init__(self, net: DenseNet, card: ModelCard, output_index: list[int],
-                 op_threshs: torch.Tensor | None, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        net: DenseNet,
+        card: ModelCard,
+        output_index: list[int],
+        op_threshs: torch.Tensor | None,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.card = card
@@ -113,7 +147,9 @@ class XrvClassifier:
         state = read_state_dict(path)
         op = state.pop("op_threshs", None)
         if "classifier.weight" not in state:
-            raise ModelLoadError(f"{path}: no 'classifier.weight': not a torchxrayvision DenseNet state dict")
+            raise ModelLoadError(
+                f"{path}: no 'classifier.weight': not a torchxrayvision DenseNet state dict"
+            )
         n_out = int(state["classifier.weight"].shape[0])
         pathologies = list(XRV_DEFAULT_PATHOLOGIES)
         side = path.with_suffix(path.suffix + ".json")
@@ -124,21 +160,33 @@ class XrvClassifier:
             if meta.get("op_threshs") is not None:
                 op = torch.tensor([math.nan if v is None else float(v) for v in meta["op_threshs"]])
         elif op is None:
-            log.warning("%s: no op_threshs and no sidecar JSON; assuming all %d torchxrayvision outputs "
-                        "are trained (true for the 'all' weights only). Add %s with 'pathologies' "
-                        "for a single-dataset checkpoint", path.name, n_out, side.name)
+            log.warning(
+                "%s: no op_threshs and no sidecar JSON; assuming all %d torchxrayvision outputs "
+                "are trained (true for the 'all' weights only). Add %s with 'pathologies' "
+                "for a single-dataset checkpoint",
+                path.name,
+                n_out,
+                side.name,
+            )
         if len(pathologies) != n_out:
-            raise ModelLoadError(f"{path}: {n_out} outputs but {len(pathologies)} pathology names; "
-                                 f"give the names in {side}")
+            raise ModelLoadError(
+                f"{path}: {n_out} outputs but {len(pathologies)} pathology names; "
+                f"give the names in {side}"
+            )
         net = xrv_densenet(n_out)
         try:
             net.load_state_dict(state)
         except RuntimeError as exc:
-            raise ModelLoadError(f"{path} is not a torchxrayvision DenseNet-121 state dict: {exc}") from None
+            raise ModelLoadError(
+                f"{path} is not a torchxrayvision DenseNet-121 state dict: {exc}"
+            ) from None
         if op is not None and op.numel() != n_out:
             raise ModelLoadError(f"{path}: op_threshs has {op.numel()} values for {n_out} outputs")
-        trained = {name: i for i, name in enumerate(pathologies)
-                   if name and (op is None or not math.isnan(float(op.view(-1)[i])))}
+        trained = {
+            name: i
+            for i, name in enumerate(pathologies)
+            if name and (op is None or not math.isnan(float(op.view(-1)[i])))
+        }
         labels, index = [], []
         for obs in OBSERVATIONS:
             for xname, cname in XRV_TO_CHEXPERT.items():
@@ -149,21 +197,38 @@ class XrvClassifier:
             raise ModelLoadError(f"{path}: none of its outputs map onto the CheXpert observations")
         digest = sha256_file(path)
         card = ModelCard(
-            name="model2-torchxrayvision", version=f"xrv-{path.stem}-{digest[:8]}",
-            architecture=ARCHITECTURE, weights_file=path.name, sha256=digest, input_size=INPUT_SIZE,
-            normalisation=XRV_NORMALISATION, labels=labels, thresholds={lab: 0.5 for lab in labels},
+            name="model2-torchxrayvision",
+            version=f"xrv-{path.stem}-{digest[:8]}",
+            architecture=ARCHITECTURE,
+            weights_file=path.name,
+            sha256=digest,
+            input_size=INPUT_SIZE,
+            normalisation=XRV_NORMALISATION,
+            labels=labels,
+            thresholds={lab: 0.5 for lab in labels},
             hyperparameters={"source_pathologies": pathologies, "calibrated": op is not None},
             training_data="torchxrayvision checkpoint supplied by the site (see its documentation)",
-            notes=("op_norm-calibrated: threshold 0.5 is torchxrayvision's operating point" if op is not None
-                   else "uncalibrated sigmoid outputs; 0.5 is not an operating point"),
+            notes=(
+                "op_norm-calibrated: threshold 0.5 is torchxrayvision's operating point"
+                if op is not None
+                else "uncalibrated sigmoid outputs; 0.5 is not an operating point"
+            ),
         )
-        log.info("loaded torchxrayvision checkpoint %s: %d of 14 observations mapped", path.name, len(labels))
+        log.info(
+            "loaded torchxrayvision checkpoint %s: %d of 14 observations mapped",
+            path.name,
+            len(labels),
+        )
         return cls(net, card, index, op.float().view(-1) if op is not None else None, device)
 
     @property
     def info(self) -> ModelInfo:
-        return ModelInfo(name=self.card.name, version=self.card.version, sha256=self.card.sha256,
-                         architecture=self.card.architecture)
+        return ModelInfo(
+            name=self.card.name,
+            version=self.card.version,
+            sha256=self.card.sha256,
+            architecture=self.card.architecture,
+        )
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.net.features(x))
@@ -179,13 +244,17 @@ class XrvClassifier:
         return out
 
     @torch.no_grad()
-    def predict(self, frontals: list[np.ndarray], laterals: list[np.ndarray | None] | None = None) -> np.ndarray:
+    def predict(
+        self, frontals: list[np.ndarray], laterals: list[np.ndarray | None] | None = None
+    ) -> np.ndarray:
         if not frontals:
             return np.zeros((0, len(self.card.labels)), dtype=np.float32)
         x = to_tensor(frontals, self.card).to(self.device)
         return self.probabilities_all(x)[:, self.output_index].cpu().numpy()
 
-    def heatmaps(self, frontal: np.ndarray, lateral: np.ndarray | None, labels: list[str]) -> dict[str, np.ndarray]:
+    def heatmaps(
+        self, frontal: np.ndarray, lateral: np.ndarray | None, labels: list[str]
+    ) -> dict[str, np.ndarray]:
         from models.gradcam import grad_cam
 
         idx = [self.output_index[self.card.labels.index(lab)] for lab in labels]

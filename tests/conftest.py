@@ -20,7 +20,9 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 DATA = TESTS / "data"
 REPO = TESTS.parent
-PG_ADMIN_URL = os.environ.get("CXR_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "CXR_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 
 
 def _shared_data_dir() -> Path | None:
@@ -41,7 +43,9 @@ def shared_data() -> Path:
     """``../shared/data`` (or $CXR_SHARED_DATA); skips the test with a reason when absent."""
     d = _shared_data_dir()
     if d is None:
-        pytest.skip("../shared/data not present (set CXR_SHARED_DATA): this test needs the research data there")
+        pytest.skip(
+            "../shared/data not present (set CXR_SHARED_DATA): this test needs the research data there"
+        )
     return d
 
 

@@ -15,16 +15,32 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 
 
-def wrap_as_dx(image_path: Path, *, like: Dataset, view_position: str = "LL",
-               sop_instance_uid: str | None = None, series_uid: str | None = None) -> Dataset:
+def wrap_as_dx(
+    image_path: Path,
+    *,
+    like: Dataset,
+    view_position: str = "LL",
+    sop_instance_uid: str | None = None,
+    series_uid: str | None = None,
+) -> Dataset:
     """A DX For Presentation instance with ``image_path``'s pixels in ``like``'s patient and study."""
     img = cv2.imread(str(image_path), cv2.IMREAD_GRAYSCALE)
     if img is None:
         raise ValueError(f"cannot read image {image_path}")
     pixels = img.astype(np.uint16) * 16  # 12-bit range like a real detector
     ds = Dataset()
-    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-               "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName"):
+    for kw in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "ReferringPhysicianName",
+    ):
         if kw in like:
             setattr(ds, kw, getattr(like, kw))
     ds.PatientName = ds.get("PatientName", "TEST^LATERAL")

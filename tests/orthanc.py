@@ -47,8 +47,15 @@ class OrthancError(RuntimeError):
 class Orthanc:
     """A running Orthanc process and a small client for its REST API."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], workdir: Path, http_port: int, dicom_port: int,
-                 aet: str, log_path: Path) -> None:
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        workdir: Path,
+        http_port: int,
+        dicom_port: int,
+        aet: str,
+        log_path: Path,
+    ) -> None:
         self.proc = proc
         self.workdir = workdir
         self.http_port = http_port
@@ -110,8 +117,13 @@ class Orthanc:
         cfg_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
         log_path = workdir / "orthanc.log"
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([exe, str(cfg_path)], stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=workdir, start_new_session=True)
+            proc = subprocess.Popen(
+                [exe, str(cfg_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+                start_new_session=True,
+            )
         pacs = cls(proc, workdir, http_port, dicom_port, aet, log_path)
         try:
             pacs._wait_ready(timeout_s)
@@ -134,14 +146,18 @@ class Orthanc:
         last = ""
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise OrthancError(f"Orthanc exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
+                raise OrthancError(
+                    f"Orthanc exited with {self.proc.returncode} while starting:\n{self.log_tail()}"
+                )
             try:
                 self.get("/system")
                 return
             except (OrthancError, OSError) as e:
                 last = str(e)
             time.sleep(0.2)
-        raise OrthancError(f"Orthanc did not answer {self.url}/system within {timeout_s:.0f} s ({last}):\n{self.log_tail()}")
+        raise OrthancError(
+            f"Orthanc did not answer {self.url}/system within {timeout_s:.0f} s ({last}):\n{self.log_tail()}"
+        )
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Terminate by PID, then kill if it does not exit within ``timeout_s``."""
@@ -162,8 +178,14 @@ class Orthanc:
 
     # ------------------------------------------------------------------ REST
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                content_type: str = "application/json", timeout_s: float = 120.0) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+        timeout_s: float = 120.0,
+    ) -> Any:
         req = urllib.request.Request(self.url + path, data=body, method=method)
         if body is not None:
             req.add_header("Content-Type", content_type)
@@ -197,18 +219,24 @@ class Orthanc:
             raise OrthancError(f"uploading {path} to Orthanc failed: {rsp}")
         return str(rsp["ID"])
 
-    def store_to(self, modality: str, resources: list[str], *, timeout_s: float = 120.0) -> dict[str, Any]:
+    def store_to(
+        self, modality: str, resources: list[str], *, timeout_s: float = 120.0
+    ) -> dict[str, Any]:
         """``POST /modalities/{modality}/store`` synchronously; returns Orthanc's answer.
 
         Raises :class:`OrthancError` when Orthanc reports a failed C-STORE."""
         rsp = self.request(
-            "POST", f"/modalities/{modality}/store",
-            json.dumps({"Resources": resources, "Synchronous": True}).encode(), timeout_s=timeout_s,
+            "POST",
+            f"/modalities/{modality}/store",
+            json.dumps({"Resources": resources, "Synchronous": True}).encode(),
+            timeout_s=timeout_s,
         )
         if not isinstance(rsp, dict):
             raise OrthancError(f"unexpected answer from Orthanc store: {rsp!r}")
         if rsp.get("FailedInstancesCount", 0):
-            raise OrthancError(f"Orthanc could not store {rsp['FailedInstancesCount']} instance(s): {rsp}")
+            raise OrthancError(
+                f"Orthanc could not store {rsp['FailedInstancesCount']} instance(s): {rsp}"
+            )
         return rsp
 
     def instances(self) -> list[str]:

@@ -21,12 +21,23 @@ from tests.conftest import REPO
 VERIFICATION = "1.2.840.10008.1.1"
 
 
-def write_config(workdir: Path, *, port: int, ae_title: str = "CXR_WORKER", **sections: Any) -> Path:
+def write_config(
+    workdir: Path, *, port: int, ae_title: str = "CXR_WORKER", **sections: Any
+) -> Path:
     """A config.yaml for a test service: SQLite, storage and results in ``workdir``, fast sweeps."""
     cfg: dict[str, Any] = {
-        "dicom": {"ae_title": ae_title, "bind_host": "127.0.0.1", "port": port,
-                  "storage_dir": "storage", "min_free_disk_mb": 50},
-        "queue": {"database_url": "sqlite:///queue.sqlite3", "lease_seconds": 60, "heartbeat_seconds": 5},
+        "dicom": {
+            "ae_title": ae_title,
+            "bind_host": "127.0.0.1",
+            "port": port,
+            "storage_dir": "storage",
+            "min_free_disk_mb": 50,
+        },
+        "queue": {
+            "database_url": "sqlite:///queue.sqlite3",
+            "lease_seconds": 60,
+            "heartbeat_seconds": 5,
+        },
         "completion": {"quiet_seconds": 2, "max_wait_seconds": 60, "sweep_interval_seconds": 0.5},
         "destinations": [],
         "results_dir": "results",
@@ -34,7 +45,9 @@ def write_config(workdir: Path, *, port: int, ae_title: str = "CXR_WORKER", **se
         "scheduler": {"lease_sweep_interval_seconds": 1, "delivery_retry_interval_seconds": 1},
         "logging": {"level": "INFO"},
     }
-    if os.environ.get("CXR_TEST_WEIGHTS_DIR"):  # run the end-to-end tests with other (e.g. tiny) models
+    if os.environ.get(
+        "CXR_TEST_WEIGHTS_DIR"
+    ):  # run the end-to-end tests with other (e.g. tiny) models
         cfg["models"] = {"weights_dir": os.environ["CXR_TEST_WEIGHTS_DIR"]}
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
@@ -67,12 +80,30 @@ class ServiceProcess:
         self.log = config.parent / f"service-{role}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, port: int | None, ae_title: str = "CXR_WORKER", calling_ae: str = "TEST_SCU",
-              timeout_s: float = 180.0) -> ServiceProcess:
+    def start(
+        self,
+        *,
+        port: int | None,
+        ae_title: str = "CXR_WORKER",
+        calling_ae: str = "TEST_SCU",
+        timeout_s: float = 180.0,
+    ) -> ServiceProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "worker.cli", "serve", "--config", str(self.config), "--role", self.role],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "worker.cli",
+                    "serve",
+                    "--config",
+                    str(self.config),
+                    "--role",
+                    self.role,
+                ],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         if port is None:
@@ -80,12 +111,16 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"cxr-worker serve exited with {self.proc.returncode}:\n{self.tail()}")
+                raise AssertionError(
+                    f"cxr-worker serve exited with {self.proc.returncode}:\n{self.tail()}"
+                )
             if c_echo(port, ae_title, calling_ae):
                 return self
             time.sleep(0.3)
         self.stop()
-        raise AssertionError(f"cxr-worker serve did not answer C-ECHO within {timeout_s:.0f} s:\n{self.tail()}")
+        raise AssertionError(
+            f"cxr-worker serve did not answer C-ECHO within {timeout_s:.0f} s:\n{self.tail()}"
+        )
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
@@ -113,8 +148,14 @@ class ServiceProcess:
         self.stop()
 
 
-def wait_for(predicate: Any, *, timeout_s: float, what: str, service: ServiceProcess | None = None,
-             interval: float = 0.5) -> Any:
+def wait_for(
+    predicate: Any,
+    *,
+    timeout_s: float,
+    what: str,
+    service: ServiceProcess | None = None,
+    interval: float = 0.5,
+) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
@@ -123,9 +164,10 @@ def wait_for(predicate: Any, *, timeout_s: float, what: str, service: ServicePro
         if service is not None and service.proc is not None and service.proc.poll() is not None:
             raise AssertionError(f"service exited while waiting for {what}:\n{service.tail()}")
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}" +
-                         (f"\n{service.tail()}" if service else ""))
-
+    raise AssertionError(
+        f"timed out after {timeout_s:.0f} s waiting for {what}"
+        + (f"\n{service.tail()}" if service else "")
+    )
 
 
 class StoreSCP:
@@ -139,8 +181,12 @@ class StoreSCP:
             pytest.fail("dcmtk's storescp is not installed (make system-deps)")
         self.out.mkdir(parents=True, exist_ok=True)
         log = open(self.out.parent / f"storescp-{self.port}.log", "wb")
-        self.proc = subprocess.Popen([exe, "-aet", self.aet, "-od", str(self.out), "+uf", "+xa", str(self.port)],
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [exe, "-aet", self.aet, "-od", str(self.out), "+uf", "+xa", str(self.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if c_echo(self.port, self.aet):

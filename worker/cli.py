@@ -20,8 +20,13 @@ log = logging.getLogger("worker.cli")
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", type=Path, default=None,
-                   help="config file (default: $CXR_CONFIG or ./config.yaml)")
+    p.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
+        help="config file (default: $CXR_CONFIG or ./config.yaml)",
+    )
 
 
 def _load(args: argparse.Namespace) -> AppConfig:
@@ -57,7 +62,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
     url = cfg.queue.database_url
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(url)
     print(f"database {safe_url(url)} is at revision {migrate.current_revision(url)}")
     return 0
@@ -71,7 +76,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     counts = queue.counts()
     latest = queue.latest(args.limit)
     if args.json:
-        print(json.dumps({"counts": counts, "latest": [asdict(s) for s in latest]}, default=str, indent=2))
+        print(
+            json.dumps(
+                {"counts": counts, "latest": [asdict(s) for s in latest]}, default=str, indent=2
+            )
+        )
         return 0
     print("studies by state:")
     for state, n in counts.items():
@@ -80,7 +89,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  {'study instance uid':<64} {'state':<10} {'inst':>4}  {'deliveries':<24} reason")
     for s in latest:
         deliveries = ", ".join(f"{k}:{v}" for k, v in s.deliveries.items()) or "-"
-        print(f"  {s.study_uid:<64} {s.state:<10} {s.instance_count:>4}  {deliveries:<24} {s.reason or ''}")
+        print(
+            f"  {s.study_uid:<64} {s.state:<10} {s.instance_count:>4}  {deliveries:<24} {s.reason or ''}"
+        )
     return 0
 
 
@@ -99,7 +110,10 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     if queue.requeue(args.study_uid):
         print(f"requeued {args.study_uid}")
         return 0
-    print(f"requeue: study {args.study_uid} not found, or it is still receiving/processing", file=sys.stderr)
+    print(
+        f"requeue: study {args.study_uid} not found, or it is still receiving/processing",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -122,7 +136,9 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
     dest = cfg.destination(args.destination)
     ok, detail = echo(dest, calling_ae=dest.calling_ae_title or cfg.dicom.ae_title)
-    print(f"C-ECHO {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {'OK' if ok else 'FAILED'} {detail}")
+    print(
+        f"C-ECHO {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {'OK' if ok else 'FAILED'} {detail}"
+    )
     return 0 if ok else 1
 
 
@@ -152,8 +168,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the service")
     _add_config(p)
-    p.add_argument("--role", choices=["all", "scp", "worker"], default="all",
-                   help="all: SCP + scheduler + worker in one process; scp or worker to scale out")
+    p.add_argument(
+        "--role",
+        choices=["all", "scp", "worker"],
+        default="all",
+        help="all: SCP + scheduler + worker in one process; scp or worker to scale out",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", help="studies per state and the latest ones")

@@ -94,11 +94,13 @@ def _format_errors(source: str, exc: ValidationError) -> str:
         kind = err["type"]
         value = err.get("input")
         if kind == "extra_forbidden":
-            lines.append(f"{source}: {path}: unknown key (check the spelling; see config.yaml comments)")
+            lines.append(
+                f"{source}: {path}: unknown key (check the spelling; see config.yaml comments)"
+            )
             continue
         msg = str(err["msg"])
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
             lines.append(f"{source}: {path}: {msg}")
         elif kind == "missing":
             lines.append(f"{source}: {path}: required key is missing")
@@ -121,12 +123,17 @@ def _resolve_relative(cfg: AppConfig, base: Path) -> AppConfig:
     url = cfg.queue.database_url
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
-        cfg.queue.database_url = prefix + str(fix(Path(url[len(prefix):])))
+        cfg.queue.database_url = prefix + str(fix(Path(url[len(prefix) :])))
     return cfg
 
 
-def parse_config(data: dict[str, Any] | None, *, source: str = "config.yaml", base: Path | None = None,
-                 environ: dict[str, str] | None = None) -> AppConfig:
+def parse_config(
+    data: dict[str, Any] | None,
+    *,
+    source: str = "config.yaml",
+    base: Path | None = None,
+    environ: dict[str, str] | None = None,
+) -> AppConfig:
     """Validate a mapping as the application config. Raises :class:`ConfigError`."""
     env = os.environ if environ is None else environ
     data = dict(data or {})
@@ -143,7 +150,9 @@ def parse_config(data: dict[str, Any] | None, *, source: str = "config.yaml", ba
     return _resolve_relative(cfg, base or Path.cwd())
 
 
-def load_config(path: str | Path | None = None, *, environ: dict[str, str] | None = None) -> AppConfig:
+def load_config(
+    path: str | Path | None = None, *, environ: dict[str, str] | None = None
+) -> AppConfig:
     """Read and validate a YAML config file (default: ``$CXR_CONFIG`` or ``./config.yaml``)."""
     env = os.environ if environ is None else environ
     p = Path(path or env.get("CXR_CONFIG") or "config.yaml")
@@ -154,7 +163,9 @@ def load_config(path: str | Path | None = None, *, environ: dict[str, str] | Non
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{p}: the top level must be a mapping of sections, got {type(data).__name__}"
+        )
     return parse_config(data, source=str(p), base=p.resolve().parent, environ=env)
 
 

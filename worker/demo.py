@@ -36,9 +36,18 @@ def _free_port() -> int:
 
 def write_config(workdir: Path, port: int, weights_dir: str | None = None) -> Path:
     cfg = {
-        "dicom": {"ae_title": "CXR_WORKER", "bind_host": "127.0.0.1", "port": port,
-                  "storage_dir": "storage", "min_free_disk_mb": 200},
-        "queue": {"database_url": "sqlite:///queue.sqlite3", "lease_seconds": 120, "heartbeat_seconds": 10},
+        "dicom": {
+            "ae_title": "CXR_WORKER",
+            "bind_host": "127.0.0.1",
+            "port": port,
+            "storage_dir": "storage",
+            "min_free_disk_mb": 200,
+        },
+        "queue": {
+            "database_url": "sqlite:///queue.sqlite3",
+            "lease_seconds": 120,
+            "heartbeat_seconds": 10,
+        },
         "completion": {"quiet_seconds": 2, "max_wait_seconds": 30, "sweep_interval_seconds": 0.5},
         "destinations": [],
         "results_dir": "results",
@@ -58,7 +67,9 @@ def _wait_for_echo(port: int, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the service exited with code {proc.returncode} before it answered C-ECHO")
+            raise RuntimeError(
+                f"the service exited with code {proc.returncode} before it answered C-ECHO"
+            )
         ae = AE(ae_title="DEMO_SCU")
         ae.add_requested_context("1.2.840.10008.1.1")
         assoc = ae.associate("127.0.0.1", port, ae_title="CXR_WORKER")
@@ -89,32 +100,51 @@ def run(args: argparse.Namespace) -> int:
         (workdir / p).unlink(missing_ok=True)
     port = _free_port()
     config = write_config(workdir, port, args.weights_dir)
-    samples = [Path(p) for p in args.samples] if args.samples else [SAMPLES / n for n in DEFAULT_SAMPLES]
+    samples = (
+        [Path(p) for p in args.samples] if args.samples else [SAMPLES / n for n in DEFAULT_SAMPLES]
+    )
     t0 = time.monotonic()
     log = open(workdir / "service.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", "--config", str(config)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "serve", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+        start_new_session=True,
+    )
     try:
         _wait_for_echo(port, proc, timeout=120)
-        print(f"service up on 127.0.0.1:{port} (pid {proc.pid}) after {time.monotonic() - t0:.1f} s; "
-              f"sending {len(samples)} sample instance(s)")
+        print(
+            f"service up on 127.0.0.1:{port} (pid {proc.pid}) after {time.monotonic() - t0:.1f} s; "
+            f"sending {len(samples)} sample instance(s)"
+        )
         for uid, status in send(samples, port):
             print(f"  C-STORE {uid}: {status}")
-        study_uids = sorted({pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in samples})
-        queue = Queue.from_url(f"sqlite:///{workdir / 'queue.sqlite3'}", lease_seconds=120, max_attempts=3)
+        study_uids = sorted(
+            {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in samples}
+        )
+        queue = Queue.from_url(
+            f"sqlite:///{workdir / 'queue.sqlite3'}", lease_seconds=120, max_attempts=3
+        )
         deadline = time.monotonic() + args.timeout
         while True:
             details = {u: queue.study(u) for u in study_uids}
             if all(d is not None and d.state in TERMINAL for d in details.values()):
                 break
             if proc.poll() is not None:
-                raise RuntimeError(f"the service exited with code {proc.returncode}; see {workdir / 'service.log'}")
+                raise RuntimeError(
+                    f"the service exited with code {proc.returncode}; see {workdir / 'service.log'}"
+                )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"studies still not finished after {args.timeout:.0f} s: "
-                                   + ", ".join(f"{d.state if d else 'missing'}" for d in details.values()))
+                raise TimeoutError(
+                    f"studies still not finished after {args.timeout:.0f} s: "
+                    + ", ".join(f"{d.state if d else 'missing'}" for d in details.values())
+                )
             time.sleep(0.5)
         print_table(details, samples)
-        print(f"\ndemo finished in {time.monotonic() - t0:.1f} s; service log: {workdir / 'service.log'}")
+        print(
+            f"\ndemo finished in {time.monotonic() - t0:.1f} s; service log: {workdir / 'service.log'}"
+        )
         return 0 if all(d.state != "failed" for d in details.values()) else 1
     finally:
         if proc.poll() is None:
@@ -133,18 +163,27 @@ def print_table(details: dict, samples: list[Path]) -> None:
         ds = pydicom.dcmread(p, stop_before_pixels=True)
         names[ds.StudyInstanceUID] = str(ds.get("PatientName", "")) or str(ds.get("PatientID", "?"))
     print()
-    print(f"{'patient':<22} {'state':<8} {'views':<22} {'Model 1 (abnormal)':<24} top findings (probability)")
+    print(
+        f"{'patient':<22} {'state':<8} {'views':<22} {'Model 1 (abnormal)':<24} top findings (probability)"
+    )
     print("-" * 110)
     for uid, d in details.items():
         result = d.results[-1].payload if d.results else {}
         views = result.get("views", {})
         view_txt = ", ".join(f"{k}:{v}" for k, v in views.items()) or "-"
         m1 = result.get("model1")
-        m1_txt = (f"{'abnormal' if m1['present'] else 'normal'} p={m1['probability']:.2f}/t={m1['threshold']:.2f}"
-                  if m1 else "-")
+        m1_txt = (
+            f"{'abnormal' if m1['present'] else 'normal'} p={m1['probability']:.2f}/t={m1['threshold']:.2f}"
+            if m1
+            else "-"
+        )
         top = sorted(result.get("model2", []), key=lambda f: -f["probability"])[:3]
-        top_txt = ", ".join(f"{f['label']} {f['probability']:.2f}" for f in top) or (d.state_reason or "")
-        print(f"{names.get(uid, '?')[:22]:<22} {d.state:<8} {view_txt[:22]:<22} {m1_txt:<24} {top_txt}")
+        top_txt = ", ".join(f"{f['label']} {f['probability']:.2f}" for f in top) or (
+            d.state_reason or ""
+        )
+        print(
+            f"{names.get(uid, '?')[:22]:<22} {d.state:<8} {view_txt[:22]:<22} {m1_txt:<24} {top_txt}"
+        )
         if result:
             print(f"{'':<22} SR:        {result.get('report_path', '-')}")
             if result.get("key_image_png"):
@@ -155,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cxr-worker-demo", description=__doc__)
     p.add_argument("--workdir", default=str(REPO / "var" / "demo"))
     p.add_argument("--timeout", type=float, default=150.0)
-    p.add_argument("--weights-dir", default=None, help="model cards to use instead of the bundled ones")
+    p.add_argument(
+        "--weights-dir", default=None, help="model cards to use instead of the bundled ones"
+    )
     p.add_argument("samples", nargs="*")
     return run(p.parse_args(argv))
 

@@ -60,8 +60,16 @@ class Heartbeat:
 
 
 class WorkerLoop:
-    def __init__(self, queue: Queue, processor: BatchProcessor, *, worker_id: str, batch_size: int,
-                 poll_interval: float, heartbeat_interval: float) -> None:
+    def __init__(
+        self,
+        queue: Queue,
+        processor: BatchProcessor,
+        *,
+        worker_id: str,
+        batch_size: int,
+        poll_interval: float,
+        heartbeat_interval: float,
+    ) -> None:
         self.queue = queue
         self.processor = processor
         self.worker_id = worker_id
@@ -90,7 +98,9 @@ class WorkerLoop:
             try:
                 n = self.run_once()
             except QueueUnavailable as exc:
-                log.warning("database unavailable, retrying in %.0f s (%s)", self.poll_interval * 5, exc)
+                log.warning(
+                    "database unavailable, retrying in %.0f s (%s)", self.poll_interval * 5, exc
+                )
                 self.stopping.wait(self.poll_interval * 5)
                 continue
             except Exception:

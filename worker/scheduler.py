@@ -44,7 +44,9 @@ def completion_sweep(cfg: AppConfig, queue: Queue) -> int:
 def lease_sweep(queue: Queue) -> int:
     n = queue.sweep_leases()
     if n:
-        log.warning("lease sweep: %d study(ies) returned from a worker that stopped heartbeating", n)
+        log.warning(
+            "lease sweep: %d study(ies) returned from a worker that stopped heartbeating", n
+        )
     return n
 
 
@@ -58,24 +60,44 @@ def retention_purge(cfg: AppConfig, queue: Queue, now: datetime | None = None) -
         if folder.parent == root and folder.is_dir():
             shutil.rmtree(folder, ignore_errors=True)
     if uids:
-        log.info("retention purge: removed %d finished study(ies) older than %s days", len(uids),
-                 cfg.scheduler.retention_days)
+        log.info(
+            "retention purge: removed %d finished study(ies) older than %s days",
+            len(uids),
+            cfg.scheduler.retention_days,
+        )
     return len(uids)
 
 
-def build_scheduler(cfg: AppConfig, queue: Queue, *, role: str,
-                    deliver_due: Callable[[], object] | None = None) -> BackgroundScheduler:
+def build_scheduler(
+    cfg: AppConfig, queue: Queue, *, role: str, deliver_due: Callable[[], object] | None = None
+) -> BackgroundScheduler:
     """Jobs per role: the SCP side owns completion and retention; every role sweeps leases
     (compare-and-set makes concurrent sweeps harmless); delivery retry runs where results are made."""
     sched = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
     if role in ("all", "scp"):
-        sched.add_job(_guard("completion_sweep", lambda: completion_sweep(cfg, queue)), "interval",
-                      seconds=cfg.completion.sweep_interval_seconds, id="completion")
-        sched.add_job(_guard("retention_purge", lambda: retention_purge(cfg, queue)), "interval",
-                      seconds=cfg.scheduler.purge_interval_seconds, id="purge")
-    sched.add_job(_guard("lease_sweep", lambda: lease_sweep(queue)), "interval",
-                  seconds=cfg.scheduler.lease_sweep_interval_seconds, id="leases")
+        sched.add_job(
+            _guard("completion_sweep", lambda: completion_sweep(cfg, queue)),
+            "interval",
+            seconds=cfg.completion.sweep_interval_seconds,
+            id="completion",
+        )
+        sched.add_job(
+            _guard("retention_purge", lambda: retention_purge(cfg, queue)),
+            "interval",
+            seconds=cfg.scheduler.purge_interval_seconds,
+            id="purge",
+        )
+    sched.add_job(
+        _guard("lease_sweep", lambda: lease_sweep(queue)),
+        "interval",
+        seconds=cfg.scheduler.lease_sweep_interval_seconds,
+        id="leases",
+    )
     if deliver_due is not None and role in ("all", "worker"):
-        sched.add_job(_guard("delivery_retry", deliver_due), "interval",
-                      seconds=cfg.scheduler.delivery_retry_interval_seconds, id="delivery")
+        sched.add_job(
+            _guard("delivery_retry", deliver_due),
+            "interval",
+            seconds=cfg.scheduler.delivery_retry_interval_seconds,
+            id="delivery",
+        )
     return sched

@@ -28,10 +28,12 @@ def open_queue(cfg: AppConfig, *, upgrade_empty: bool) -> Queue:
     if url.startswith("sqlite:///"):
         from pathlib import Path
 
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     if migrate.is_empty(url):
         if not upgrade_empty:
-            raise DatabaseNotReady(f"database {safe_url(url)} has no schema: run 'cxr-worker db upgrade'")
+            raise DatabaseNotReady(
+                f"database {safe_url(url)} has no schema: run 'cxr-worker db upgrade'"
+            )
         log.info("empty database: creating the schema")
         migrate.upgrade(url)
     elif migrate.current_revision(url) != migrate.head_revision():
@@ -39,7 +41,9 @@ def open_queue(cfg: AppConfig, *, upgrade_empty: bool) -> Queue:
             f"database {safe_url(url)} is at revision {migrate.current_revision(url)}, not the latest: "
             f"run 'cxr-worker db upgrade' (back up first)"
         )
-    return Queue.from_url(url, lease_seconds=cfg.queue.lease_seconds, max_attempts=cfg.queue.max_attempts)
+    return Queue.from_url(
+        url, lease_seconds=cfg.queue.lease_seconds, max_attempts=cfg.queue.max_attempts
+    )
 
 
 class Service:
@@ -64,7 +68,10 @@ class Service:
             pipeline = Pipeline.from_config(cfg, self.queue)
             deliver_due = pipeline.deliver_due
             self.loop = WorkerLoop(
-                self.queue, pipeline, worker_id=cfg.worker.name, batch_size=cfg.worker.batch_size,
+                self.queue,
+                pipeline,
+                worker_id=cfg.worker.name,
+                batch_size=cfg.worker.batch_size,
                 poll_interval=cfg.worker.poll_interval_seconds,
                 heartbeat_interval=cfg.queue.heartbeat_seconds,
             )
@@ -76,15 +83,21 @@ class Service:
             cfg.dicom.storage_dir.mkdir(parents=True, exist_ok=True)
             self.scp = StorageSCP(cfg.dicom, QueueSink(self.queue))
             self.scp.start()
-            log.info("SCP %s listening on %s:%d", cfg.dicom.ae_title, cfg.dicom.bind_host, cfg.dicom.port)
+            log.info(
+                "SCP %s listening on %s:%d", cfg.dicom.ae_title, cfg.dicom.bind_host, cfg.dicom.port
+            )
         from .scheduler import build_scheduler
 
         self.scheduler = build_scheduler(cfg, self.queue, role=self.role, deliver_due=deliver_due)
         self.scheduler.start()
         if self.loop is not None:
-            self._loop_thread = threading.Thread(target=self.loop.run, name="worker-loop", daemon=True)
+            self._loop_thread = threading.Thread(
+                target=self.loop.run, name="worker-loop", daemon=True
+            )
             self._loop_thread.start()
-        log.info("service started (role %s, database %s)", self.role, safe_url(cfg.queue.database_url))
+        log.info(
+            "service started (role %s, database %s)", self.role, safe_url(cfg.queue.database_url)
+        )
 
     def stop(self) -> None:
         log.info("stopping")

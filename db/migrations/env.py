@@ -31,10 +31,14 @@ def run_migrations_online() -> None:
     )
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
-            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            connection.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY}
+            )
         context.run_migrations()
 
 
 if context.is_offline_mode():
-    raise RuntimeError("offline (SQL script) migrations are not supported; use db.migrate.upgrade(url)")
+    raise RuntimeError(
+        "offline (SQL script) migrations are not supported; use db.migrate.upgrade(url)"
+    )
 run_migrations_online()

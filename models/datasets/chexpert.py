@@ -51,7 +51,9 @@ COMPETITION: tuple[str, ...] = (
     "Pleural Effusion",
 )
 #: Observations that make a study "abnormal" for Model 1 (support devices alone do not).
-PATHOLOGIES: tuple[str, ...] = tuple(o for o in OBSERVATIONS if o not in ("No Finding", "Support Devices"))
+PATHOLOGIES: tuple[str, ...] = tuple(
+    o for o in OBSERVATIONS if o not in ("No Finding", "Support Devices")
+)
 
 POLICIES: tuple[str, ...] = ("u-ignore", "u-zeros", "u-ones", "lsr-ones", "lsr-zeros")
 # Pham et al. 2019 (arXiv:1911.06475): uncertain labels drawn uniformly from these ranges.
@@ -139,8 +141,9 @@ def model1_raw(raw: np.ndarray) -> np.ndarray:
     return np.array([v], dtype=np.float32)
 
 
-def apply_policy(raw: np.ndarray, policy: str, rng: np.random.Generator | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def apply_policy(
+    raw: np.ndarray, policy: str, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(target, mask)`` float32 arrays for a raw label vector under an uncertainty policy.
 
     Blank (NaN) is always masked out. Uncertain (-1): ``u-ignore`` masks it, ``u-zeros`` -> 0,
@@ -184,8 +187,9 @@ def _resolve(root: Path, csv_dir: Path, rel: str) -> Path:
     return root / rel
 
 
-def group_views(rows: Iterable[tuple[str, str, Path, str, np.ndarray]], source: str
-                ) -> list[StudyRecord]:
+def group_views(
+    rows: Iterable[tuple[str, str, Path, str, np.ndarray]], source: str
+) -> list[StudyRecord]:
     """Group (patient, study, path, view, raw) rows into studies: the first frontal and the first
     lateral of each study. Studies without a frontal image are dropped (the models need one)."""
     studies: dict[tuple[str, str], dict[str, object]] = {}
@@ -195,17 +199,25 @@ def group_views(rows: Iterable[tuple[str, str, Path, str, np.ndarray]], source: 
         if s[slot] is None:
             s[slot] = path
         if slot == "frontal":
-            s["raw"] = raw  # the frontal row's labels define the study (CheXpert labels are per study)
+            s["raw"] = (
+                raw  # the frontal row's labels define the study (CheXpert labels are per study)
+            )
     out: list[StudyRecord] = []
     dropped = 0
     for (patient, study), s in sorted(studies.items()):
         if s["frontal"] is None:
             dropped += 1
             continue
-        out.append(StudyRecord(
-            key=f"{source}:{patient}/{study}", patient=f"{source}:{patient}", source=source,
-            frontal=s["frontal"], lateral=s["lateral"], raw=s["raw"],  # type: ignore[arg-type]
-        ))
+        out.append(
+            StudyRecord(
+                key=f"{source}:{patient}/{study}",
+                patient=f"{source}:{patient}",
+                source=source,
+                frontal=s["frontal"],
+                lateral=s["lateral"],
+                raw=s["raw"],  # type: ignore[arg-type]
+            )
+        )
     if dropped:
         log.info("%s: %d studies have no frontal image and were skipped", source, dropped)
     return out
@@ -226,12 +238,18 @@ def is_lateral(view: str) -> bool:
     return v.startswith("lat") or v in ("ll", "rl")
 
 
-def view_images(rows: Iterable[tuple[str, str, Path, str, np.ndarray]], source: str) -> list[ViewImage]:
-    return [ViewImage(path=path, patient=f"{source}:{patient}", source=source, lateral=is_lateral(view))
-            for patient, _study, path, view, _raw in rows]
+def view_images(
+    rows: Iterable[tuple[str, str, Path, str, np.ndarray]], source: str
+) -> list[ViewImage]:
+    return [
+        ViewImage(path=path, patient=f"{source}:{patient}", source=source, lateral=is_lateral(view))
+        for patient, _study, path, view, _raw in rows
+    ]
 
 
-def _chexpert_rows(directory: Path, split: str) -> tuple[list[tuple[str, str, Path, str, np.ndarray]], str]:
+def _chexpert_rows(
+    directory: Path, split: str
+) -> tuple[list[tuple[str, str, Path, str, np.ndarray]], str]:
     root = _chexpert_root(directory)
     base = root / "CheXpert-v1.0"
     name = {"train": "train.csv", "valid": "valid.csv", "test": "test_labels.csv"}.get(split)
@@ -243,7 +261,11 @@ def _chexpert_rows(directory: Path, split: str) -> tuple[list[tuple[str, str, Pa
     rows = []
     with open(csv_path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        missing = [c for c in ("Path", "Frontal/Lateral", *OBSERVATIONS) if c not in (reader.fieldnames or [])]
+        missing = [
+            c
+            for c in ("Path", "Frontal/Lateral", *OBSERVATIONS)
+            if c not in (reader.fieldnames or [])
+        ]
         if missing:
             raise DatasetError(f"{csv_path}: missing columns {missing}")
         for line, r in enumerate(reader, start=2):
@@ -253,9 +275,13 @@ def _chexpert_rows(directory: Path, split: str) -> tuple[list[tuple[str, str, Pa
                 i = next(k for k, p in enumerate(parts) if p.startswith("patient"))
                 patient, study = parts[i], parts[i + 1]
             except (StopIteration, IndexError):
-                raise DatasetError(f"{csv_path}:{line}: path {rel!r} has no patientXXXX/studyN part") from None
+                raise DatasetError(
+                    f"{csv_path}:{line}: path {rel!r} has no patientXXXX/studyN part"
+                ) from None
             try:
-                raw = complete_no_finding(np.array([parse_label(r[o]) for o in OBSERVATIONS], dtype=np.float32))
+                raw = complete_no_finding(
+                    np.array([parse_label(r[o]) for o in OBSERVATIONS], dtype=np.float32)
+                )
             except DatasetError as exc:
                 raise DatasetError(f"{csv_path}:{line}: {exc}") from None
             rows.append((patient, study, _resolve(root, base, rel), r["Frontal/Lateral"], raw))
@@ -276,8 +302,12 @@ def chexpert_view_images(directory: Path, split: str = "train") -> list[ViewImag
     return view_images(rows, source)
 
 
-def read_mimic(directory: Path, *, metadata: str = "mimic-cxr-2.0.0-metadata.csv",
-               labels: str = "mimic-cxr-2.0.0-chexpert.csv") -> list[StudyRecord]:
+def read_mimic(
+    directory: Path,
+    *,
+    metadata: str = "mimic-cxr-2.0.0-metadata.csv",
+    labels: str = "mimic-cxr-2.0.0-chexpert.csv",
+) -> list[StudyRecord]:
     """Read MIMIC-CXR-JPG: the metadata CSV (dicom_id, subject_id, study_id, ViewPosition) joined
     with the CheXpert-labeller CSV on (subject_id, study_id); images at
     ``files/p{subject[:2]}/p{subject}/s{study}/{dicom_id}.jpg``. Compressed ``.csv.gz`` is accepted."""
@@ -288,16 +318,23 @@ def read_mimic(directory: Path, *, metadata: str = "mimic-cxr-2.0.0-metadata.csv
 
         for cand in (d / name, d / (name + ".gz")):
             if cand.exists():
-                fh = gzip.open(cand, "rt", encoding="utf-8") if cand.suffix == ".gz" else open(cand, encoding="utf-8", newline="")
+                fh = (
+                    gzip.open(cand, "rt", encoding="utf-8")
+                    if cand.suffix == ".gz"
+                    else open(cand, encoding="utf-8", newline="")
+                )
                 return cand, list(csv.DictReader(fh))
-        raise DatasetError(f"MIMIC-CXR-JPG: {d / name} not found (give the folder that holds it and files/)")
+        raise DatasetError(
+            f"MIMIC-CXR-JPG: {d / name} not found (give the folder that holds it and files/)"
+        )
 
     lab_path, lab_rows = _open(labels)
     lab: dict[tuple[str, str], np.ndarray] = {}
     for line, r in enumerate(lab_rows, start=2):
         try:
             lab[(r["subject_id"], r["study_id"])] = complete_no_finding(
-                np.array([parse_label(r.get(o)) for o in OBSERVATIONS], dtype=np.float32))
+                np.array([parse_label(r.get(o)) for o in OBSERVATIONS], dtype=np.float32)
+            )
         except (DatasetError, KeyError) as exc:
             raise DatasetError(f"{lab_path}:{line}: {exc}") from None
     meta_path, meta_rows = _open(metadata)

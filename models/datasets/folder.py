@@ -80,22 +80,25 @@ def parse_spec(spec: str) -> tuple[Path, Path, str | None]:
     return Path(parts[0]), Path(parts[1]), (parts[2] if len(parts) == 3 else None)
 
 
-def read_folder(csv_path: Path, image_dir: Path, file_template: str | None = None,
-                *, source: str | None = None) -> list[StudyRecord]:
+def read_folder(
+    csv_path: Path, image_dir: Path, file_template: str | None = None, *, source: str | None = None
+) -> list[StudyRecord]:
     """Read a folder + CSV into study records (see the module docstring for the CSV layout)."""
     rows, src = _folder_rows(csv_path, image_dir, file_template, source)
     return group_views(rows, src)
 
 
-def folder_view_images(csv_path: Path, image_dir: Path, file_template: str | None = None,
-                       *, source: str | None = None) -> list[ViewImage]:
+def folder_view_images(
+    csv_path: Path, image_dir: Path, file_template: str | None = None, *, source: str | None = None
+) -> list[ViewImage]:
     """Every image of a folder CSV with its view (``view`` column; frontal when absent)."""
     rows, src = _folder_rows(csv_path, image_dir, file_template, source)
     return view_images(rows, src)
 
 
-def _folder_rows(csv_path: Path, image_dir: Path, file_template: str | None, source: str | None
-                 ) -> tuple[list[tuple[str, str, Path, str, np.ndarray]], str]:
+def _folder_rows(
+    csv_path: Path, image_dir: Path, file_template: str | None, source: str | None
+) -> tuple[list[tuple[str, str, Path, str, np.ndarray]], str]:
     csv_path, image_dir = Path(csv_path), Path(image_dir)
     if not csv_path.exists():
         raise DatasetError(f"label CSV {csv_path} not found")
@@ -115,7 +118,9 @@ def _folder_rows(csv_path: Path, image_dir: Path, file_template: str | None, sou
             try:
                 rel = file_template.format(**r) if file_template else r[file_col]  # type: ignore[index]
             except KeyError as exc:
-                raise DatasetError(f"{csv_path}:{line}: file template names unknown column {exc}") from None
+                raise DatasetError(
+                    f"{csv_path}:{line}: file template names unknown column {exc}"
+                ) from None
             path = image_dir / rel
             name = Path(rel).stem
             patient = (r.get("patient") or "").strip() or name

@@ -146,7 +146,9 @@ def resize_image(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    return (cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA) >= 0.5).astype(np.uint8)
+    return (
+        cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA) >= 0.5
+    ).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,9 @@ class Augment:
     contrast: float = 0.15
     gamma: float = 0.30
 
-    def __call__(self, img: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, img: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         h, w = img.shape
         ang = rng.uniform(-self.rotate_deg, self.rotate_deg)
         s = rng.uniform(1 - self.scale, 1 + self.scale)
@@ -172,9 +176,17 @@ class Augment:
         sc = np.array([[s * a, 0, (1 - s * a) * w / 2], [0, s / a, (1 - s / a) * h / 2], [0, 0, 1]])
         mat = (sc @ m)[:2]
         mat[:, 2] += (tx, ty)
-        img = cv2.warpAffine(img, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        mask = cv2.warpAffine(mask.astype(np.float32), mat, (w, h), flags=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        img = cv2.warpAffine(
+            img, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        )
+        mask = cv2.warpAffine(
+            mask.astype(np.float32),
+            mat,
+            (w, h),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
         mask = (mask >= 0.5).astype(np.uint8)
         g = math.exp(rng.uniform(-self.gamma, self.gamma))
         img = np.clip(img, 0.0, 1.0) ** g
@@ -191,8 +203,16 @@ class LungMaskDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     ``1 x size x size`` float 0/1. With ``augment`` each access draws a fresh perturbation from
     a generator seeded by ``seed`` (reproducible with ``num_workers=0``)."""
 
-    def __init__(self, pairs: list[MaskPair], size: int, *, mean: float = 0.5, std: float = 0.5,
-                 augment: Augment | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        pairs: list[MaskPair],
+        size: int,
+        *,
+        mean: float = 0.5,
+        std: float = 0.5,
+        augment: Augment | None = None,
+        seed: int = 0,
+    ) -> None:
         if not pairs:
             raise MaskDatasetError("LungMaskDataset got no pairs")
         self.ids = [p.id for p in pairs]

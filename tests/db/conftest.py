@@ -32,7 +32,9 @@ def migrated_url(database_url: str) -> str:
 
 @pytest.fixture
 def queue(migrated_url: str) -> Iterator[Queue]:
-    q = Queue.from_url(migrated_url, lease_seconds=LEASE, max_attempts=MAX_ATTEMPTS, retry_base_seconds=10)
+    q = Queue.from_url(
+        migrated_url, lease_seconds=LEASE, max_attempts=MAX_ATTEMPTS, retry_base_seconds=10
+    )
     try:
         yield q
     finally:

@@ -38,7 +38,9 @@ def test_each_study_claimed_exactly_once(
     barrier = ctx.Barrier(WORKERS)
     out = ctx.Queue()
     procs = [
-        ctx.Process(target=_claimer.claim_until_empty, args=(migrated_url, f"w{i}", barrier, out, 1 + i % 2))
+        ctx.Process(
+            target=_claimer.claim_until_empty, args=(migrated_url, f"w{i}", barrier, out, 1 + i % 2)
+        )
         for i in range(WORKERS)
     ]
     for p in procs:
@@ -55,14 +57,20 @@ def test_each_study_claimed_exactly_once(
     dupes = [i for i, n in Counter(all_ids).items() if n > 1]
     assert dupes == [], f"studies claimed twice: {dupes}"
     assert len(all_ids) == STUDIES
-    assert queue.counts()[StudyState.PROCESSING] == STUDIES and queue.counts()[StudyState.READY] == 0
+    assert (
+        queue.counts()[StudyState.PROCESSING] == STUDIES and queue.counts()[StudyState.READY] == 0
+    )
 
     # The database agrees: owner, one attempt and one claim event per study.
     with queue.engine.connect() as conn:
-        owners: dict[int, str] = dict(conn.execute(sa.text("SELECT id, lease_owner FROM studies")).all())
+        owners: dict[int, str] = dict(
+            conn.execute(sa.text("SELECT id, lease_owner FROM studies")).all()
+        )
         attempts = {a for (a,) in conn.execute(sa.text("SELECT attempts FROM studies"))}
         claims = conn.execute(
-            sa.text("SELECT study_id, count(*) FROM events WHERE to_state = 'processing' GROUP BY study_id")
+            sa.text(
+                "SELECT study_id, count(*) FROM events WHERE to_state = 'processing' GROUP BY study_id"
+            )
         ).all()
     assert attempts == {1}
     assert all(n == 1 for _, n in claims) and len(claims) == STUDIES
@@ -107,7 +115,9 @@ def test_racing_inserts_of_the_same_instances(migrated_url: str) -> None:
     sops = [uid() for _ in range(10)]
     queues = [Queue.from_url(migrated_url, lease_seconds=60, max_attempts=3) for _ in range(8)]
     try:
-        out = _race(8, lambda i: [add_instance(queues[i], study, sop_uid=s, now=at(i)) for s in sops])
+        out = _race(
+            8, lambda i: [add_instance(queues[i], study, sop_uid=s, now=at(i)) for s in sops]
+        )
         errors = [r for r in out if isinstance(r, Exception)]
         assert errors == [], errors
         new_per_sop = [sum(r[k] for r in out) for k in range(len(sops))]  # type: ignore[index]

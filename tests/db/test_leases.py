@@ -10,15 +10,24 @@ from db.queue import LeaseLost, Queue, StudyState
 from tests.db.conftest import LEASE, MAX_ATTEMPTS, add_instance, at, uid
 
 
-def test_claim_sets_lease_and_counts_the_attempt(queue: Queue, ready_study: Callable[..., str]) -> None:
+def test_claim_sets_lease_and_counts_the_attempt(
+    queue: Queue, ready_study: Callable[..., str]
+) -> None:
     s = ready_study(0)
     [c] = queue.claim("worker-a", now=at(40))
     assert c.study_uid == s and c.attempts == 1 and c.previous_report_uid is None
     assert c.lease_expires_at == at(40 + LEASE)
-    assert [i.view_position for i in c.instances] == ["PA"] and c.instances[0].rel_path.startswith(s)
+    assert [i.view_position for i in c.instances] == ["PA"] and c.instances[0].rel_path.startswith(
+        s
+    )
     d = queue.study(s)
     assert d is not None
-    assert (d.state, d.lease_owner, d.claimed_at, d.attempts) == ("processing", "worker-a", at(40), 1)
+    assert (d.state, d.lease_owner, d.claimed_at, d.attempts) == (
+        "processing",
+        "worker-a",
+        at(40),
+        1,
+    )
     assert queue.claim("worker-b", now=at(41)) == []
 
 
@@ -69,15 +78,22 @@ def test_expired_lease_returns_to_ready_then_fails_when_attempts_are_used(
         t += LEASE + 2
     d = queue.study(s)
     assert d is not None and d.state == "failed" and d.lease_owner is None
-    assert d.state_reason == f"lease expired (worker w{MAX_ATTEMPTS}) after {MAX_ATTEMPTS} attempt(s); giving up"
-    reasons = [e.reason for e in d.events if e.actor == "scheduler" and e.from_state == "processing"]
+    assert (
+        d.state_reason
+        == f"lease expired (worker w{MAX_ATTEMPTS}) after {MAX_ATTEMPTS} attempt(s); giving up"
+    )
+    reasons = [
+        e.reason for e in d.events if e.actor == "scheduler" and e.from_state == "processing"
+    ]
     assert reasons[0] == "lease expired (worker w1)"
     # The worker whose lease expired cannot complete any more.
     with pytest.raises(LeaseLost, match="no longer holds"):
         queue.complete(c.id, f"w{MAX_ATTEMPTS}", result_payload={}, now=at(t))
 
 
-def test_expired_but_unswept_lease_may_still_complete(queue: Queue, ready_study: Callable[..., str]) -> None:
+def test_expired_but_unswept_lease_may_still_complete(
+    queue: Queue, ready_study: Callable[..., str]
+) -> None:
     s = ready_study(0)
     [c] = queue.claim("w1", now=at(40))
     queue.complete(c.id, "w1", result_payload={"ok": True}, now=at(40 + LEASE + 5))
@@ -101,7 +117,9 @@ def test_lease_lost_after_sweep_and_reclaim(queue: Queue, ready_study: Callable[
     assert queue.heartbeat("slow", [c.id]) == []
 
 
-def test_retryable_failure_backs_off_then_gives_up(queue: Queue, ready_study: Callable[..., str]) -> None:
+def test_retryable_failure_backs_off_then_gives_up(
+    queue: Queue, ready_study: Callable[..., str]
+) -> None:
     s = ready_study(0)
     [c] = queue.claim("w", now=at(40))
     assert queue.fail(c.id, "w", error="CUDA error", retryable=True, now=at(41)) == StudyState.READY
@@ -112,15 +130,24 @@ def test_retryable_failure_backs_off_then_gives_up(queue: Queue, ready_study: Ca
     assert queue.study(s).ready_at == at(72)  # type: ignore[union-attr]  # doubled
     [c] = queue.claim("w", now=at(72))
     assert c.attempts == MAX_ATTEMPTS
-    assert queue.fail(c.id, "w", error="CUDA error", retryable=True, now=at(73)) == StudyState.FAILED
+    assert (
+        queue.fail(c.id, "w", error="CUDA error", retryable=True, now=at(73)) == StudyState.FAILED
+    )
     d = queue.study(s)
-    assert d is not None and d.state == "failed" and d.state_reason == "failed after 3 attempt(s): CUDA error"
+    assert (
+        d is not None
+        and d.state == "failed"
+        and d.state_reason == "failed after 3 attempt(s): CUDA error"
+    )
 
 
 def test_permanent_failure_fails_at_once(queue: Queue, ready_study: Callable[..., str]) -> None:
     s = ready_study(0)
     [c] = queue.claim("w", now=at(40))
-    assert queue.fail(c.id, "w", error="pixel data truncated", retryable=False, now=at(41)) == StudyState.FAILED
+    assert (
+        queue.fail(c.id, "w", error="pixel data truncated", retryable=False, now=at(41))
+        == StudyState.FAILED
+    )
     assert queue.study(s).state_reason == "failed (not retryable): pixel data truncated"  # type: ignore[union-attr]
 
 
@@ -139,7 +166,9 @@ def test_requeue_rules(queue: Queue, ready_study: Callable[..., str]) -> None:
     receiving = uid()
     add_instance(queue, receiving, now=at(3))
     claimed = {c.study_uid: c for c in queue.claim("w", limit=3, now=at(40))}
-    queue.complete(claimed[done].id, "w", result_payload={}, report_sop_instance_uid="2.25.5", now=at(41))
+    queue.complete(
+        claimed[done].id, "w", result_payload={}, report_sop_instance_uid="2.25.5", now=at(41)
+    )
     queue.fail(claimed[failed].id, "w", error="boom", retryable=False, now=at(42))
     assert not queue.requeue(busy), "processing studies are not requeued"
     assert not queue.requeue(receiving)

@@ -26,7 +26,13 @@ def test_upgrade_empty_then_again(database_url: str) -> None:
     eng = make_engine(database_url)
     try:
         insp = sa.inspect(eng)
-        assert set(insp.get_table_names()) >= {"studies", "instances", "events", "results", "deliveries"}
+        assert set(insp.get_table_names()) >= {
+            "studies",
+            "instances",
+            "events",
+            "results",
+            "deliveries",
+        }
         study_ix = {ix["name"]: ix["column_names"] for ix in insp.get_indexes("studies")}
         assert study_ix["ix_studies_state"] == ["state"]
         assert study_ix["ix_studies_state_last_instance_at"] == ["state", "last_instance_at"]
@@ -71,7 +77,11 @@ def test_timestamps_round_trip_as_aware_utc(database_url: str) -> None:
     studies = Base.metadata.tables["studies"]
     try:
         with eng.begin() as conn:
-            conn.execute(studies.insert().values(study_uid="1.2.3", state="receiving", created_at=t, updated_at=t))
+            conn.execute(
+                studies.insert().values(
+                    study_uid="1.2.3", state="receiving", created_at=t, updated_at=t
+                )
+            )
         with eng.connect() as conn:
             got = conn.execute(sa.select(studies.c.created_at)).scalar_one()
         assert got == t and got.tzinfo is not None and got.utcoffset() == timedelta(0)
@@ -82,7 +92,9 @@ def test_timestamps_round_trip_as_aware_utc(database_url: str) -> None:
 
 def test_naive_datetimes_are_refused() -> None:
     with pytest.raises(ValueError, match="naive datetime"):
-        UTCDateTime().process_bind_param(datetime(2026, 1, 1), sa.create_engine("sqlite://").dialect)
+        UTCDateTime().process_bind_param(
+            datetime(2026, 1, 1), sa.create_engine("sqlite://").dialect
+        )
 
 
 def test_queue_check_schema(database_url: str) -> None:
@@ -90,9 +102,15 @@ def test_queue_check_schema(database_url: str) -> None:
     from db.errors import QueueUnavailable
     from db.queue import Queue
 
-    q = Queue.from_config(QueueConfig(database_url=database_url, lease_seconds=60, heartbeat_seconds=10, max_attempts=3))
+    q = Queue.from_config(
+        QueueConfig(
+            database_url=database_url, lease_seconds=60, heartbeat_seconds=10, max_attempts=3
+        )
+    )
     try:
-        with pytest.raises(QueueUnavailable, match=r"revision none \(empty\).*cxr-worker db upgrade"):
+        with pytest.raises(
+            QueueUnavailable, match=r"revision none \(empty\).*cxr-worker db upgrade"
+        ):
             q.check_schema()
         upgrade(database_url)
         assert q.check_schema() == head_revision()

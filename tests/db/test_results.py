@@ -26,13 +26,20 @@ def _done(q: Queue, s: str, t: float, report: str, dests: tuple[str, ...] = ("pa
     )
 
 
-def test_complete_stores_result_and_pending_deliveries(queue: Queue, ready_study: Callable[..., str]) -> None:
+def test_complete_stores_result_and_pending_deliveries(
+    queue: Queue, ready_study: Callable[..., str]
+) -> None:
     s = ready_study(0)
     rid = _done(queue, s, 40, "2.25.100", ("pacs", "archive"))
     d = queue.study(s)
     assert d is not None and d.state == "done" and d.finished_at == at(41) and d.lease_owner is None
     [r] = d.results
-    assert r.id == rid and r.payload == PAYLOAD and not r.superseded and r.report_sop_instance_uid == "2.25.100"
+    assert (
+        r.id == rid
+        and r.payload == PAYLOAD
+        and not r.superseded
+        and r.report_sop_instance_uid == "2.25.100"
+    )
     assert sorted((x.destination, x.state, x.attempts) for x in d.deliveries) == [
         ("archive", "pending", 0),
         ("pacs", "pending", 0),
@@ -69,12 +76,19 @@ def test_delivery_lifecycle(queue: Queue, ready_study: Callable[..., str]) -> No
     by = {x.destination: x for x in due}
     queue.mark_delivery(by["pacs"].id, delivered=True, status="0x0000", retry_at=None, now=at(52))
     queue.mark_delivery(
-        by["archive"].id, delivered=False, status="network: connection refused", retry_at=at(112), now=at(52)
+        by["archive"].id,
+        delivered=False,
+        status="network: connection refused",
+        retry_at=at(112),
+        now=at(52),
     )
     assert queue.due_deliveries(now=at(111)) == []
     [again] = queue.due_deliveries(now=at(112))
     assert (again.destination, again.state, again.attempts, again.last_status) == (
-        "archive", "retry", 1, "network: connection refused",
+        "archive",
+        "retry",
+        1,
+        "network: connection refused",
     )
     queue.mark_delivery(again.id, delivered=False, status="0xA900", retry_at=None, now=at(113))
     assert queue.latest(1)[0].deliveries == {"delivered": 1, "failed": 1}
@@ -101,15 +115,25 @@ def test_purge_keeps_active_studies(queue: Queue, ready_study: Callable[..., str
     queue.release(claimed[ready].id, "w", now=at(41))
     queue.complete(claimed[done].id, "w", result_payload={}, now=at(41))
     queue.complete(
-        claimed[undelivered].id, "w", result_payload={}, deliveries=[("pacs", "2.25.11", SR, "x.dcm")], now=at(41)
+        claimed[undelivered].id,
+        "w",
+        result_payload={},
+        deliveries=[("pacs", "2.25.11", SR, "x.dcm")],
+        now=at(41),
     )
     ignored = uid()
     add_instance(queue, ignored, eligible=False, body_part="KNEE", now=at(100))
     queue.sweep_completion(quiet_seconds=30, max_wait_seconds=600, now=at(131))
     receiving = uid()
     add_instance(queue, receiving, now=at(200))
-    expected = {ready: "ready", processing: "processing", done: "done", undelivered: "done",
-                ignored: "ignored", receiving: "receiving"}
+    expected = {
+        ready: "ready",
+        processing: "processing",
+        done: "done",
+        undelivered: "done",
+        ignored: "ignored",
+        receiving: "receiving",
+    }
     assert {s: queue.study(s).state for s in expected} == expected  # type: ignore[union-attr]
 
     far_future = at(10**7)

@@ -8,7 +8,12 @@ from db.retry import PERMANENT_KINDS, TRANSIENT_KINDS, decide
 
 
 def test_backoff_doubles_per_attempt() -> None:
-    assert [decide("network", a, max_attempts=10, base_seconds=30) for a in (1, 2, 3, 4)] == [30, 60, 120, 240]
+    assert [decide("network", a, max_attempts=10, base_seconds=30) for a in (1, 2, 3, 4)] == [
+        30,
+        60,
+        120,
+        240,
+    ]
 
 
 def test_zero_attempts_waits_base() -> None:
@@ -43,7 +48,11 @@ def test_unknown_kind_is_an_error_naming_the_choices() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_attempts": 0}, {"max_attempts": 3, "base_seconds": -1}, {"max_attempts": 3, "cap_seconds": -1}],
+    [
+        {"max_attempts": 0},
+        {"max_attempts": 3, "base_seconds": -1},
+        {"max_attempts": 3, "cap_seconds": -1},
+    ],
 )
 def test_bad_arguments_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):

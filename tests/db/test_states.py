@@ -72,20 +72,31 @@ def test_max_wait_makes_a_trickling_study_ready(queue: Queue) -> None:
         assert queue.sweep_completion(quiet_seconds=30, max_wait_seconds=600, now=at(t + 1)) == 0
     assert queue.sweep_completion(quiet_seconds=30, max_wait_seconds=600, now=at(601)) == 1
     d = queue.study(s)
-    assert d is not None and d.state == "ready" and "600s since the first instance" in (d.state_reason or "")
+    assert (
+        d is not None
+        and d.state == "ready"
+        and "600s since the first instance" in (d.state_reason or "")
+    )
 
 
 def test_study_without_eligible_instance_is_ignored_with_reason(queue: Queue) -> None:
     s = uid()
     add_instance(
-        queue, s, eligible=False, body_part="EXTREMITY", modality="CR",
-        ineligible_reason="BodyPartExamined EXTREMITY is not a chest", now=at(0),
+        queue,
+        s,
+        eligible=False,
+        body_part="EXTREMITY",
+        modality="CR",
+        ineligible_reason="BodyPartExamined EXTREMITY is not a chest",
+        now=at(0),
     )
     assert queue.sweep_completion(quiet_seconds=30, max_wait_seconds=600, now=at(31)) == 1
     d = queue.study(s)
     assert d is not None and d.state == "ignored" and d.finished_at == at(31)
     assert d.state_reason is not None
-    assert d.state_reason.startswith("no chest radiograph: 1 instance(s), BodyPartExamined EXTREMITY")
+    assert d.state_reason.startswith(
+        "no chest radiograph: 1 instance(s), BodyPartExamined EXTREMITY"
+    )
     assert "Modality CR" in d.state_reason
 
 
@@ -97,7 +108,9 @@ def test_mixed_study_with_one_eligible_instance_is_ready(queue: Queue) -> None:
     assert state(queue, s) == "ready"
 
 
-def test_instance_for_ready_study_waits_for_quiet_again(queue: Queue, ready_study: Callable[..., str]) -> None:
+def test_instance_for_ready_study_waits_for_quiet_again(
+    queue: Queue, ready_study: Callable[..., str]
+) -> None:
     s = ready_study(0)
     add_instance(queue, s, now=at(35))
     d = queue.study(s)
@@ -107,13 +120,17 @@ def test_instance_for_ready_study_waits_for_quiet_again(queue: Queue, ready_stud
     assert [e.to_state for e in queue.events(s)] == ["receiving", "ready", "receiving", "ready"]
 
 
-def test_instance_during_processing_sets_needs_reanalysis(queue: Queue, ready_study: Callable[..., str]) -> None:
+def test_instance_during_processing_sets_needs_reanalysis(
+    queue: Queue, ready_study: Callable[..., str]
+) -> None:
     s = ready_study(0)
     [c] = queue.claim("w1", now=at(40))
     add_instance(queue, s, now=at(45))
     d = queue.study(s)
     assert d is not None and d.state == "processing" and d.needs_reanalysis
-    queue.complete(c.id, "w1", result_payload={"p": 0.1}, report_sop_instance_uid="2.25.1", now=at(50))
+    queue.complete(
+        c.id, "w1", result_payload={"p": 0.1}, report_sop_instance_uid="2.25.1", now=at(50)
+    )
     d = queue.study(s)
     assert d is not None and d.state == "receiving" and not d.needs_reanalysis
     assert d.previous_report_uid == "2.25.1"
@@ -122,7 +139,9 @@ def test_instance_during_processing_sets_needs_reanalysis(queue: Queue, ready_st
     assert again.previous_report_uid == "2.25.1" and len(again.instances) == 2
 
 
-def test_done_study_reopens_and_remembers_its_report(queue: Queue, ready_study: Callable[..., str]) -> None:
+def test_done_study_reopens_and_remembers_its_report(
+    queue: Queue, ready_study: Callable[..., str]
+) -> None:
     s = ready_study(0)
     [c] = queue.claim("w1", now=at(40))
     queue.complete(c.id, "w1", result_payload={}, report_sop_instance_uid="2.25.77", now=at(50))
@@ -130,7 +149,12 @@ def test_done_study_reopens_and_remembers_its_report(queue: Queue, ready_study: 
     add_instance(queue, s, now=at(1000))
     d = queue.study(s)
     assert d is not None
-    assert (d.state, d.previous_report_uid, d.reopened_count, d.attempts) == ("receiving", "2.25.77", 1, 0)
+    assert (d.state, d.previous_report_uid, d.reopened_count, d.attempts) == (
+        "receiving",
+        "2.25.77",
+        1,
+        0,
+    )
     assert d.first_instance_at == at(1000), "a reopened study starts a new max-wait clock"
     assert queue.sweep_completion(quiet_seconds=30, max_wait_seconds=600, now=at(1001)) == 0
     assert queue.sweep_completion(quiet_seconds=30, max_wait_seconds=600, now=at(1031)) == 1
@@ -138,7 +162,9 @@ def test_done_study_reopens_and_remembers_its_report(queue: Queue, ready_study: 
     assert c2.previous_report_uid == "2.25.77"
 
 
-def test_failed_study_reopens_with_attempts_reset(queue: Queue, ready_study: Callable[..., str]) -> None:
+def test_failed_study_reopens_with_attempts_reset(
+    queue: Queue, ready_study: Callable[..., str]
+) -> None:
     s = ready_study(0)
     [c] = queue.claim("w1", now=at(40))
     queue.fail(c.id, "w1", error="cannot decode pixel data", retryable=False, now=at(41))
@@ -183,8 +209,11 @@ def test_every_transition_writes_one_event(queue: Queue, ready_study: Callable[.
     assert [e.actor for e in ev][2:] == ["w1", "w1", "w1", "w1", "w2", "w2", "cli"]
     assert "GPU out of memory" in (ev[3].reason or "") and "retry in 10s" in (ev[3].reason or "")
     assert ev[7].reason == "no frontal view"
-    assert all((e.from_state, e.to_state) in {(None if f is None else f.value, t.value) for f, t in TRANSITIONS}
-               for e in ev)
+    assert all(
+        (e.from_state, e.to_state)
+        in {(None if f is None else f.value, t.value) for f, t in TRANSITIONS}
+        for e in ev
+    )
 
 
 def test_refused_transitions_raise_and_change_nothing(queue: Queue) -> None:
@@ -192,18 +221,28 @@ def test_refused_transitions_raise_and_change_nothing(queue: Queue) -> None:
     add_instance(queue, s, now=at(0))
     sid = queue.study(s).id  # type: ignore[union-attr]
     with queue.engine.begin() as conn:
-        for frm, to in [(S.RECEIVING, S.DONE), (S.RECEIVING, S.PROCESSING), (S.DONE, S.FAILED), (S.READY, S.DONE)]:
+        for frm, to in [
+            (S.RECEIVING, S.DONE),
+            (S.RECEIVING, S.PROCESSING),
+            (S.DONE, S.FAILED),
+            (S.READY, S.DONE),
+        ]:
             with pytest.raises(InvalidTransition, match=f"{frm} -> {to}"):
                 queue._transition(conn, sid, frm, to, actor="test", reason="x", now=at(1))
     assert state(queue, s) == "receiving" and len(queue.events(s)) == 1
 
 
-def test_compare_and_set_misses_when_the_state_moved(queue: Queue, ready_study: Callable[..., str]) -> None:
+def test_compare_and_set_misses_when_the_state_moved(
+    queue: Queue, ready_study: Callable[..., str]
+) -> None:
     s = ready_study(0)
     sid = queue.study(s).id  # type: ignore[union-attr]
     with queue.engine.begin() as conn:
         # Allowed in the table, but the study is ready, not receiving: nothing changes, no event.
-        assert queue._transition(conn, sid, S.RECEIVING, S.READY, actor="t", reason="x", now=at(99)) is None
+        assert (
+            queue._transition(conn, sid, S.RECEIVING, S.READY, actor="t", reason="x", now=at(99))
+            is None
+        )
     assert len(queue.events(s)) == 2
 
 
@@ -213,7 +252,11 @@ def test_only_queue_module_writes_state() -> None:
 
     root = pathlib.Path(__file__).resolve().parents[2]
     offenders = []
-    files = [p for d in ("worker", "dicom_node", "models", "db", "bench") for p in (root / d).rglob("*.py")]
+    files = [
+        p
+        for d in ("worker", "dicom_node", "models", "db", "bench")
+        for p in (root / d).rglob("*.py")
+    ]
     assert any(p.name == "queue.py" for p in files)
     for p in files:
         if p.parts[-2:] == ("db", "queue.py"):
@@ -235,7 +278,11 @@ def test_counts_and_latest(queue: Queue, ready_study: Callable[..., str]) -> Non
     assert set(counts) == set(StudyState)
     latest = queue.latest(5)
     assert [x.study_uid for x in latest] == [b, a]
-    assert latest[0].instance_count == 2 and latest[0].state == "receiving" and latest[0].deliveries == {}
+    assert (
+        latest[0].instance_count == 2
+        and latest[0].state == "receiving"
+        and latest[0].deliveries == {}
+    )
     assert queue.latest(1)[0].study_uid == b
     assert queue.study("9.9.9") is None and queue.events("9.9.9") == []
 

@@ -20,7 +20,9 @@ def test_postgres_on_a_closed_port() -> None:
     q = Queue.from_url(url, lease_seconds=60, max_attempts=3)
     t0 = time.monotonic()
     try:
-        with pytest.raises(QueueUnavailable, match=r"127\.0\.0\.1.*unavailable.*queue\.database_url"):
+        with pytest.raises(
+            QueueUnavailable, match=r"127\.0\.0\.1.*unavailable.*queue\.database_url"
+        ):
             add_instance(q, uid())
         with pytest.raises(QueueUnavailable):
             q.counts()
@@ -49,7 +51,9 @@ def test_sqlite_in_a_read_only_folder(tmp_path: Path) -> None:
     ro.chmod(0o500)
     try:
         with pytest.raises(QueueUnavailable, match="cannot create the folder"):
-            Queue.from_url(f"sqlite:///{ro / 'missing' / 'q.sqlite3'}", lease_seconds=60, max_attempts=3)
+            Queue.from_url(
+                f"sqlite:///{ro / 'missing' / 'q.sqlite3'}", lease_seconds=60, max_attempts=3
+            )
     finally:
         ro.chmod(0o700)
 

@@ -121,10 +121,16 @@ def send(port: int, *items: Dataset | Path, raw: bool = False) -> list[int]:
     ae = AE(ae_title=SCU_AET)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     for item in items:
-        ts = item.file_meta.TransferSyntaxUID if isinstance(item, Dataset) else \
-            pydicom.dcmread(item, stop_before_pixels=True).file_meta.TransferSyntaxUID
-        sop_class = item.SOPClassUID if isinstance(item, Dataset) else \
-            pydicom.dcmread(item, stop_before_pixels=True).file_meta.MediaStorageSOPClassUID
+        ts = (
+            item.file_meta.TransferSyntaxUID
+            if isinstance(item, Dataset)
+            else pydicom.dcmread(item, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        )
+        sop_class = (
+            item.SOPClassUID
+            if isinstance(item, Dataset)
+            else pydicom.dcmread(item, stop_before_pixels=True).file_meta.MediaStorageSOPClassUID
+        )
         ae.add_requested_context(sop_class, ts)
     assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AET)
     assert assoc.is_established, f"association to 127.0.0.1:{port} was not established"

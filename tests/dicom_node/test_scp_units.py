@@ -33,6 +33,7 @@ ALL_FILES = sorted(p.name for p in DATA.glob("*.dcm"))
 
 # ----------------------------------------------------------------------------- UIDs
 
+
 @pytest.mark.parametrize("uid", ["1.2.840.10008.1.2", "0", "1.0.3", "2.25." + "9" * 39, "1" * 64])
 def test_valid_uids(uid: str) -> None:
     assert is_valid_uid(uid), uid_problem(uid)
@@ -62,6 +63,7 @@ def test_invalid_uids_say_why(uid: object, why: str) -> None:
 
 # ----------------------------------------------------------------------------- statuses
 
+
 def test_status_table() -> None:
     assert status_for(UndecodableDataset("x")) == 0xC210
     assert status_for(DatasetMismatch("x")) == 0xA900
@@ -73,6 +75,7 @@ def test_status_table() -> None:
 
 
 # ----------------------------------------------------------------------------- conformance
+
 
 def _inspect(path: Path, data: bytes | None = None, **kw: str):  # type: ignore[no-untyped-def]
     meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
@@ -95,8 +98,17 @@ def test_every_real_file_passes(name: str) -> None:
     assert "PixelData" not in info.header  # the header stops before the pixels
 
 
-@pytest.mark.parametrize(("option", "syntax"), [("+ti", ImplicitVRLittleEndian), ("+tb", ExplicitVRBigEndian), ("+td", DeflatedExplicitVRLittleEndian)])
-def test_other_uncompressed_syntaxes_pass(tmp_path: Path, option: str, syntax: pydicom.uid.UID) -> None:
+@pytest.mark.parametrize(
+    ("option", "syntax"),
+    [
+        ("+ti", ImplicitVRLittleEndian),
+        ("+tb", ExplicitVRBigEndian),
+        ("+td", DeflatedExplicitVRLittleEndian),
+    ],
+)
+def test_other_uncompressed_syntaxes_pass(
+    tmp_path: Path, option: str, syntax: pydicom.uid.UID
+) -> None:
     """Converted by dcmtk's dcmconv (a real big endian / deflated encoder, not pydicom)."""
     if shutil.which("dcmconv") is None:
         pytest.skip("dcmtk's dcmconv is not installed")
@@ -120,7 +132,9 @@ def test_truncated_compressed_dataset_is_undecodable() -> None:
         _inspect(DATA / "RG1_J2KR.dcm", data[: len(data) // 2])
 
 
-@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"])
+@pytest.mark.parametrize(
+    "syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"]
+)
 def test_random_bytes_are_undecodable(syntax: str) -> None:
     garbage = bytes(range(256)) * 40 + os.urandom(4000)
     with pytest.raises(UndecodableDataset):
@@ -129,11 +143,15 @@ def test_random_bytes_are_undecodable(syntax: str) -> None:
 
 def test_garbage_deflate_stream_is_undecodable() -> None:
     with pytest.raises(UndecodableDataset, match="inflate"):
-        _inspect(DATA / "RG1_UNCR.dcm", b"\xff" * 100, transfer_syntax=DeflatedExplicitVRLittleEndian)
+        _inspect(
+            DATA / "RG1_UNCR.dcm", b"\xff" * 100, transfer_syntax=DeflatedExplicitVRLittleEndian
+        )
 
 
 def test_request_uids_must_match_dataset() -> None:
-    with pytest.raises(DatasetMismatch, match="differs from the request's Affected SOP Instance UID"):
+    with pytest.raises(
+        DatasetMismatch, match="differs from the request's Affected SOP Instance UID"
+    ):
         _inspect(DATA / "RG1_UNCR.dcm", affected_sop_instance_uid="1.2.3.4")
     with pytest.raises(DatasetMismatch, match="differs from the request's Affected SOP Class UID"):
         _inspect(DATA / "RG1_UNCR.dcm", affected_sop_class_uid="1.2.840.10008.5.1.4.1.1.7")
@@ -155,14 +173,18 @@ def test_path_traversal_study_uid_is_a_mismatch(tmp_path: Path) -> None:
 def test_missing_series_uid_is_a_mismatch(tmp_path: Path) -> None:
     ds = pydicom.dcmread(DATA / "siim_cr_pa_secondary_capture.dcm")
     del ds.SeriesInstanceUID
-    with pytest.raises(InvalidUID, match="SeriesInstanceUID None is not a valid DICOM UID: it is missing"):
+    with pytest.raises(
+        InvalidUID, match="SeriesInstanceUID None is not a valid DICOM UID: it is missing"
+    ):
         _inspect(_resave(tmp_path, ds))
 
 
 def test_pixel_length_must_match_rows_columns(tmp_path: Path) -> None:
     ds = pydicom.dcmread(DATA / "RG3_UNCR.dcm")
     ds.Rows = ds.Rows + 1
-    with pytest.raises(DatasetMismatch, match=r"Pixel Data has 6195200 bytes but Rows 1761 x Columns 1760"):
+    with pytest.raises(
+        DatasetMismatch, match=r"Pixel Data has 6195200 bytes but Rows 1761 x Columns 1760"
+    ):
         _inspect(_resave(tmp_path, ds))
 
 
@@ -176,7 +198,7 @@ def test_missing_pixel_data_is_a_mismatch(tmp_path: Path) -> None:
 def test_garbage_in_compressed_pixel_data_is_a_mismatch(tmp_path: Path) -> None:
     data = bytearray(body_bytes(DATA / "RG1_J2KR.dcm"))
     soc = data.find(b"\xff\x4f\xff\x51")
-    data[soc:soc + 4096] = os.urandom(4096)
+    data[soc : soc + 4096] = os.urandom(4096)
     with pytest.raises(DatasetMismatch, match="does not start with a JPEG 2000 codestream"):
         _inspect(DATA / "RG1_J2KR.dcm", bytes(data))
 
@@ -199,22 +221,34 @@ def test_undefined_length_sequences_are_walked(tmp_path: Path) -> None:
     assert info.header.AnatomicRegionSequence[0].CodeValue == "51185008"
     with pytest.raises(UndecodableDataset):  # remove the delimiter: the walk must notice
         i = raw.find(struct.pack("<HH", 0xFFFE, 0xE0DD))
-        _inspect(path, raw[:i] + raw[i + 8:])
+        _inspect(path, raw[:i] + raw[i + 8 :])
 
 
 # ----------------------------------------------------------------------------- classification
+
 
 def _header(name: str) -> Dataset:
     return pydicom.dcmread(DATA / name, stop_before_pixels=True)
 
 
-@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "siim_cr_pa_secondary_capture.dcm", "siim_fake_monochrome1.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "RG1_UNCR.dcm",
+        "RG1_J2KR.dcm",
+        "siim_cr_pa_secondary_capture.dcm",
+        "siim_fake_monochrome1.dcm",
+    ],
+)
 def test_chest_files_are_eligible(name: str) -> None:
     assert chest_eligibility(_header(name)) == (True, None)
 
 
 def test_extremity_cr_is_not_eligible() -> None:
-    assert chest_eligibility(_header("RG3_UNCR.dcm")) == (False, "BodyPartExamined EXTREMITY is not the chest")
+    assert chest_eligibility(_header("RG3_UNCR.dcm")) == (
+        False,
+        "BodyPartExamined EXTREMITY is not the chest",
+    )
 
 
 def test_ct_is_not_eligible() -> None:
@@ -228,7 +262,10 @@ def test_ct_is_not_eligible() -> None:
 def test_secondary_capture_without_radiograph_modality_is_not_eligible() -> None:
     ds = _header("siim_cr_pa_secondary_capture.dcm")
     ds.Modality = "OT"
-    assert chest_eligibility(ds) == (False, "Secondary Capture with Modality OT is not a radiograph (CR or DX)")
+    assert chest_eligibility(ds) == (
+        False,
+        "Secondary Capture with Modality OT is not a radiograph (CR or DX)",
+    )
 
 
 @pytest.mark.parametrize(
@@ -250,7 +287,11 @@ def test_descriptions_decide_when_body_part_is_empty(
     for kw in ("StudyDescription", "SeriesDescription", "ProtocolName"):
         if kw in ds:
             delattr(ds, kw)
-    for kw, v in (("StudyDescription", study), ("SeriesDescription", series), ("ProtocolName", protocol)):
+    for kw, v in (
+        ("StudyDescription", study),
+        ("SeriesDescription", series),
+        ("ProtocolName", protocol),
+    ):
         if v is not None:
             setattr(ds, kw, v)
     ok, why = chest_eligibility(ds)
@@ -259,6 +300,7 @@ def test_descriptions_decide_when_body_part_is_empty(
 
 
 # ----------------------------------------------------------------------------- storage
+
 
 def test_storage_writes_atomically_and_validates_uids(tmp_path: Path) -> None:
     st = InstanceStorage(tmp_path / "s")
@@ -289,7 +331,9 @@ def test_failed_write_leaves_no_temp_file(tmp_path: Path) -> None:
 
 def test_free_space_threshold(tmp_path: Path) -> None:
     st = InstanceStorage(tmp_path, min_free_disk_mb=10**9)
-    with pytest.raises(InsufficientDiskSpace, match=r"below the threshold dicom.min_free_disk_mb=1000000000"):
+    with pytest.raises(
+        InsufficientDiskSpace, match=r"below the threshold dicom.min_free_disk_mb=1000000000"
+    ):
         st.check_free_space()
     InstanceStorage(tmp_path, min_free_disk_mb=1).check_free_space(1000)
 

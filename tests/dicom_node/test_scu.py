@@ -22,7 +22,9 @@ pytestmark = pytest.mark.network
 
 
 def _dest(port: int, ae_title: str = "PEER", timeout_s: float = 10.0) -> DestinationConfig:
-    return DestinationConfig(name="peer", ae_title=ae_title, host="127.0.0.1", port=port, timeout_s=timeout_s)
+    return DestinationConfig(
+        name="peer", ae_title=ae_title, host="127.0.0.1", port=port, timeout_s=timeout_s
+    )
 
 
 @pytest.fixture
@@ -59,7 +61,11 @@ def storescp(tmp_path: Path) -> Iterator[tuple[DestinationConfig, Path]]:
 
 
 def _received_uids(folder: Path) -> set[str]:
-    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in folder.iterdir() if p.is_file()}
+    return {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        for p in folder.iterdir()
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +86,15 @@ def report_dataset(data_dir: Path) -> Dataset:
     )
 
 
-def test_send_to_dcmtk_storescp(storescp: tuple[DestinationConfig, Path], report_dataset: Dataset, data_dir: Path) -> None:
+def test_send_to_dcmtk_storescp(
+    storescp: tuple[DestinationConfig, Path], report_dataset: Dataset, data_dir: Path
+) -> None:
     dest, out = storescp
-    items: list[Dataset | Path] = [report_dataset, data_dir / "RG1_J2KR.dcm", data_dir / "siim_cr_pa_secondary_capture.dcm"]
+    items: list[Dataset | Path] = [
+        report_dataset,
+        data_dir / "RG1_J2KR.dcm",
+        data_dir / "siim_cr_pa_secondary_capture.dcm",
+    ]
     results = send(items, dest, calling_ae="CXR_WORKER")
     assert [r.delivered for r in results] == [True, True, True], results
     assert all(r.status_code == 0 and not r.retryable for r in results)
@@ -90,7 +102,11 @@ def test_send_to_dcmtk_storescp(storescp: tuple[DestinationConfig, Path], report
     assert uids[0] == report_dataset.SOPInstanceUID
     assert _received_uids(out) == set(uids)
     # the compressed instance arrived in its own transfer syntax, bit for bit in pixel data
-    j2k = next(p for p in out.iterdir() if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == uids[1])
+    j2k = next(
+        p
+        for p in out.iterdir()
+        if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == uids[1]
+    )
     received = pydicom.dcmread(j2k)
     original = pydicom.dcmread(data_dir / "RG1_J2KR.dcm")
     assert received.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
@@ -123,15 +139,22 @@ def _peer(handler: Callable[[evt.Event], int], *, ae_title: str = "PEER", requir
     ae = AE(ae_title=ae_title)
     ae.require_called_aet = require_called
     for sop in sop_classes or []:
-        ae.add_supported_context(sop, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.90"])
+        ae.add_supported_context(
+            sop, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.90"]
+        )
     if sop_classes is None:
         from pynetdicom import StoragePresentationContexts
 
         for cx in StoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.90"])
+            ae.add_supported_context(
+                cx.abstract_syntax,
+                ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.90"],
+            )
     ae.add_supported_context(Verification)
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)])
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handler)]
+    )
     return server, port
 
 
@@ -155,7 +178,12 @@ def peer() -> Iterator[Callable[..., int]]:
      (0xB000, True, False), (0xB007, True, False), (0xB006, True, False)],
 )  # fmt: skip
 def test_statuses_are_classified(
-    peer: Callable[..., int], report_dataset: Dataset, data_dir: Path, status: int, delivered: bool, retryable: bool
+    peer: Callable[..., int],
+    report_dataset: Dataset,
+    data_dir: Path,
+    status: int,
+    delivered: bool,
+    retryable: bool,
 ) -> None:
     seen: list[str] = []
 
@@ -164,28 +192,36 @@ def test_statuses_are_classified(
         return status
 
     port = peer(handler)
-    results = send([report_dataset, data_dir / "RG1_UNCR.dcm"], _dest(port), calling_ae="CXR_WORKER")
+    results = send(
+        [report_dataset, data_dir / "RG1_UNCR.dcm"], _dest(port), calling_ae="CXR_WORKER"
+    )
     assert len(seen) == 2  # both were attempted on the one association
     for r in results:
         assert (r.delivered, r.retryable, r.status_code) == (delivered, retryable, status)
         assert r.status.startswith(f"0x{status:04X}")
 
 
-def test_proposes_only_the_sop_classes_sent(peer: Callable[..., int], report_dataset: Dataset, data_dir: Path) -> None:
+def test_proposes_only_the_sop_classes_sent(
+    peer: Callable[..., int], report_dataset: Dataset, data_dir: Path
+) -> None:
     proposed: list[set[str]] = []
 
     def on_request(event: evt.Event) -> None:
         proposed.append({cx.abstract_syntax for cx in event.assoc.requestor.requested_contexts})
 
     ae = AE(ae_title="PEER")
-    ae.add_supported_context(ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    ae.add_supported_context(
+        ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+    )
     port = free_port()
     server = ae.start_server(
         ("127.0.0.1", port), block=False,
         evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000), (evt.EVT_REQUESTED, on_request)],
     )  # fmt: skip
     try:
-        results = send([report_dataset, data_dir / "RG1_UNCR.dcm"], _dest(port), calling_ae="CXR_WORKER")
+        results = send(
+            [report_dataset, data_dir / "RG1_UNCR.dcm"], _dest(port), calling_ae="CXR_WORKER"
+        )
     finally:
         server.shutdown()
     assert proposed == [{str(report_dataset.SOPClassUID), ComputedRadiographyImageStorage}]
@@ -195,7 +231,9 @@ def test_proposes_only_the_sop_classes_sent(peer: Callable[..., int], report_dat
     assert not sr.delivered and not sr.retryable and "accepted no presentation context" in sr.status
 
 
-def test_rejected_association_is_retryable(peer: Callable[..., int], report_dataset: Dataset) -> None:
+def test_rejected_association_is_retryable(
+    peer: Callable[..., int], report_dataset: Dataset
+) -> None:
     port = peer(lambda e: 0x0000, ae_title="SOMEONE", require_called=True)
     (r,) = send([report_dataset], _dest(port, "PEER"), calling_ae="CXR_WORKER")
     assert not r.delivered and r.retryable and "rejected" in r.status
@@ -203,7 +241,9 @@ def test_rejected_association_is_retryable(peer: Callable[..., int], report_data
     assert not ok and "rejected" in detail
 
 
-def test_handler_crash_is_permanent_failure(peer: Callable[..., int], report_dataset: Dataset) -> None:
+def test_handler_crash_is_permanent_failure(
+    peer: Callable[..., int], report_dataset: Dataset
+) -> None:
     def handler(event: evt.Event) -> int:
         raise RuntimeError("boom")
 
@@ -227,14 +267,20 @@ def test_classify_status_table() -> None:
     assert classify_status(0xC210) == (False, False)
 
 
-def test_peer_that_never_answers_is_retryable(peer: Callable[..., int], report_dataset: Dataset, data_dir: Path) -> None:
+def test_peer_that_never_answers_is_retryable(
+    peer: Callable[..., int], report_dataset: Dataset, data_dir: Path
+) -> None:
     def handler(event: evt.Event) -> int:
         time.sleep(4)
         return 0x0000
 
     port = peer(handler)
     t0 = time.monotonic()
-    results = send([report_dataset, data_dir / "RG1_UNCR.dcm"], _dest(port, timeout_s=1.5), calling_ae="CXR_WORKER")
+    results = send(
+        [report_dataset, data_dir / "RG1_UNCR.dcm"],
+        _dest(port, timeout_s=1.5),
+        calling_ae="CXR_WORKER",
+    )
     assert time.monotonic() - t0 < 10
     assert all(not r.delivered and r.retryable for r in results), results
     assert "no C-STORE response" in results[0].status
@@ -249,8 +295,11 @@ def test_same_sop_class_in_two_transfer_syntaxes_goes_in_one_send(scp) -> None: 
     from tests.dicom_node.conftest import SCP_AET
 
     dest = DestinationConfig(name="self", ae_title=SCP_AET, host="127.0.0.1", port=scp.port)
-    results = scu_send([DATA / "RG1_J2KR.dcm", DATA / "RG3_UNCR.dcm", DATA / "siim_cr_pa_secondary_capture.dcm"],
-                       dest, calling_ae="SENDER")
+    results = scu_send(
+        [DATA / "RG1_J2KR.dcm", DATA / "RG3_UNCR.dcm", DATA / "siim_cr_pa_secondary_capture.dcm"],
+        dest,
+        calling_ae="SENDER",
+    )
     assert [r.delivered for r in results] == [True, True, True], [r.status for r in results]
     stored = {p.name for p in scp.files()}
     assert len(stored) == 3

@@ -61,7 +61,9 @@ def dciodvfy_binary() -> str:
 
 def dciodvfy(path: Path) -> list[str]:
     """Run dciodvfy -new; return its warnings, fail the test on any error."""
-    proc = subprocess.run([dciodvfy_binary(), "-new", str(path)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [dciodvfy_binary(), "-new", str(path)], capture_output=True, text=True, timeout=60
+    )
     lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("Error")]
     assert not errors, f"dciodvfy errors for {path.name}:\n" + "\n".join(errors)
@@ -135,7 +137,9 @@ def _input(frontal: Dataset, lateral: Dataset | None = None, **kw: object) -> Re
     return ReportInput(**args)  # type: ignore[arg-type]
 
 
-def test_report_round_trip_and_content(frontal: Dataset, lateral: Dataset, tmp_path: Path, strict_reading: None) -> None:
+def test_report_round_trip_and_content(
+    frontal: Dataset, lateral: Dataset, tmp_path: Path, strict_reading: None
+) -> None:
     sr = build_report(_input(frontal, lateral))
     path = write_report(sr, tmp_path / "sr.dcm")
     warnings = validate(path)
@@ -170,7 +174,7 @@ def test_report_round_trip_and_content(frontal: Dataset, lateral: Dataset, tmp_p
     assert library_uids == {frontal.SOPInstanceUID, lateral.SOPInstanceUID}
     # procedure reported: two views
     dump = dsrdump(path)
-    assert "36643-5,LN" in dump and "Device Observer Name\")=\"CXR_WORKER\"" in dump
+    assert "36643-5,LN" in dump and 'Device Observer Name")="CXR_WORKER"' in dump
 
     findings = read_findings(back)
     assert [f.label for f in findings] == ["Abnormal", *LABELS]
@@ -207,10 +211,14 @@ def concept(item: Dataset) -> str:
     return str(seq[0].CodeValue) if seq else ""
 
 
-def test_frontal_only_secondary_capture_without_orientation(data_dir: Path, tmp_path: Path, strict_reading: None) -> None:
+def test_frontal_only_secondary_capture_without_orientation(
+    data_dir: Path, tmp_path: Path, strict_reading: None
+) -> None:
     # SIIM SC image: no Patient Orientation, no ImagerPixelSpacing, no Accession Number
     sc = pydicom.dcmread(data_dir / "siim_cr_pa_secondary_capture.dcm", stop_before_pixels=True)
-    sr = build_report(_input(sc, crop=None, mask_quality=MaskQualityInfo(0.05, 5, 0.1, False, "too small")))
+    sr = build_report(
+        _input(sc, crop=None, mask_quality=MaskQualityInfo(0.05, 5, 0.1, False, "too small"))
+    )
     path = write_report(sr, tmp_path / "sc.dcm")
     validate(path)
     dump = dsrdump(path)
@@ -226,20 +234,30 @@ def test_uid_is_deterministic_and_order_independent(frontal: Dataset, lateral: D
     assert a.SOPInstanceUID == b.SOPInstanceUID and a.SeriesInstanceUID == b.SeriesInstanceUID
     assert report_uid([lateral, frontal], [M2, M1, MASK]) == a.SOPInstanceUID
     newer = AlgorithmInfo(M2.name, "2.0.2", M2.sha256, M2.architecture)
-    assert build_report(_input(frontal, lateral, model2_algorithm=newer)).SOPInstanceUID != a.SOPInstanceUID
+    assert (
+        build_report(_input(frontal, lateral, model2_algorithm=newer)).SOPInstanceUID
+        != a.SOPInstanceUID
+    )
     assert build_report(_input(frontal)).SOPInstanceUID != a.SOPInstanceUID
     assert pydicom.uid.UID(a.SOPInstanceUID).is_valid
     # the images weighed count, not only the pair: a late extra image gives a new report...
     both = [str(frontal.SOPInstanceUID), str(lateral.SOPInstanceUID)]
-    assert build_report(_input(frontal, lateral, considered_instances=both)).SOPInstanceUID == a.SOPInstanceUID
+    assert (
+        build_report(_input(frontal, lateral, considered_instances=both)).SOPInstanceUID
+        == a.SOPInstanceUID
+    )
     late = build_report(_input(frontal, lateral, considered_instances=[*both, "1.2.3.4.5"]))
     assert late.SOPInstanceUID != a.SOPInstanceUID
     # ...and the same set in another order the same report
-    again = build_report(_input(frontal, lateral, considered_instances=["1.2.3.4.5", *reversed(both)]))
+    again = build_report(
+        _input(frontal, lateral, considered_instances=["1.2.3.4.5", *reversed(both)])
+    )
     assert again.SOPInstanceUID == late.SOPInstanceUID
 
 
-def test_reanalysis_lists_the_report_it_replaces(frontal: Dataset, lateral: Dataset, tmp_path: Path) -> None:
+def test_reanalysis_lists_the_report_it_replaces(
+    frontal: Dataset, lateral: Dataset, tmp_path: Path
+) -> None:
     first = build_report(_input(frontal))  # frontal arrived alone
     second = build_report(_input(frontal, lateral, previous=[first]))  # the late lateral came in
     assert second.SOPInstanceUID != first.SOPInstanceUID
@@ -262,7 +280,9 @@ def test_reanalysis_lists_the_report_it_replaces(frontal: Dataset, lateral: Data
 
 
 @pytest.mark.parametrize("attribute", ["PatientID", "StudyInstanceUID", "IssuerOfPatientID"])
-def test_refuses_images_of_different_patients_or_studies(frontal: Dataset, lateral: Dataset, attribute: str) -> None:
+def test_refuses_images_of_different_patients_or_studies(
+    frontal: Dataset, lateral: Dataset, attribute: str
+) -> None:
     other = copy.deepcopy(lateral)
     setattr(other, attribute, "1.2.3.4" if attribute == "StudyInstanceUID" else "SOMEONE-ELSE")
     with pytest.raises(ValueError, match=f"different {attribute}") as info:
@@ -287,14 +307,18 @@ def test_rejects_bad_probability_and_duplicate_labels(frontal: Dataset) -> None:
 def test_unknown_label_gets_a_local_code(frontal: Dataset, tmp_path: Path) -> None:
     sr = build_report(_input(frontal, findings=[FindingResult("Hernia", 0.7, 0.4)]))
     found = read_findings(write_report(sr, tmp_path / "x.dcm"))
-    assert found[1].label == "Hernia" and found[1].code[0] == codes.LOCAL_SCHEME and found[1].present
+    assert (
+        found[1].label == "Hernia" and found[1].code[0] == codes.LOCAL_SCHEME and found[1].present
+    )
     validate(tmp_path / "x.dcm")
 
 
 def test_every_finding_label_has_a_code() -> None:
     for label in LABELS:
         assert label in codes.FINDING_CODES
-    standard = [lbl for lbl in LABELS if codes.FINDING_CODES[lbl].scheme_designator != codes.LOCAL_SCHEME]
+    standard = [
+        lbl for lbl in LABELS if codes.FINDING_CODES[lbl].scheme_designator != codes.LOCAL_SCHEME
+    ]
     assert len(standard) >= 9
     assert "| `36118008` | SCT | Pneumothorax | yes |" in codes.code_table_markdown()
 

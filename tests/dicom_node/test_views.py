@@ -111,7 +111,9 @@ def test_patient_orientation(orientation: list[str], view: str | None) -> None:
         ({"SeriesDescription": "CHEST OBLIQUE"}, None, None, ""),
     ],
 )
-def test_descriptions(attrs: dict[str, str], view: str | None, projection: str | None, source: str) -> None:
+def test_descriptions(
+    attrs: dict[str, str], view: str | None, projection: str | None, source: str
+) -> None:
     guess = view_from_headers(_ds(**attrs))
     assert (guess.view, guess.projection, guess.source) == (view, projection, source)
     if source == "StudyDescription":
@@ -139,13 +141,26 @@ def test_real_files(data_dir: Path) -> None:
 # --- pairing ------------------------------------------------------------------------------------
 
 
-def _cand(key: str, view: str | None, projection: str | None, rows: int = 2000, image_type=("ORIGINAL", "PRIMARY"), conf: float = 0.95) -> Candidate:  # noqa: E501
-    return Candidate(key, ViewGuess(view, projection, "ViewPosition", conf), rows, rows, tuple(image_type), key)
+def _cand(
+    key: str,
+    view: str | None,
+    projection: str | None,
+    rows: int = 2000,
+    image_type=("ORIGINAL", "PRIMARY"),
+    conf: float = 0.95,
+) -> Candidate:  # noqa: E501
+    return Candidate(
+        key, ViewGuess(view, projection, "ViewPosition", conf), rows, rows, tuple(image_type), key
+    )
 
 
 def test_pick_pair_prefers_pa_over_ap_even_if_smaller() -> None:
     frontal, lateral = pick_pair(
-        [_cand("ap", "frontal", "AP", 3000), _cand("pa", "frontal", "PA", 1000), _cand("ll", "lateral", "LL")]
+        [
+            _cand("ap", "frontal", "AP", 3000),
+            _cand("pa", "frontal", "PA", 1000),
+            _cand("ll", "lateral", "LL"),
+        ]
     )
     assert frontal is not None and frontal.key == "pa"
     assert lateral is not None and lateral.key == "ll"
@@ -164,7 +179,11 @@ def test_pick_pair_prefers_primary_original_then_larger() -> None:
 
 def test_pick_pair_lateral_order_and_no_frontal() -> None:
     frontal, lateral = pick_pair(
-        [_cand("rl", "lateral", "RL", 3000), _cand("ll", "lateral", "LL", 1000), _cand("obl", None, "OBLIQUE")]
+        [
+            _cand("rl", "lateral", "RL", 3000),
+            _cand("ll", "lateral", "LL", 1000),
+            _cand("obl", None, "OBLIQUE"),
+        ]
     )
     assert frontal is None  # the caller must not analyse this study
     assert lateral is not None and lateral.key == "ll"

@@ -100,4 +100,7 @@ def test_iu_xray_headers(shared_data: Path) -> None:
     )
     # only the study-level procedure codes say anything for these rows; they name both views for
     # almost every study ("Xray Chest PA and Lateral"), so few rows can be resolved from headers
-    assert missing_resolved == {("frontal", "ProcedureCodeSequence"): 11, ("lateral", "ProcedureCodeSequence"): 2}
+    assert missing_resolved == {
+        ("frontal", "ProcedureCodeSequence"): 11,
+        ("lateral", "ProcedureCodeSequence"): 2,
+    }

@@ -21,8 +21,12 @@ from tests.dicom_node.test_sr import validate
 from tests.orthanc import Orthanc, orthanc_available
 from tests.service import ServiceProcess, wait_for, write_config
 
-pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.orthanc,
-              pytest.mark.skipif(not orthanc_available(), reason="Orthanc not installed (make system-deps)")]
+pytestmark = [
+    pytest.mark.network,
+    pytest.mark.slow,
+    pytest.mark.orthanc,
+    pytest.mark.skipif(not orthanc_available(), reason="Orthanc not installed (make system-deps)"),
+]
 
 LUA = """
 function OnStoredInstance(instanceId, tags, metadata, origin)
@@ -55,11 +59,26 @@ def test_orthanc_routes_study_and_gets_the_report_back(tmp_path: Path, shared_da
     worker_port = free_port()
     lua = tmp_path / "route.lua"
     lua.write_text(LUA)
-    with Orthanc.start(tmp_path / "orthanc", aet="ORTHANC", modalities={"cxr": ("CXR_WORKER", worker_port)},
-                       lua_script=lua) as pacs:
-        cfg = write_config(tmp_path, port=worker_port, dicom={"allowed_calling_ae_titles": ["ORTHANC"]},
-                           destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                                          "port": pacs.dicom_port, "send_key_image": True}])
+    with Orthanc.start(
+        tmp_path / "orthanc",
+        aet="ORTHANC",
+        modalities={"cxr": ("CXR_WORKER", worker_port)},
+        lua_script=lua,
+    ) as pacs:
+        cfg = write_config(
+            tmp_path,
+            port=worker_port,
+            dicom={"allowed_calling_ae_titles": ["ORTHANC"]},
+            destinations=[
+                {
+                    "name": "pacs",
+                    "ae_title": "ORTHANC",
+                    "host": "127.0.0.1",
+                    "port": pacs.dicom_port,
+                    "send_key_image": True,
+                }
+            ],
+        )
         with ServiceProcess(cfg).start(port=worker_port, calling_ae="ORTHANC"):
             frontal = pydicom.dcmread(DATA / "RG1_UNCR.dcm")
             lateral = wrap_as_dx(_chexpert_lateral(shared_data), like=frontal, view_position="LL")
@@ -67,14 +86,30 @@ def test_orthanc_routes_study_and_gets_the_report_back(tmp_path: Path, shared_da
             lateral.save_as(lateral_path, enforce_file_format=True)
             storescu = shutil.which("storescu")
             assert storescu, "dcmtk storescu missing (make system-deps)"
-            out = subprocess.run([storescu, "-aet", "MODALITY", "-aec", "ORTHANC", "127.0.0.1",
-                                  str(pacs.dicom_port), str(DATA / "RG1_UNCR.dcm"), str(lateral_path)],
-                                 capture_output=True, text=True, timeout=120)
+            out = subprocess.run(
+                [
+                    storescu,
+                    "-aet",
+                    "MODALITY",
+                    "-aec",
+                    "ORTHANC",
+                    "127.0.0.1",
+                    str(pacs.dicom_port),
+                    str(DATA / "RG1_UNCR.dcm"),
+                    str(lateral_path),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert out.returncode == 0, out.stderr
 
             def sr_series() -> list[dict]:
-                return [s for s in _series_in_study(pacs, frontal.StudyInstanceUID)
-                        if s["MainDicomTags"].get("Modality") == "SR"]
+                return [
+                    s
+                    for s in _series_in_study(pacs, frontal.StudyInstanceUID)
+                    if s["MainDicomTags"].get("Modality") == "SR"
+                ]
 
             series = wait_for(sr_series, timeout_s=300, what="the SR to arrive in Orthanc")
             sr_bytes = pacs.instance_file(series[0]["Instances"][0])
@@ -83,15 +118,21 @@ def test_orthanc_routes_study_and_gets_the_report_back(tmp_path: Path, shared_da
             sr = pydicom.dcmread(sr_path)
             assert sr.StudyInstanceUID == frontal.StudyInstanceUID
             assert sr.PatientID == frontal.PatientID
-            evidence = {ref.ReferencedSOPInstanceUID for st in sr.CurrentRequestedProcedureEvidenceSequence
-                        for se in st.ReferencedSeriesSequence for ref in se.ReferencedSOPSequence}
+            evidence = {
+                ref.ReferencedSOPInstanceUID
+                for st in sr.CurrentRequestedProcedureEvidenceSequence
+                for se in st.ReferencedSeriesSequence
+                for ref in se.ReferencedSOPSequence
+            }
             assert evidence == {frontal.SOPInstanceUID, lateral.SOPInstanceUID}
             findings = read_findings(sr)
             assert sum(f.model == "Model 2" for f in findings) == 14
             assert sum(f.model == "Model 1" for f in findings) == 1
             validate(sr_path)
 
-            queue = Queue.from_url(f"sqlite:///{tmp_path / 'queue.sqlite3'}", lease_seconds=60, max_attempts=3)
+            queue = Queue.from_url(
+                f"sqlite:///{tmp_path / 'queue.sqlite3'}", lease_seconds=60, max_attempts=3
+            )
             detail = queue.study(frontal.StudyInstanceUID)
             assert detail is not None and detail.state == "done"
             payload = detail.results[-1].payload

@@ -54,11 +54,23 @@ def terminal(queue: Queue, uids: list[str]) -> bool:
 @pytest.fixture
 def running(tmp_path: Path, storescp: StoreSCP):
     port = free_port()
-    cfg = write_config(tmp_path, port=port, destinations=[
-        {"name": "pacs", "ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port,
-         "send_key_image": True}])
+    cfg = write_config(
+        tmp_path,
+        port=port,
+        destinations=[
+            {
+                "name": "pacs",
+                "ae_title": storescp.aet,
+                "host": "127.0.0.1",
+                "port": storescp.port,
+                "send_key_image": True,
+            }
+        ],
+    )
     svc = ServiceProcess(cfg).start(port=port)
-    queue = Queue.from_url(f"sqlite:///{tmp_path / 'queue.sqlite3'}", lease_seconds=60, max_attempts=3)
+    queue = Queue.from_url(
+        f"sqlite:///{tmp_path / 'queue.sqlite3'}", lease_seconds=60, max_attempts=3
+    )
     try:
         yield port, svc, queue, storescp, tmp_path
     finally:
@@ -79,8 +91,18 @@ def test_studies_come_back_as_valid_reports_for_the_same_patient(running) -> Non
     lateral_only.PatientID = "LATONLY"
     statuses = send(port, [frontal, sc, extremity, lateral_only])
     assert statuses == [0, 0, 0, 0]
-    uids = [frontal.StudyInstanceUID, sc.StudyInstanceUID, extremity.StudyInstanceUID, lateral_only.StudyInstanceUID]
-    wait_for(lambda: terminal(queue, uids), timeout_s=240, what="all studies finished and delivered", service=svc)
+    uids = [
+        frontal.StudyInstanceUID,
+        sc.StudyInstanceUID,
+        extremity.StudyInstanceUID,
+        lateral_only.StudyInstanceUID,
+    ]
+    wait_for(
+        lambda: terminal(queue, uids),
+        timeout_s=240,
+        what="all studies finished and delivered",
+        service=svc,
+    )
 
     states = {u: queue.study(u) for u in uids}
     assert states[frontal.StudyInstanceUID].state == "done"
@@ -92,7 +114,12 @@ def test_studies_come_back_as_valid_reports_for_the_same_patient(running) -> Non
 
     received = pacs.received()
     reports = [ds for ds in received if ds.SOPClassUID in SR_CLASSES]
-    keys = [ds for ds in received if ds.SOPClassUID == SC and ds.get("SeriesDescription", "") != sc.get("SeriesDescription", "x")]
+    keys = [
+        ds
+        for ds in received
+        if ds.SOPClassUID == SC
+        and ds.get("SeriesDescription", "") != sc.get("SeriesDescription", "x")
+    ]
     assert len(reports) == 2, [ds.SOPClassUID for ds in received]
     assert len(keys) == 2
     by_study = {ds.StudyInstanceUID: ds for ds in reports}
@@ -100,8 +127,12 @@ def test_studies_come_back_as_valid_reports_for_the_same_patient(running) -> Non
         sr = by_study[src.StudyInstanceUID]
         assert sr.PatientID == src.PatientID and sr.PatientName == src.PatientName
         assert sr.SeriesInstanceUID != src.SeriesInstanceUID
-        evidence = {ref.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
-                    for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+        evidence = {
+            ref.ReferencedSOPInstanceUID
+            for study in sr.CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence
+            for ref in series.ReferencedSOPSequence
+        }
         assert src.SOPInstanceUID in evidence
         findings = read_findings(sr)
         assert sum(f.model == "Model 2" for f in findings) == 14
@@ -133,21 +164,51 @@ def test_late_image_reanalysis_replaces_report_and_resend_does_not_duplicate(run
     late.SeriesInstanceUID = generate_uid()
     late.ViewPosition = "LL"
     assert send(port, [late]) == [0]
-    wait_for(lambda: (d := queue.study(uid)) is not None and len(d.results) == 2 and terminal(queue, [uid]),
-             timeout_s=180, what="second report", service=svc)
+    wait_for(
+        lambda: (
+            (d := queue.study(uid)) is not None and len(d.results) == 2 and terminal(queue, [uid])
+        ),
+        timeout_s=180,
+        what="second report",
+        service=svc,
+    )
     second = queue.study(uid).results[-1].report_sop_instance_uid
     assert second != first
     reports = {ds.SOPInstanceUID: ds for ds in pacs.received() if ds.SOPClassUID in SR_CLASSES}
     assert set(reports) == {first, second}
     assert queue.study(uid).results[-1].payload["used_lateral"] is True
-    pred = reports[second].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    pred = (
+        reports[second]
+        .PredecessorDocumentsSequence[0]
+        .ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+    )
     assert pred.ReferencedSOPInstanceUID == first
 
     # resend: the same report (same SOP Instance UID) goes out again, nothing new is created
     before = len(list(pacs.out.iterdir()))
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "resend", uid, "--config", str(tmp_path / "config.yaml")],
-                         cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "resend",
+            uid,
+            "--config",
+            str(tmp_path / "config.yaml"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
-    wait_for(lambda: terminal(queue, [uid]) and len(list(pacs.out.iterdir())) > before,
-             timeout_s=60, what="resend", service=svc)
-    assert {ds.SOPInstanceUID for ds in pacs.received() if ds.SOPClassUID in SR_CLASSES} == {first, second}
+    wait_for(
+        lambda: terminal(queue, [uid]) and len(list(pacs.out.iterdir())) > before,
+        timeout_s=60,
+        what="resend",
+        service=svc,
+    )
+    assert {ds.SOPInstanceUID for ds in pacs.received() if ds.SOPClassUID in SR_CLASSES} == {
+        first,
+        second,
+    }

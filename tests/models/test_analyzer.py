@@ -23,19 +23,34 @@ from .test_classifiers import tiny_card
 def tiny_view_card(path: Path) -> ModelCard:
     torch.manual_seed(0)
     net = ViewCNN(width=4, blocks=3)
-    card = ModelCard(name="view_classifier", version="test", architecture=VIEW_ARCH,
-                     weights_file=path.with_suffix(".safetensors").name, sha256="0" * 64, input_size=32,
-                     labels=["frontal", "lateral"], thresholds={"lateral": 0.5},
-                     hyperparameters={"width": 4, "blocks": 3})
+    card = ModelCard(
+        name="view_classifier",
+        version="test",
+        architecture=VIEW_ARCH,
+        weights_file=path.with_suffix(".safetensors").name,
+        sha256="0" * 64,
+        input_size=32,
+        labels=["frontal", "lateral"],
+        thresholds={"lateral": 0.5},
+        hyperparameters={"width": 4, "blocks": 3},
+    )
     return save_model(card, net.state_dict(), path, half=True)
 
 
 def tiny_lung_card(path: Path) -> None:
     torch.manual_seed(0)
     gen = UNetGenerator(ngf=4, depth=6)
-    card = ModelCard(name="lung_mask", version="test", architecture="pix2pix-unet",
-                     weights_file=path.with_suffix(".safetensors").name, sha256="0" * 64, input_size=64,
-                     labels=["lung"], thresholds={"lung": 0.5}, hyperparameters={"ngf": 4, "depth": 6, "dropout": 0.5})
+    card = ModelCard(
+        name="lung_mask",
+        version="test",
+        architecture="pix2pix-unet",
+        weights_file=path.with_suffix(".safetensors").name,
+        sha256="0" * 64,
+        input_size=64,
+        labels=["lung"],
+        thresholds={"lung": 0.5},
+        hyperparameters={"ngf": 4, "depth": 6, "dropout": 0.5},
+    )
     save_model(card, gen.state_dict(), path, half=True)
 
 
@@ -57,9 +72,11 @@ def _img(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 def test_analyse_batch_with_and_without_lateral(cfg: ModelsConfig) -> None:
     an = Analyzer.from_config(cfg, device="cpu")
     rng = np.random.default_rng(0)
-    studies = [StudyInput("a", _img(rng, 120, 100), _img(rng, 90, 110)),
-               StudyInput("b", _img(rng, 80, 96)),
-               StudyInput("c", _img(rng, 64, 64), None)]
+    studies = [
+        StudyInput("a", _img(rng, 120, 100), _img(rng, 90, 110)),
+        StudyInput("b", _img(rng, 80, 96)),
+        StudyInput("c", _img(rng, 64, 64), None),
+    ]
     out = an.analyse(studies)
     assert [type(r) for r in out] == [StudyAnalysis] * 3
     a, b, _ = out
@@ -84,11 +101,15 @@ def test_analyse_batch_with_and_without_lateral(cfg: ModelsConfig) -> None:
 def test_one_bad_study_fails_alone(cfg: ModelsConfig) -> None:
     an = Analyzer.from_config(cfg, device="cpu")
     rng = np.random.default_rng(1)
-    out = an.analyse([StudyInput("ok", _img(rng, 70, 70)),
-                      StudyInput("rgb", rng.random((70, 70, 3), dtype=np.float32)),
-                      StudyInput("range", _img(rng, 70, 70) * 300),
-                      StudyInput("nan", np.full((70, 70), np.nan, np.float32)),
-                      StudyInput("ok2", _img(rng, 50, 60), _img(rng, 50, 60))])
+    out = an.analyse(
+        [
+            StudyInput("ok", _img(rng, 70, 70)),
+            StudyInput("rgb", rng.random((70, 70, 3), dtype=np.float32)),
+            StudyInput("range", _img(rng, 70, 70) * 300),
+            StudyInput("nan", np.full((70, 70), np.nan, np.float32)),
+            StudyInput("ok2", _img(rng, 50, 60), _img(rng, 50, 60)),
+        ]
+    )
     assert isinstance(out[0], StudyAnalysis) and isinstance(out[4], StudyAnalysis)
     assert isinstance(out[1], ValueError) and "rgb" in str(out[1]) and "2-D" in str(out[1])
     assert isinstance(out[2], ValueError) and "[0, 1]" in str(out[2])
@@ -116,7 +137,9 @@ def test_classify_views_and_model_infos(cfg: ModelsConfig) -> None:
     an = Analyzer.from_config(cfg, device="cpu")
     rng = np.random.default_rng(3)
     preds = an.classify_views([_img(rng, 100, 80), _img(rng, 64, 64)])
-    assert len(preds) == 2 and all(p.view in ("frontal", "lateral") and 0.5 <= p.probability <= 1 for p in preds)
+    assert len(preds) == 2 and all(
+        p.view in ("frontal", "lateral") and 0.5 <= p.probability <= 1 for p in preds
+    )
     infos = an.model_infos()
     assert [i.name for i in infos] == ["lung_mask", "model1", "model2", "view_classifier"]
     assert all(len(i.sha256) == 64 for i in infos)
@@ -128,12 +151,21 @@ def test_xrv_checkpoint_replaces_model2(cfg: ModelsConfig, tmp_path: Path) -> No
     torch.manual_seed(0)
     ck = tmp_path / "site_xrv.pt"
     torch.save(xrv_densenet(18).state_dict(), ck)
-    an = Analyzer.from_config(cfg.model_copy(update={"torchxrayvision_checkpoint": ck}), device="cpu")
-    out = an.analyse([StudyInput("s", np.random.default_rng(4).random((90, 90), dtype=np.float32))])[0]
+    an = Analyzer.from_config(
+        cfg.model_copy(update={"torchxrayvision_checkpoint": ck}), device="cpu"
+    )
+    out = an.analyse(
+        [StudyInput("s", np.random.default_rng(4).random((90, 90), dtype=np.float32))]
+    )[0]
     assert isinstance(out, StudyAnalysis)
     labels = [f.label for f in out.model2]
-    assert "No Finding" not in labels and "Support Devices" not in labels and "Cardiomegaly" in labels
-    assert any(m.name.startswith("model2") and m.architecture == "torchxrayvision-densenet121" for m in out.models)
+    assert (
+        "No Finding" not in labels and "Support Devices" not in labels and "Cardiomegaly" in labels
+    )
+    assert any(
+        m.name.startswith("model2") and m.architecture == "torchxrayvision-densenet121"
+        for m in out.models
+    )
 
 
 def test_missing_card_is_reported_by_name(cfg: ModelsConfig) -> None:
@@ -149,12 +181,20 @@ def test_model_input_follows_card_input_crop(cfg: ModelsConfig) -> None:
     an = Analyzer.from_config(cfg, device="cpu")
     frontal = np.random.default_rng(5).random((100, 80), dtype=np.float32)
     box = CropBox(10, 20, 70, 90)
-    w = _Work(0, StudyInput("k", frontal), frontal, None, {},
-              mask=LungMaskResult(np.zeros((100, 80), np.uint8), box, MaskQuality(0.3, 2, 0.9, True)),
-              crop=frontal[20:90, 10:70])
+    w = _Work(
+        0,
+        StudyInput("k", frontal),
+        frontal,
+        None,
+        {},
+        mask=LungMaskResult(np.zeros((100, 80), np.uint8), box, MaskQuality(0.3, 2, 0.9, True)),
+        crop=frontal[20:90, 10:70],
+    )
     img, b = an._input(an.model2, w)
     assert img.shape == (70, 60) and b == box  # trained on lung crops (the default)
-    an.model2.card = an.model2.card.model_copy(update={"hyperparameters": {"input_crop": "full image"}})
+    an.model2.card = an.model2.card.model_copy(
+        update={"hyperparameters": {"input_crop": "full image"}}
+    )
     img, b = an._input(an.model2, w)
     assert img.shape == (100, 80) and b == CropBox(0, 0, 80, 100)
 
@@ -167,7 +207,9 @@ def test_unvalidated_thresholds_are_reported_and_flagged(cfg: ModelsConfig) -> N
     card["hyperparameters"]["unvalidated_thresholds"] = ["Pneumonia", "Pleural Other"]
     path.write_text(json.dumps(card))
     an = Analyzer.from_config(cfg, device="cpu")
-    out = an.analyse([StudyInput("u", np.random.default_rng(6).random((64, 64), dtype=np.float32))])[0]
+    out = an.analyse(
+        [StudyInput("u", np.random.default_rng(6).random((64, 64), dtype=np.float32))]
+    )[0]
     assert isinstance(out, StudyAnalysis)
     assert len(out.model2) == 14
     flagged = {f.label for f in out.model2 if not f.threshold_validated}

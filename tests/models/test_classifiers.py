@@ -32,19 +32,35 @@ from models.train_classifier import ImageCache, StudyDataset, train_loop
 TINY = {"growth_rate": 4, "block_config": [1, 1, 1, 1], "num_init_features": 8}
 
 
-def tiny_card(path: Path, labels: list[str], *, thresholds: dict[str, float] | None = None,
-              size: int = 32, seed: int = 0, name: str | None = None) -> ModelCard:
+def tiny_card(
+    path: Path,
+    labels: list[str],
+    *,
+    thresholds: dict[str, float] | None = None,
+    size: int = 32,
+    seed: int = 0,
+    name: str | None = None,
+) -> ModelCard:
     """Write a randomly initialised tiny classifier card + weights to ``path``."""
     torch.manual_seed(seed)
     net = MultiViewClassifier(len(labels), **TINY)  # type: ignore[arg-type]
-    card = ModelCard(name=name or path.stem, version="test", architecture=ARCHITECTURE,
-                     weights_file=path.with_suffix(".safetensors").name, sha256="0" * 64,
-                     input_size=size, normalisation=Normalisation(mean=0.5, std=0.25), labels=labels,
-                     thresholds=thresholds or {}, hyperparameters=dict(TINY))
+    card = ModelCard(
+        name=name or path.stem,
+        version="test",
+        architecture=ARCHITECTURE,
+        weights_file=path.with_suffix(".safetensors").name,
+        sha256="0" * 64,
+        input_size=size,
+        normalisation=Normalisation(mean=0.5, std=0.25),
+        labels=labels,
+        thresholds=thresholds or {},
+        hyperparameters=dict(TINY),
+    )
     return save_model(card, net.state_dict(), path, half=True)
 
 
 # --- network -------------------------------------------------------------------------------------
+
 
 def test_shapes_frontal_only_and_mixed_laterals() -> None:
     torch.manual_seed(0)
@@ -102,6 +118,7 @@ def test_card_with_other_architecture_is_refused(tmp_path: Path) -> None:
 
 # --- labels and policies -------------------------------------------------------------------------
 
+
 def test_uncertainty_policies_and_blank_masking() -> None:
     raw = np.array([1, 0, -1, math.nan], dtype=np.float32)
     t, m = apply_policy(raw, "u-ignore")
@@ -142,6 +159,7 @@ def test_model1_target_from_observations() -> None:
 
 # --- datasets ------------------------------------------------------------------------------------
 
+
 def _png(path: Path, value: int = 128, size: int = 40) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img = np.full((size, size), value, np.uint8)
@@ -154,20 +172,42 @@ def test_chexpert_reader_groups_views_and_keeps_blanks(tmp_path: Path) -> None:
     header = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(OBSERVATIONS)
     rows = []
     for rel, view, labs in [
-        ("CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg", "Frontal", {"Edema": "1", "Cardiomegaly": "-1"}),
-        ("CheXpert-v1.0/train/patient00001/study1/view2_lateral.jpg", "Lateral", {"Edema": "1", "Cardiomegaly": "-1"}),
-        ("CheXpert-v1.0/train/patient00002/study1/view1_frontal.jpg", "Frontal", {"No Finding": "1"}),
+        (
+            "CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg",
+            "Frontal",
+            {"Edema": "1", "Cardiomegaly": "-1"},
+        ),
+        (
+            "CheXpert-v1.0/train/patient00001/study1/view2_lateral.jpg",
+            "Lateral",
+            {"Edema": "1", "Cardiomegaly": "-1"},
+        ),
+        (
+            "CheXpert-v1.0/train/patient00002/study1/view1_frontal.jpg",
+            "Frontal",
+            {"No Finding": "1"},
+        ),
         ("CheXpert-v1.0/train/patient00003/study1/view1_lateral.jpg", "Lateral", {"Edema": "0"}),
     ]:
         _png(tmp_path / rel)
-        rows.append(",".join([rel, "F", "50", view, "AP"] + [labs.get(o, "") for o in OBSERVATIONS]))
+        rows.append(
+            ",".join([rel, "F", "50", view, "AP"] + [labs.get(o, "") for o in OBSERVATIONS])
+        )
     (base / "train.csv").write_text("\n".join([header, *rows]) + "\n")
     recs = read_chexpert(tmp_path)
     assert [r.key for r in recs] == ["chexpert:patient00001/study1", "chexpert:patient00002/study1"]
     r0 = recs[0]
-    assert r0.frontal.name == "view1_frontal.jpg" and r0.lateral is not None and r0.lateral.name == "view2_lateral.jpg"
+    assert (
+        r0.frontal.name == "view1_frontal.jpg"
+        and r0.lateral is not None
+        and r0.lateral.name == "view2_lateral.jpg"
+    )
     i = OBSERVATIONS.index
-    assert r0.raw[i("Edema")] == 1 and r0.raw[i("Cardiomegaly")] == -1 and np.isnan(r0.raw[i("Fracture")])
+    assert (
+        r0.raw[i("Edema")] == 1
+        and r0.raw[i("Cardiomegaly")] == -1
+        and np.isnan(r0.raw[i("Fracture")])
+    )
     assert r0.raw[i("No Finding")] == 0  # completed from the positive Edema
     assert recs[1].lateral is None
     assert read_chexpert(base)[0].key == r0.key  # the CheXpert-v1.0 folder itself is accepted too
@@ -181,11 +221,15 @@ def test_mimic_reader_joins_metadata_and_labels(tmp_path: Path) -> None:
     (tmp_path / "mimic-cxr-2.0.0-metadata.csv").write_text(
         "dicom_id,subject_id,study_id,ViewPosition\n"
         "aaa,10000032,50414267,PA\nbbb,10000032,50414267,LATERAL\nccc,10000033,50000001,AP\n"
-        "ddd,10000099,59999999,PA\n")
+        "ddd,10000099,59999999,PA\n"
+    )
     (tmp_path / "mimic-cxr-2.0.0-chexpert.csv").write_text(
         "subject_id,study_id," + ",".join(OBSERVATIONS) + "\n"
         "10000032,50414267," + ",".join("1.0" if o == "Edema" else "" for o in OBSERVATIONS) + "\n"
-        "10000033,50000001," + ",".join("-1.0" if o == "Atelectasis" else "" for o in OBSERVATIONS) + "\n")
+        "10000033,50000001,"
+        + ",".join("-1.0" if o == "Atelectasis" else "" for o in OBSERVATIONS)
+        + "\n"
+    )
     recs = read_mimic(tmp_path)
     assert len(recs) == 2  # the study without labels is left out
     r = next(r for r in recs if r.patient == "mimic:p10000032")
@@ -197,7 +241,9 @@ def test_mimic_reader_joins_metadata_and_labels(tmp_path: Path) -> None:
 def test_folder_reader_template_and_label_mapping(tmp_path: Path) -> None:
     for n in ("A1", "A2", "B1"):
         _png(tmp_path / "img" / f"{n}.png")
-    (tmp_path / "labels.csv").write_text("id,finding,patient\nA1,nodule,p1\nA2,none,p1\nB1,COVID-19,p2\n")
+    (tmp_path / "labels.csv").write_text(
+        "id,finding,patient\nA1,nodule,p1\nA2,none,p1\nB1,COVID-19,p2\n"
+    )
     recs = read_folder(*parse_spec(f"{tmp_path / 'labels.csv'}:{tmp_path}:img/{{id}}.png"))
     assert len(recs) == 3 and {r.patient.split(":")[-1] for r in recs} == {"p1", "p2"}
     by = {r.frontal.stem: r.raw for r in recs}
@@ -213,8 +259,10 @@ def test_folder_reader_template_and_label_mapping(tmp_path: Path) -> None:
 def test_patient_split_keeps_patients_together() -> None:
     from models.datasets.chexpert import StudyRecord
 
-    recs = [StudyRecord(f"s{i}", f"p{i // 3}", "src", Path(f"{i}.png"), None, np.zeros(14, np.float32))
-            for i in range(60)]
+    recs = [
+        StudyRecord(f"s{i}", f"p{i // 3}", "src", Path(f"{i}.png"), None, np.zeros(14, np.float32))
+        for i in range(60)
+    ]
     train, val = patient_split(recs, 0.25, seed=1)
     assert len(train) + len(val) == 60 and val
     assert not {r.patient for r in train} & {r.patient for r in val}
@@ -222,6 +270,7 @@ def test_patient_split_keeps_patients_together() -> None:
 
 
 # --- training ------------------------------------------------------------------------------------
+
 
 def test_tiny_training_run_loss_falls(tmp_path: Path) -> None:
     from models.datasets.chexpert import StudyRecord
@@ -238,10 +287,21 @@ def test_tiny_training_run_loss_falls(tmp_path: Path) -> None:
         raw = np.full(14, math.nan, np.float32)
         raw[0] = 0.0 if pos else 1.0  # No Finding
         recs.append(StudyRecord(f"k{i}", f"p{i}", "t", p, None, raw))
-    ds = StudyDataset(recs, "model1", "u-ignore", ImageCache(32), Normalisation(mean=0.5, std=0.25), 0)
+    ds = StudyDataset(
+        recs, "model1", "u-ignore", ImageCache(32), Normalisation(mean=0.5, std=0.25), 0
+    )
     net = MultiViewClassifier(1, **TINY)  # type: ignore[arg-type]
-    losses = train_loop(net, ds, torch.device("cpu"), epochs=30, batch_size=8, lr=1e-2, seed=0,
-                        do_augment=False, progress=False)
+    losses = train_loop(
+        net,
+        ds,
+        torch.device("cpu"),
+        epochs=30,
+        batch_size=8,
+        lr=1e-2,
+        seed=0,
+        do_augment=False,
+        progress=False,
+    )
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -250,14 +310,35 @@ def test_train_classifier_cli_writes_card_and_split(tmp_path: Path) -> None:
 
     for i in range(12):
         _png(tmp_path / "img" / f"x{i}.png", value=60 if i % 2 else 180)
-    (tmp_path / "l.csv").write_text("file,label\n" + "".join(
-        f"img/x{i}.png,{'Cardiomegaly' if i % 2 else 'No Finding'}\n" for i in range(12)))
+    (tmp_path / "l.csv").write_text(
+        "file,label\n"
+        + "".join(f"img/x{i}.png,{'Cardiomegaly' if i % 2 else 'No Finding'}\n" for i in range(12))
+    )
     p = argparse.ArgumentParser()
     train_classifier.add_arguments(p)
     out = tmp_path / "w" / "m1.json"
-    args = p.parse_args(["--model", "model1", "--folder", f"{tmp_path / 'l.csv'}:{tmp_path}", "--tiny",
-                         "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--device", "cpu",
-                         "--out", str(out), "--no-progress", "--val-fraction", "0.34"])
+    args = p.parse_args(
+        [
+            "--model",
+            "model1",
+            "--folder",
+            f"{tmp_path / 'l.csv'}:{tmp_path}",
+            "--tiny",
+            "--epochs",
+            "1",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--val-fraction",
+            "0.34",
+        ]
+    )
     assert train_classifier.run(args) == 0
     card = json.loads(out.read_text())
     assert card["labels"] == ["Abnormal"] and card["input_size"] == 32
@@ -267,9 +348,26 @@ def test_train_classifier_cli_writes_card_and_split(tmp_path: Path) -> None:
     first = Classifier.from_card(out)  # the written pair loads (hash matches)
     # transfer: a second model initialised from the first keeps its backbone (0 epochs here)
     out2 = tmp_path / "w" / "m1b.json"
-    args2 = p.parse_args(["--model", "model2", "--folder", f"{tmp_path / 'l.csv'}:{tmp_path}", "--tiny",
-                          "--epochs", "0", "--image-size", "32", "--device", "cpu", "--out", str(out2),
-                          "--no-progress", "--init-from", str(out)])
+    args2 = p.parse_args(
+        [
+            "--model",
+            "model2",
+            "--folder",
+            f"{tmp_path / 'l.csv'}:{tmp_path}",
+            "--tiny",
+            "--epochs",
+            "0",
+            "--image-size",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(out2),
+            "--no-progress",
+            "--init-from",
+            str(out),
+        ]
+    )
     assert train_classifier.run(args2) == 0
     second = Classifier.from_card(out2)
     assert second.card.hyperparameters["init_from"] == "m1.json" and len(second.card.labels) == 14
@@ -278,6 +376,7 @@ def test_train_classifier_cli_writes_card_and_split(tmp_path: Path) -> None:
 
 
 # --- Grad-CAM and evaluation -----------------------------------------------------------------------
+
 
 def test_gradcam_shape_range_and_original_frame() -> None:
     torch.manual_seed(0)
@@ -304,4 +403,6 @@ def test_bootstrap_auroc_matches_sklearn_and_brackets_it() -> None:
     assert math.isnan(bootstrap_auroc(np.ones(5), rng.random(5))[0])
     raw = np.stack([y, np.full(80, math.nan)], 1).astype(np.float32)
     rep = auroc_report(["Edema", "Fracture"], raw, np.stack([p, p], 1), n_boot=100)
-    assert rep["per_label"]["Fracture"]["auroc"] is None and rep["mean_competition_auroc"] == pytest.approx(auc, abs=1e-4)
+    assert rep["per_label"]["Fracture"]["auroc"] is None and rep[
+        "mean_competition_auroc"
+    ] == pytest.approx(auc, abs=1e-4)

@@ -24,8 +24,16 @@ def two_lungs(size: int = 256, *, right_scale: float = 1.0) -> np.ndarray:
     m = np.zeros((size, size), np.float32)
     c = size // 2
     cv2.ellipse(m, (int(size * 0.32), c), (int(size * 0.12), int(size * 0.28)), 0, 0, 360, 0.9, -1)
-    cv2.ellipse(m, (int(size * 0.68), c), (int(size * 0.12 * right_scale), int(size * 0.28 * right_scale)),
-                0, 0, 360, 0.9, -1)
+    cv2.ellipse(
+        m,
+        (int(size * 0.68), c),
+        (int(size * 0.12 * right_scale), int(size * 0.28 * right_scale)),
+        0,
+        0,
+        360,
+        0.9,
+        -1,
+    )
     return m
 
 
@@ -126,7 +134,7 @@ def test_implausible_mask_falls_back_to_full_image(prob: np.ndarray, reason: str
 def test_ragged_mask_is_rejected_by_solidity() -> None:
     prob = two_lungs(256)
     for y in range(50, 210, 18):  # comb-like bites out of the left lung's outer edge
-        prob[y:y + 12, 40:100] = 0.0
+        prob[y : y + 12, 40:100] = 0.0
     res = mask_and_crop(prob, (256, 256))
     assert not res.quality.ok and "solidity" in res.quality.reason
     assert res.crop == CropBox(0, 0, 256, 256)

@@ -24,6 +24,7 @@ CPU = torch.device("cpu")
 
 # ---------------------------------------------------------------- networks
 
+
 def test_generator_shapes_for_256_input() -> None:
     gen = UNetGenerator(ngf=4, depth=8).eval()
     with torch.inference_mode():
@@ -92,6 +93,7 @@ def test_common_helpers() -> None:
 
 # ---------------------------------------------------------------- synthetic data
 
+
 def synthetic_pair(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """A bright 'chest' with two dark ellipse 'lungs' (randomly placed) and their mask."""
     mask = np.zeros((size, size), np.uint8)
@@ -117,9 +119,17 @@ def write_kaggle_layout(root: Path, n: int, size: int = 64, seed: int = 0) -> No
 def make_card(tmp_path: Path, *, ngf: int = 4, size: int = 64, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     gen = UNetGenerator(ngf=ngf, depth=6)
-    card = ModelCard(name="lung_mask", version="test", architecture="pix2pix-unet", weights_file="lm.safetensors",
-                     sha256="0" * 64, input_size=size, labels=["lung"], thresholds={"lung": 0.5},
-                     hyperparameters={"ngf": ngf, "depth": 6, "dropout": 0.5, "seed": 0, "val_fraction": 0.25})
+    card = ModelCard(
+        name="lung_mask",
+        version="test",
+        architecture="pix2pix-unet",
+        weights_file="lm.safetensors",
+        sha256="0" * 64,
+        input_size=size,
+        labels=["lung"],
+        thresholds={"lung": 0.5},
+        hyperparameters={"ngf": ngf, "depth": 6, "dropout": 0.5, "seed": 0, "val_fraction": 0.25},
+    )
     path = tmp_path / "lm.json"
     save_model(card, gen.state_dict(), path, half=True)
     return path
@@ -127,11 +137,15 @@ def make_card(tmp_path: Path, *, ngf: int = 4, size: int = 64, seed: int = 0) ->
 
 # ---------------------------------------------------------------- LungMasker
 
+
 def test_masker_predicts_at_original_resolution(tmp_path: Path) -> None:
     masker = LungMasker.from_card(make_card(tmp_path), CPU, batch_size=2)
     rng = np.random.default_rng(0)
-    images = [rng.random((100, 80), dtype=np.float32), rng.random((64, 64), dtype=np.float32),
-              rng.random((33, 150), dtype=np.float32)]
+    images = [
+        rng.random((100, 80), dtype=np.float32),
+        rng.random((64, 64), dtype=np.float32),
+        rng.random((33, 150), dtype=np.float32),
+    ]
     results = masker.predict(images, margin=0.05)
     assert [r.mask.shape for r in results] == [(100, 80), (64, 64), (33, 150)]
     for r, img in zip(results, images, strict=True):
@@ -139,7 +153,12 @@ def test_masker_predicts_at_original_resolution(tmp_path: Path) -> None:
         c = r.crop
         assert 0 <= c.x0 < c.x1 <= img.shape[1] and 0 <= c.y0 < c.y1 <= img.shape[0]
         if not r.quality.ok:  # an untrained network gives nonsense: full image + a reason
-            assert (c.x0, c.y0, c.x1, c.y1) == (0, 0, img.shape[1], img.shape[0]) and r.quality.reason
+            assert (c.x0, c.y0, c.x1, c.y1) == (
+                0,
+                0,
+                img.shape[1],
+                img.shape[0],
+            ) and r.quality.reason
     probs = masker.probability_maps(images)
     assert probs.shape == (3, 64, 64) and probs.dtype == np.float32
     assert 0.0 <= probs.min() and probs.max() <= 1.0
@@ -181,10 +200,12 @@ def test_masker_refuses_missing_weights_and_wrong_hyperparameters(tmp_path: Path
 
 # ---------------------------------------------------------------- datasets
 
+
 def test_find_pairs_layouts(tmp_path: Path) -> None:
     write_kaggle_layout(tmp_path / "kaggle", 3)
     (tmp_path / "kaggle" / "CXR_png" / "NOMASK.png").write_bytes(
-        (tmp_path / "kaggle" / "CXR_png" / "CASE000.png").read_bytes())
+        (tmp_path / "kaggle" / "CXR_png" / "CASE000.png").read_bytes()
+    )
     pairs = find_pairs(tmp_path / "kaggle")
     assert [p.id for p in pairs] == ["CASE000", "CASE001", "CASE002"]
 
@@ -238,6 +259,7 @@ def test_augmentation_moves_image_and_mask_together() -> None:
 
 # ---------------------------------------------------------------- training
 
+
 def test_tiny_training_run_loss_falls() -> None:
     seed_everything(0)
     rng = np.random.default_rng(0)
@@ -249,8 +271,10 @@ def test_tiny_training_run_loss_falls() -> None:
     init_weights(disc)
     opt_g = torch.optim.Adam(gen.parameters(), lr=2e-3, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    hist = [train_step(gen, disc, opt_g, opt_d, x, y, device=CPU, lambda_l1=100, lambda_seg=10)
-            for _ in range(40)]
+    hist = [
+        train_step(gen, disc, opt_g, opt_d, x, y, device=CPU, lambda_l1=100, lambda_seg=10)
+        for _ in range(40)
+    ]
     first = np.mean([h["l1"] for h in hist[:5]])
     last = np.mean([h["l1"] for h in hist[-5:]])
     assert last < 0.5 * first, (first, last)
@@ -263,9 +287,32 @@ def test_training_cli_writes_card_that_loads(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     out = tmp_path / "w" / "lung_mask.json"
-    args = parser.parse_args(["--data", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "4",
-                              "--ngf", "4", "--ndf", "4", "--input-size", "64", "--val-fraction", "0.25",
-                              "--seed", "5", "--device", "cpu", "--threads", "1"])
+    args = parser.parse_args(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--ngf",
+            "4",
+            "--ndf",
+            "4",
+            "--input-size",
+            "64",
+            "--val-fraction",
+            "0.25",
+            "--seed",
+            "5",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ]
+    )
     assert run(args) == 0
     card = read_card(out)
     assert card.input_size == 64 and card.labels == ["lung"] and card.thresholds == {"lung": 0.5}
@@ -278,7 +325,9 @@ def test_training_cli_writes_card_that_loads(tmp_path: Path) -> None:
     assert 2 * n_params < size < 2 * n_params + 20_000  # float16 storage + safetensors header
     # the evaluation recomputes the same held-out IDs from the card
     report = evaluate_card(out, data, device=CPU)
-    assert [r["id"] for r in report["per_image"]] == split_ids([f"CASE{i:03d}" for i in range(12)], 0.25, 5)[1]
+    assert [r["id"] for r in report["per_image"]] == split_ids(
+        [f"CASE{i:03d}" for i in range(12)], 0.25, 5
+    )[1]
     LungMasker.from_card(out, CPU)
 
 

@@ -29,7 +29,9 @@ def test_committed_lung_mask_reaches_dice_on_jsrt_validation(shared_data: Path) 
     card = read_card(CARD)
     ids = validation_ids(CARD, [p.id for p in find_pairs(jsrt)])
     recorded = re.search(r"(\d+) validation IDs", card.split)
-    assert recorded and int(recorded.group(1)) == len(ids), "split recomputed differently from training"
+    assert recorded and int(recorded.group(1)) == len(ids), (
+        "split recomputed differently from training"
+    )
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     report = evaluate_card(CARD, jsrt, device=torch.device("cpu"), ids=ids)
     assert report["n"] == len(ids) >= 25

@@ -30,7 +30,9 @@ def test_predictions_follow_card_labels_and_threshold(tmp_path: Path) -> None:
     card["thresholds"] = {"lateral": 0.0}  # everything is lateral now
     card["labels"] = ["frontal", "lateral"]
     (tmp_path / "v.json").write_text(json.dumps(card))
-    assert all(x.view == "lateral" for x in ViewClassifier.from_card(tmp_path / "v.json").predict(imgs))
+    assert all(
+        x.view == "lateral" for x in ViewClassifier.from_card(tmp_path / "v.json").predict(imgs)
+    )
     with pytest.raises(ValueError, match="2-D"):
         vc.predict([np.zeros((4, 4, 3), np.float32)])
     card["labels"] = ["frontal"]
@@ -67,9 +69,27 @@ def test_train_view_cli_learns_synthetic_views(tmp_path: Path) -> None:
     p = argparse.ArgumentParser()
     train_view.add_arguments(p)
     out = tmp_path / "w" / "view.json"
-    args = p.parse_args(["--folder", f"{tmp_path / 'v.csv'}:{tmp_path}", "--epochs", "15", "--image-size", "32",
-                         "--width", "4", "--batch-size", "8", "--lr", "1e-2", "--device", "cpu",
-                         "--out", str(out), "--no-progress"])
+    args = p.parse_args(
+        [
+            "--folder",
+            f"{tmp_path / 'v.csv'}:{tmp_path}",
+            "--epochs",
+            "15",
+            "--image-size",
+            "32",
+            "--width",
+            "4",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert train_view.run(args) == 0
     card = json.loads(out.read_text())
     assert card["labels"] == ["frontal", "lateral"] and card["input_size"] == 32

@@ -40,14 +40,26 @@ def _xrv_input(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x.astype(np.float32))[None, None]
 
 
-def test_adapter_matches_torchxrayvision_forward(tmp_path: Path, xrv_model: torch.nn.Module) -> None:
+def test_adapter_matches_torchxrayvision_forward(
+    tmp_path: Path, xrv_model: torch.nn.Module
+) -> None:
     path = tmp_path / "xrv_random.pt"
     torch.save(xrv_model.state_dict(), path)
     clf = XrvClassifier.from_checkpoint(path)
     # all 18 outputs trained (no op_threshs): the 11 that have a CheXpert meaning are reported
-    assert clf.card.labels == ["Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
-                               "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax",
-                               "Pleural Effusion", "Fracture"]
+    assert clf.card.labels == [
+        "Enlarged Cardiomediastinum",
+        "Cardiomegaly",
+        "Lung Opacity",
+        "Lung Lesion",
+        "Edema",
+        "Consolidation",
+        "Pneumonia",
+        "Atelectasis",
+        "Pneumothorax",
+        "Pleural Effusion",
+        "Fracture",
+    ]
     assert "No Finding" not in clf.card.labels and "Support Devices" not in clf.card.labels
     assert clf.card.input_size == 224 and not clf.uses_lateral
     rng = np.random.default_rng(0)
@@ -61,8 +73,9 @@ def test_adapter_matches_torchxrayvision_forward(tmp_path: Path, xrv_model: torc
     assert np.ptp(ours) > 1e-3  # outputs differ across labels: the comparison means something
 
 
-def test_adapter_with_operating_thresholds_drops_untrained_outputs(tmp_path: Path,
-                                                                   xrv_model: torch.nn.Module) -> None:
+def test_adapter_with_operating_thresholds_drops_untrained_outputs(
+    tmp_path: Path, xrv_model: torch.nn.Module
+) -> None:
     op = torch.full((18,), math.nan)
     trained = ["Atelectasis", "Cardiomegaly", "Effusion", "Nodule"]
     for name in trained:
@@ -74,20 +87,29 @@ def test_adapter_with_operating_thresholds_drops_untrained_outputs(tmp_path: Pat
 
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     clf = XrvClassifier.from_checkpoint(path)
-    assert clf.card.labels == ["Cardiomegaly", "Atelectasis", "Pleural Effusion"]  # Nodule has no CheXpert name
+    assert clf.card.labels == [
+        "Cardiomegaly",
+        "Atelectasis",
+        "Pleural Effusion",
+    ]  # Nodule has no CheXpert name
     img = np.random.default_rng(1).random((300, 260), dtype=np.float32)
     xrv_model.op_threshs = op  # the registered buffer: xrv now applies op_norm
     try:
         with torch.no_grad():
             import cv2
 
-            ref = xrv_model(_xrv_input(cv2.resize(img, (224, 224), interpolation=cv2.INTER_AREA)))[0].numpy()
+            ref = xrv_model(_xrv_input(cv2.resize(img, (224, 224), interpolation=cv2.INTER_AREA)))[
+                0
+            ].numpy()
     finally:
         xrv_model.op_threshs = None
     ours = clf.predict([img])[0]
     assert ours == pytest.approx([ref[10], ref[0], ref[7]], abs=1e-4)
     cams = clf.heatmaps(img, None, ["Cardiomegaly"])
-    assert cams["Cardiomegaly"].shape == (224, 224) and 0 <= cams["Cardiomegaly"].min() <= cams["Cardiomegaly"].max() <= 1
+    assert (
+        cams["Cardiomegaly"].shape == (224, 224)
+        and 0 <= cams["Cardiomegaly"].min() <= cams["Cardiomegaly"].max() <= 1
+    )
 
 
 def test_sidecar_names_outputs(tmp_path: Path, xrv_model: torch.nn.Module) -> None:

@@ -18,27 +18,53 @@ from worker.scheduler import retention_purge
 
 
 def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     p = tmp_path / "config.yaml"
-    p.write_text(yaml.safe_dump({
-        "dicom": {"storage_dir": "storage", "port": free_port()},
-        "queue": {"database_url": "sqlite:///queue.sqlite3"},
-        "destinations": [{"name": "pacs", "ae_title": "PACS_SIM", "host": "127.0.0.1", "port": free_port()}],
-    }))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "dicom": {"storage_dir": "storage", "port": free_port()},
+                "queue": {"database_url": "sqlite:///queue.sqlite3"},
+                "destinations": [
+                    {
+                        "name": "pacs",
+                        "ae_title": "PACS_SIM",
+                        "host": "127.0.0.1",
+                        "port": free_port(),
+                    }
+                ],
+            }
+        )
+    )
     return p
 
 
 def _record(queue: Queue, study: str, sop: str, *, eligible: bool = True) -> None:
-    queue.record_instance(study_uid=study, series_uid=study + ".1", sop_instance_uid=sop,
-                          sop_class_uid="1.2.840.10008.5.1.4.1.1.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
-                          modality="CR", body_part="CHEST", view_position="PA", eligible=eligible,
-                          ineligible_reason=None if eligible else "not chest", rel_path=f"{study}/{sop}.dcm",
-                          size_bytes=10, calling_ae="TEST")
+    queue.record_instance(
+        study_uid=study,
+        series_uid=study + ".1",
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality="CR",
+        body_part="CHEST",
+        view_position="PA",
+        eligible=eligible,
+        ineligible_reason=None if eligible else "not chest",
+        rel_path=f"{study}/{sop}.dcm",
+        size_bytes=10,
+        calling_ae="TEST",
+    )
 
 
 def test_status_refuses_a_database_without_schema(config: Path) -> None:
@@ -51,7 +77,9 @@ def test_db_upgrade_status_requeue(config: Path) -> None:
     out = cli("db", "upgrade", "--config", str(config))
     assert out.returncode == 0, out.stderr
     assert "0001" in out.stdout
-    queue = Queue.from_url(load_config(config, environ={}).queue.database_url, lease_seconds=60, max_attempts=1)
+    queue = Queue.from_url(
+        load_config(config, environ={}).queue.database_url, lease_seconds=60, max_attempts=1
+    )
     _record(queue, "1.2.3", "1.2.3.4")
     time.sleep(0.01)
     queue.sweep_completion(quiet_seconds=0.001, max_wait_seconds=0.001)
@@ -89,15 +117,23 @@ def test_retention_purge_removes_old_finished_studies_only(tmp_path: Path) -> No
 
     url = f"sqlite:///{tmp_path / 'q.sqlite3'}"
     upgrade(url)
-    cfg = parse_config({"dicom": {"storage_dir": str(tmp_path / "storage")}, "queue": {"database_url": url},
-                        "scheduler": {"retention_days": 1}}, environ={})
+    cfg = parse_config(
+        {
+            "dicom": {"storage_dir": str(tmp_path / "storage")},
+            "queue": {"database_url": url},
+            "scheduler": {"retention_days": 1},
+        },
+        environ={},
+    )
     queue = Queue.from_url(url, lease_seconds=60, max_attempts=1)
     _record(queue, "1.1", "1.1.1", eligible=False)
     _record(queue, "2.2", "2.2.1")
     for uid in ("1.1", "2.2"):
         (tmp_path / "storage" / uid).mkdir(parents=True)
         (tmp_path / "storage" / uid / "x.dcm").write_bytes(b"x")
-    queue.sweep_completion(quiet_seconds=0.001, max_wait_seconds=0.001, now=datetime.now(UTC) + timedelta(seconds=1))
+    queue.sweep_completion(
+        quiet_seconds=0.001, max_wait_seconds=0.001, now=datetime.now(UTC) + timedelta(seconds=1)
+    )
     assert queue.study("1.1").state == "ignored"
     # nothing is old enough yet
     assert retention_purge(cfg, queue) == 0

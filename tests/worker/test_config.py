@@ -26,18 +26,45 @@ def test_shipped_config_is_valid() -> None:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        ({"dicom": {"port": 70000}}, "config.yaml: dicom.port: 70000 is not a valid TCP port (1-65535)"),
+        (
+            {"dicom": {"port": 70000}},
+            "config.yaml: dicom.port: 70000 is not a valid TCP port (1-65535)",
+        ),
         ({"dicom": {"port": 0}}, "dicom.port: 0 is not a valid TCP port (1-65535)"),
         ({"dicom": {"prot": 104}}, "dicom.prot: unknown key"),
         ({"surprise": {}}, "surprise: unknown key"),
-        ({"dicom": {"ae_title": "THIS_IS_FAR_TOO_LONG"}}, "dicom.ae_title: 'THIS_IS_FAR_TOO_LONG' is not a valid AE title"),
-        ({"dicom": {"allowed_calling_ae_titles": ["OK", "BAD\\AE"]}}, "dicom.allowed_calling_ae_titles: 'BAD\\\\AE' is not a valid AE title"),
-        ({"queue": {"database_url": "mysql://x"}}, "queue.database_url: 'mysql://x' is not a supported database URL"),
-        ({"queue": {"lease_seconds": 10, "heartbeat_seconds": 30}}, "heartbeat_seconds (30.0) must be shorter than lease_seconds (10.0)"),
-        ({"completion": {"quiet_seconds": 100, "max_wait_seconds": 10}}, "max_wait_seconds (10.0) must be at least quiet_seconds (100.0)"),
-        ({"worker": {"device": "tpu"}}, "worker.device: 'tpu' is not valid: Input should be 'auto', 'cpu' or 'cuda'"),
-        ({"destinations": [{"name": "pacs", "ae_title": "P", "host": "h", "port": 99999}]}, "destinations.0.port: 99999 is not a valid TCP port"),
-        ({"destinations": [{"name": "pacs", "ae_title": "P", "host": "h"}]}, "destinations.0.port: required key is missing"),
+        (
+            {"dicom": {"ae_title": "THIS_IS_FAR_TOO_LONG"}},
+            "dicom.ae_title: 'THIS_IS_FAR_TOO_LONG' is not a valid AE title",
+        ),
+        (
+            {"dicom": {"allowed_calling_ae_titles": ["OK", "BAD\\AE"]}},
+            "dicom.allowed_calling_ae_titles: 'BAD\\\\AE' is not a valid AE title",
+        ),
+        (
+            {"queue": {"database_url": "mysql://x"}},
+            "queue.database_url: 'mysql://x' is not a supported database URL",
+        ),
+        (
+            {"queue": {"lease_seconds": 10, "heartbeat_seconds": 30}},
+            "heartbeat_seconds (30.0) must be shorter than lease_seconds (10.0)",
+        ),
+        (
+            {"completion": {"quiet_seconds": 100, "max_wait_seconds": 10}},
+            "max_wait_seconds (10.0) must be at least quiet_seconds (100.0)",
+        ),
+        (
+            {"worker": {"device": "tpu"}},
+            "worker.device: 'tpu' is not valid: Input should be 'auto', 'cpu' or 'cuda'",
+        ),
+        (
+            {"destinations": [{"name": "pacs", "ae_title": "P", "host": "h", "port": 99999}]},
+            "destinations.0.port: 99999 is not a valid TCP port",
+        ),
+        (
+            {"destinations": [{"name": "pacs", "ae_title": "P", "host": "h"}]},
+            "destinations.0.port: required key is missing",
+        ),
     ],
 )
 def test_errors_name_path_value_and_rule(data: dict, expected: str) -> None:
@@ -48,14 +75,18 @@ def test_errors_name_path_value_and_rule(data: dict, expected: str) -> None:
 
 def test_all_errors_reported_at_once() -> None:
     with pytest.raises(ConfigError) as exc:
-        parse_config({"dicom": {"port": 70000, "ae_title": ""}, "worker": {"batch_size": 0}}, environ={})
+        parse_config(
+            {"dicom": {"port": 70000, "ae_title": ""}, "worker": {"batch_size": 0}}, environ={}
+        )
     lines = str(exc.value).splitlines()
     assert len(lines) == 3, lines
 
 
 def test_environment_overrides_database_url(tmp_path: Path) -> None:
     url = "postgresql+psycopg://postgres@127.0.0.1:5432/cxr"
-    cfg = parse_config({"queue": {"database_url": "sqlite:///x.db"}}, environ={"CXR_DATABASE_URL": url})
+    cfg = parse_config(
+        {"queue": {"database_url": "sqlite:///x.db"}}, environ={"CXR_DATABASE_URL": url}
+    )
     assert cfg.queue.database_url == url
 
 
@@ -73,16 +104,30 @@ def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
 
 def test_check_config_cli(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump({"dicom": {"port": 4242},
-                                    "queue": {"database_url": "postgresql+psycopg://u:secret@h/db"}}))
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "check-config", str(good)],
-                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    good.write_text(
+        yaml.safe_dump(
+            {
+                "dicom": {"port": 4242},
+                "queue": {"database_url": "postgresql+psycopg://u:secret@h/db"},
+            }
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "check-config", str(good)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr
     assert "port: 4242" in out.stdout
     assert "secret" not in out.stdout  # the password is never printed
     bad = tmp_path / "bad.yaml"
     bad.write_text("dicom:\n  port: 70000\n")
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "check-config", str(bad)],
-                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "check-config", str(bad)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 2
     assert "dicom.port: 70000 is not a valid TCP port (1-65535)" in out.stderr

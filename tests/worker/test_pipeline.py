@@ -25,9 +25,22 @@ from worker.config import parse_config
 from worker.loop import WorkerLoop
 from worker.pipeline import Pipeline
 
-OBS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-       "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-       "Fracture", "Support Devices"]
+OBS = [
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +64,39 @@ def _fresh(ds: Dataset, *, study: str | None = None, patient: str | None = None)
 
 
 class Env:
-    def __init__(self, tmp: Path, url: str, weights: Path, destinations: list[dict] | None = None) -> None:
+    def __init__(
+        self, tmp: Path, url: str, weights: Path, destinations: list[dict] | None = None
+    ) -> None:
         upgrade(url)
         self.storage = tmp / "storage"
-        self.cfg = parse_config({
-            "dicom": {"storage_dir": str(self.storage), "min_free_disk_mb": 10},
-            "queue": {"database_url": url, "lease_seconds": 60, "heartbeat_seconds": 5, "max_attempts": 2},
-            "destinations": destinations or [],
-            "results_dir": str(tmp / "results"),
-            "worker": {"device": "cpu", "batch_size": 8, "name": "test-worker"},
-            "models": {"weights_dir": str(weights)},
-        }, environ={})
+        self.cfg = parse_config(
+            {
+                "dicom": {"storage_dir": str(self.storage), "min_free_disk_mb": 10},
+                "queue": {
+                    "database_url": url,
+                    "lease_seconds": 60,
+                    "heartbeat_seconds": 5,
+                    "max_attempts": 2,
+                },
+                "destinations": destinations or [],
+                "results_dir": str(tmp / "results"),
+                "worker": {"device": "cpu", "batch_size": 8, "name": "test-worker"},
+                "models": {"weights_dir": str(weights)},
+            },
+            environ={},
+        )
         self.queue = Queue.from_url(url, lease_seconds=60, max_attempts=2)
-        self.pipeline = Pipeline(self.cfg, self.queue, Analyzer.from_config(self.cfg.models, device="cpu"))
-        self.loop = WorkerLoop(self.queue, self.pipeline, worker_id="test-worker", batch_size=8,
-                               poll_interval=0.1, heartbeat_interval=5)
+        self.pipeline = Pipeline(
+            self.cfg, self.queue, Analyzer.from_config(self.cfg.models, device="cpu")
+        )
+        self.loop = WorkerLoop(
+            self.queue,
+            self.pipeline,
+            worker_id="test-worker",
+            batch_size=8,
+            poll_interval=0.1,
+            heartbeat_interval=5,
+        )
 
     def add(self, ds: Dataset, *, eligible: bool = True, raw: bytes | None = None) -> None:
         rel = f"{ds.StudyInstanceUID}/{ds.SOPInstanceUID}.dcm"
@@ -75,11 +106,20 @@ class Env:
         else:
             (self.storage / rel).write_bytes(raw)
         self.queue.record_instance(
-            study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID, sop_instance_uid=ds.SOPInstanceUID,
-            sop_class_uid=ds.SOPClassUID, transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-            modality=ds.get("Modality"), body_part=ds.get("BodyPartExamined"), view_position=ds.get("ViewPosition"),
-            eligible=eligible, ineligible_reason=None if eligible else "test", rel_path=rel,
-            size_bytes=(self.storage / rel).stat().st_size, calling_ae="TEST")
+            study_uid=ds.StudyInstanceUID,
+            series_uid=ds.SeriesInstanceUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+            modality=ds.get("Modality"),
+            body_part=ds.get("BodyPartExamined"),
+            view_position=ds.get("ViewPosition"),
+            eligible=eligible,
+            ineligible_reason=None if eligible else "test",
+            rel_path=rel,
+            size_bytes=(self.storage / rel).stat().st_size,
+            calling_ae="TEST",
+        )
 
     def ready_and_run(self) -> None:
         time.sleep(0.01)
@@ -93,7 +133,9 @@ def sc() -> Dataset:
     return pydicom.dcmread(DATA / "siim_cr_pa_secondary_capture.dcm")
 
 
-def test_each_study_gets_its_own_outcome(tmp_path: Path, database_url: str, weights: Path, sc: Dataset) -> None:
+def test_each_study_gets_its_own_outcome(
+    tmp_path: Path, database_url: str, weights: Path, sc: Dataset
+) -> None:
     env = Env(tmp_path, database_url, weights)
     good = _fresh(sc)
     good_lat = _fresh(sc, study=good.StudyInstanceUID)
@@ -140,15 +182,24 @@ def test_each_study_gets_its_own_outcome(tmp_path: Path, database_url: str, weig
     assert d.state == "failed" and broken.SOPInstanceUID in d.state_reason
     d = q.study(no_view.StudyInstanceUID)
     assert d.state in ("done", "ignored")
-    assert "view_classifier" in (str(d.results[-1].payload["view_sources"]) if d.results else d.state_reason)
+    assert "view_classifier" in (
+        str(d.results[-1].payload["view_sources"]) if d.results else d.state_reason
+    )
 
 
-def test_delivery_retries_with_backoff_then_delivers(tmp_path: Path, database_url: str, weights: Path,
-                                                     sc: Dataset, storescp) -> None:
+def test_delivery_retries_with_backoff_then_delivers(
+    tmp_path: Path, database_url: str, weights: Path, sc: Dataset, storescp
+) -> None:
     closed = free_port()
-    env = Env(tmp_path, database_url, weights, destinations=[
-        {"name": "down", "ae_title": "NOBODY", "host": "127.0.0.1", "port": closed},
-        {"name": "pacs", "ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port}])
+    env = Env(
+        tmp_path,
+        database_url,
+        weights,
+        destinations=[
+            {"name": "down", "ae_title": "NOBODY", "host": "127.0.0.1", "port": closed},
+            {"name": "pacs", "ae_title": storescp.aet, "host": "127.0.0.1", "port": storescp.port},
+        ],
+    )
     study = _fresh(sc)
     env.add(study)
     env.ready_and_run()
@@ -158,15 +209,21 @@ def test_delivery_retries_with_backoff_then_delivers(tmp_path: Path, database_ur
     assert by_dest["pacs"].state == "delivered"
     assert by_dest["down"].state == "retry"
     assert by_dest["down"].next_attempt_at > datetime.now(UTC)
-    assert "refused" in (by_dest["down"].last_status or "").lower() or "association" in (by_dest["down"].last_status or "").lower()
+    assert (
+        "refused" in (by_dest["down"].last_status or "").lower()
+        or "association" in (by_dest["down"].last_status or "").lower()
+    )
     received = storescp.received()
-    assert [r.SOPInstanceUID for r in received if r.Modality == "SR"] == [d.results[-1].report_sop_instance_uid]
+    assert [r.SOPInstanceUID for r in received if r.Modality == "SR"] == [
+        d.results[-1].report_sop_instance_uid
+    ]
     # nothing is due yet: a second pass sends nothing
     assert env.pipeline.deliver_due() == 0
 
 
-def test_late_image_gives_a_new_report_naming_the_old(tmp_path: Path, database_url: str, weights: Path,
-                                                      sc: Dataset) -> None:
+def test_late_image_gives_a_new_report_naming_the_old(
+    tmp_path: Path, database_url: str, weights: Path, sc: Dataset
+) -> None:
     """Even a late image that does not change the chosen pair (a second, lower-ranked frontal)
     produces a new report, which lists the one it replaces."""
     env = Env(tmp_path, database_url, weights)
@@ -178,7 +235,10 @@ def test_late_image_gives_a_new_report_naming_the_old(tmp_path: Path, database_u
     old_uid = d.results[-1].report_sop_instance_uid
 
     late = _fresh(sc, study=first.StudyInstanceUID)
-    late.ImageType = ["DERIVED", "SECONDARY"]  # ranked below the first frontal: the pair is unchanged
+    late.ImageType = [
+        "DERIVED",
+        "SECONDARY",
+    ]  # ranked below the first frontal: the pair is unchanged
     env.add(late)
     env.ready_and_run()
     d = env.queue.study(first.StudyInstanceUID)

@@ -22,7 +22,9 @@ DELIVERY_STATES = "'pending', 'delivered', 'retry', 'failed'"
 
 def upgrade() -> None:
     def ts(name: str, nullable: bool = True) -> sa.Column:  # type: ignore[type-arg]
-        return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)  # UTC (db.schema.UTCDateTime)
+        return sa.Column(
+            name, sa.DateTime(timezone=True), nullable=nullable
+        )  # UTC (db.schema.UTCDateTime)
 
     op.create_table(
         "studies",
@@ -69,7 +71,9 @@ def upgrade() -> None:
         sa.Column("ineligible_reason", sa.Text(), nullable=True),
         sa.Column("calling_ae", sa.String(16), nullable=True),
         ts("received_at", nullable=False),
-        sa.ForeignKeyConstraint(["study_id"], ["studies.id"], name=op.f("fk_instances_study_id_studies")),
+        sa.ForeignKeyConstraint(
+            ["study_id"], ["studies.id"], name=op.f("fk_instances_study_id_studies")
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_instances")),
         sa.UniqueConstraint("sop_instance_uid", name=op.f("uq_instances_sop_instance_uid")),
     )
@@ -84,7 +88,9 @@ def upgrade() -> None:
         sa.Column("to_state", sa.String(16), nullable=False),
         sa.Column("reason", sa.Text(), nullable=True),
         sa.Column("actor", sa.String(255), nullable=False),
-        sa.ForeignKeyConstraint(["study_id"], ["studies.id"], name=op.f("fk_events_study_id_studies")),
+        sa.ForeignKeyConstraint(
+            ["study_id"], ["studies.id"], name=op.f("fk_events_study_id_studies")
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_events")),
     )
     op.create_index("ix_events_study_id", "events", ["study_id"])
@@ -94,11 +100,15 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("study_id", sa.Integer(), nullable=False),
         ts("created_at", nullable=False),
-        sa.Column("payload", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
+        sa.Column(
+            "payload", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False
+        ),
         sa.Column("report_sop_instance_uid", sa.String(64), nullable=True),
         sa.Column("report_path", sa.String(1024), nullable=True),
         sa.Column("superseded", sa.Boolean(), server_default=sa.false(), nullable=False),
-        sa.ForeignKeyConstraint(["study_id"], ["studies.id"], name=op.f("fk_results_study_id_studies")),
+        sa.ForeignKeyConstraint(
+            ["study_id"], ["studies.id"], name=op.f("fk_results_study_id_studies")
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_results")),
     )
     op.create_index("ix_results_study_id", "results", ["study_id"])
@@ -118,16 +128,25 @@ def upgrade() -> None:
         sa.Column("last_status", sa.Text(), nullable=True),
         ts("updated_at", nullable=False),
         sa.CheckConstraint(f"state IN ({DELIVERY_STATES})", name=op.f("ck_deliveries_state")),
-        sa.ForeignKeyConstraint(["result_id"], ["results.id"], name=op.f("fk_deliveries_result_id_results")),
-        sa.ForeignKeyConstraint(["study_id"], ["studies.id"], name=op.f("fk_deliveries_study_id_studies")),
+        sa.ForeignKeyConstraint(
+            ["result_id"], ["results.id"], name=op.f("fk_deliveries_result_id_results")
+        ),
+        sa.ForeignKeyConstraint(
+            ["study_id"], ["studies.id"], name=op.f("fk_deliveries_study_id_studies")
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deliveries")),
         sa.UniqueConstraint(
-            "result_id", "destination", "sop_instance_uid", name=op.f("uq_deliveries_result_destination_sop")
+            "result_id",
+            "destination",
+            "sop_instance_uid",
+            name=op.f("uq_deliveries_result_destination_sop"),
         ),
     )
     op.create_index("ix_deliveries_study_id", "deliveries", ["study_id"])
     op.create_index("ix_deliveries_result_id", "deliveries", ["result_id"])
-    op.create_index("ix_deliveries_state_next_attempt_at", "deliveries", ["state", "next_attempt_at"])
+    op.create_index(
+        "ix_deliveries_state_next_attempt_at", "deliveries", ["state", "next_attempt_at"]
+    )
 
 
 def downgrade() -> None:
