@@ -62,7 +62,9 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 def make_copies(source: Path, out: Path, count: int, per_study: int = 2) -> int:
-    """Write ``count`` copies with fresh UIDs (``per_study`` instances per study); return total bytes."""
+    """Write ``count`` copies with fresh UIDs (``per_study`` instances per study).
+
+    Returns the total bytes written."""
     ds = pydicom.dcmread(source)
     total = 0
     study = series = ""
@@ -196,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         total = make_copies(args.source, src, args.count)
         mb = total / 1e6
         print(
-            f"{args.count} instances of {args.source.name}, {mb:.0f} MB in total, one association each"
+            f"{args.count} instances of {args.source.name}, {mb:.0f} MB in total, "
+            "one association each"
         )
         best_d = best_o = float("inf")
         for r in range(1, args.rounds + 1):
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 o = run_ours(src, work, args.count, fsync=not args.no_fsync)
             print(
-                f"round {r}: dcmtk storescp {mb / d:7.1f} MB/s ({d:.2f} s)   ours {mb / o:7.1f} MB/s ({o:.2f} s)"
+                f"round {r}: dcmtk storescp {mb / d:7.1f} MB/s ({d:.2f} s)   "
+                f"ours {mb / o:7.1f} MB/s ({o:.2f} s)"
             )
             best_d, best_o = min(best_d, d), min(best_o, o)
         fs = "no fsync" if args.no_fsync else "fsync + SQLite commit per instance"

@@ -149,7 +149,8 @@ def main() -> int:
                 )
                 if rate is not None:
                     print(
-                        f"{'Analyzer (1024 px studies, end to end)':34s} {'':>6s} {dev.type:>6s} {batch:5d} "
+                        f"{'Analyzer (1024 px studies, end to end)':34s} {'':>6s} "
+                        f"{dev.type:>6s} {batch:5d} "
                         f"{rate:9.1f} {'':>6s}"
                     )
     return 0

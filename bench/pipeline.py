@@ -35,6 +35,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 
 from db.migrate import upgrade  # noqa: E402
 from db.queue import Queue  # noqa: E402
+from dicom_node.sink import StoredInstance  # noqa: E402
 from worker.config import parse_config  # noqa: E402
 from worker.loop import WorkerLoop  # noqa: E402
 from worker.pipeline import Pipeline  # noqa: E402
@@ -82,19 +83,9 @@ def fill_queue(root: Path, n: int, storage: Path) -> Queue:
         (storage / ds.StudyInstanceUID).mkdir(parents=True)
         ds.save_as(storage / rel, enforce_file_format=True)
         queue.record_instance(
-            study_uid=ds.StudyInstanceUID,
-            series_uid=ds.SeriesInstanceUID,
-            sop_instance_uid=ds.SOPInstanceUID,
-            sop_class_uid=ds.SOPClassUID,
-            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-            modality=ds.Modality,
-            body_part=ds.get("BodyPartExamined"),
-            view_position=ds.get("ViewPosition"),
-            eligible=True,
-            ineligible_reason=None,
-            rel_path=rel,
-            size_bytes=(storage / rel).stat().st_size,
-            calling_ae="BENCH",
+            StoredInstance.from_dataset(
+                ds, rel_path=rel, size_bytes=(storage / rel).stat().st_size, calling_ae="BENCH"
+            )
         )
     queue.sweep_completion(quiet_seconds=0.001, max_wait_seconds=0.001)
     return queue
@@ -188,7 +179,8 @@ def main() -> int:
             f"{'GPU' if dev == 'cuda' else 'CPU cores'}), torch threads {torch.get_num_threads()}"
         )
         print(
-            f"{'run':<10} {'batch':>5} {'studies':>7} {'seconds':>8} {'studies/s':>10} {'p50 s':>7} {'p95 s':>7}"
+            f"{'run':<10} {'batch':>5} {'studies':>7} {'seconds':>8} {'studies/s':>10} "
+            f"{'p50 s':>7} {'p95 s':>7}"
         )
         for r in (baseline, batched):
             print(
@@ -196,7 +188,8 @@ def main() -> int:
                 f"{r['studies_per_s']:>10.2f} {r['p50']:>7.1f} {r['p95']:>7.1f}"
             )
         print(
-            f"ratio batched/naive throughput: {batched['studies_per_s'] / baseline['studies_per_s']:.2f}x"
+            "ratio batched/naive throughput: "
+            f"{batched['studies_per_s'] / baseline['studies_per_s']:.2f}x"
         )
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

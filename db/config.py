@@ -17,7 +17,9 @@ class QueueConfig(_Strict):
 
     database_url: str = Field(
         DEFAULT_DATABASE_URL,
-        description="sqlite:///path or postgresql+psycopg://user@host/db; env CXR_DATABASE_URL overrides",
+        description=(
+            "sqlite:///path or postgresql+psycopg://user@host/db; env CXR_DATABASE_URL overrides"
+        ),
     )
     lease_seconds: float = Field(
         300.0, gt=0, description="A claim expires this long after the last heartbeat"
@@ -61,6 +63,7 @@ class CompletionConfig(_Strict):
     def _order(self) -> CompletionConfig:
         if self.max_wait_seconds < self.quiet_seconds:
             raise ValueError(
-                f"max_wait_seconds ({self.max_wait_seconds}) must be at least quiet_seconds ({self.quiet_seconds})"
+                f"max_wait_seconds ({self.max_wait_seconds}) must be at least "
+                f"quiet_seconds ({self.quiet_seconds})"
             )
         return self

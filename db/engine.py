@@ -1,27 +1,30 @@
 """Engines for the queue: pool settings, SQLite pragmas, and database errors turned into
 :class:`~db.errors.QueueUnavailable`.
 
-SQLite notes. pysqlite's own transaction handling cannot do what a queue needs, so the driver is put
-in autocommit mode and SQLAlchemy emits the ``BEGIN`` itself (the documented recipe). Writes use
-``BEGIN IMMEDIATE``: the write lock is taken up front, so two writers queue on ``busy_timeout`` instead
-of failing on a lock upgrade. Reads use a plain deferred ``BEGIN`` and, in WAL mode, never block.
+SQLite notes. pysqlite's own transaction handling cannot do what a queue needs, so the driver is
+put in autocommit mode and SQLAlchemy emits the ``BEGIN`` itself (the documented recipe). Writes
+use ``BEGIN IMMEDIATE``: the write lock is taken up front, so two writers queue on
+``busy_timeout`` instead of failing on a lock upgrade. Reads use a plain deferred ``BEGIN`` and,
+in WAL mode, never block.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from db.errors import QueueUnavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 PG_CONNECT_TIMEOUT_S = 5
@@ -31,12 +34,15 @@ _PG_RETRYABLE = {"40P01", "40001"}
 
 
 def safe_url(url: str | URL) -> str:
-    """The URL with its password hidden, for messages and logs."""
-    return make_url(url).render_as_string(hide_password=True)
+    """The URL with its password hidden, for messages and logs (the one place that hides it)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (exc.ArgumentError, ValueError):
+        return "<unparseable database URL>"
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for ``sqlite:///PATH`` or ``postgresql+psycopg://...`` with the queue's settings."""
+    """An engine for ``sqlite:///PATH`` or ``postgresql+psycopg://...``, queue settings."""
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         return _sqlite_engine(u)
@@ -70,7 +76,8 @@ def _sqlite_engine(u: URL) -> Engine:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise QueueUnavailable(
-            f"cannot create the folder {str(path.parent)!r} for the SQLite queue {str(path)!r}: {e}; "
+            f"cannot create the folder {str(path.parent)!r} for the SQLite queue "
+            f"{str(path)!r}: {e}; "
             "fix the path or its permissions (queue.database_url)"
         ) from e
     engine = sa.create_engine(
@@ -114,7 +121,8 @@ def unavailable(e: BaseException, url: str | URL) -> QueueUnavailable:
     )
     return QueueUnavailable(
         f"study queue database {safe_url(url)} is unavailable: {detail}; "
-        "check that the database is running and reachable (queue.database_url); callers may retry later"
+        "check that the database is running and reachable (queue.database_url); "
+        "callers may retry later"
     )
 
 
@@ -141,8 +149,67 @@ def translate_errors(url: str | URL) -> Iterator[None]:
 def lock_rows(
     conn: Connection, stmt: sa.Select[Any], *, skip_locked: bool = False
 ) -> sa.Select[Any]:
-    """``FOR UPDATE [SKIP LOCKED]`` on PostgreSQL. SQLite has no row locks (SQLAlchemy would drop the
-    clause anyway): there, ``BEGIN IMMEDIATE`` serialises writers and compare-and-set does the rest."""
+    """``FOR UPDATE [SKIP LOCKED]`` on PostgreSQL. SQLite has no row locks (SQLAlchemy would drop
+    the clause anyway): there, ``BEGIN IMMEDIATE`` serialises writers and compare-and-set does the
+    rest."""
     if conn.dialect.name == "postgresql":
         return stmt.with_for_update(skip_locked=skip_locked)
     return stmt
+
+
+def due_by(column: sa.ColumnElement[Any], at: Any) -> sa.ColumnElement[bool]:
+    """``column`` is unset or not later than ``at`` (a row whose time has come)."""
+    return sa.or_(column.is_(None), column <= at)
+
+
+def locked_ids(conn: Connection, stmt: sa.Select[Any]) -> list[int]:
+    """The ids ``stmt`` selects, locked ``FOR UPDATE SKIP LOCKED`` on PostgreSQL: rows another
+    transaction is working on are passed over, not waited for."""
+    return list(conn.execute(lock_rows(conn, stmt, skip_locked=True)).scalars().all())
+
+
+def insert_or_skip(conn: Connection, table: sa.Table) -> Any:
+    """A dialect INSERT that supports ``on_conflict_do_nothing`` (PostgreSQL and SQLite)."""
+    return postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
+
+
+class Conflict(Exception):
+    """A concurrent change won (row vanished, compare-and-set missed): run the transaction again."""
+
+
+class Database:
+    """One engine plus the queue's transaction discipline: every write in one transaction,
+    retried on deadlock, serialization failure and :class:`Conflict`; connection failures become
+    :class:`QueueUnavailable`. Thread-safe (pooled connections)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.url = engine.url
+
+    def write(self, fn: Callable[[Connection], T], *, tries: int = 3) -> T:
+        """Run ``fn`` in one write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
+        for attempt in range(1, tries + 1):
+            try:
+                with translate_errors(self.url), self.engine.begin() as conn:
+                    return fn(conn)
+            except (exc.OperationalError, Conflict) as e:
+                if isinstance(e, exc.OperationalError) and not is_retryable(e):
+                    raise unavailable(e, self.url) from e
+                if attempt == tries:
+                    raise self._gave_up(e, tries) from e
+                log.debug("transaction conflict (%s), retrying (%d/%d)", e, attempt, tries)
+        raise AssertionError("unreachable")
+
+    def _gave_up(self, e: Exception, tries: int) -> QueueUnavailable:
+        if isinstance(e, Conflict):
+            return QueueUnavailable(
+                f"study queue {safe_url(self.url)}: {e}; gave up after {tries} tries, retry later"
+            )
+        return unavailable(e, self.url)
+
+    def read(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in a read transaction (deferred on SQLite: never blocks in WAL mode)."""
+        with translate_errors(self.url), self.engine.connect() as conn:
+            conn = conn.execution_options(cxr_readonly=True)
+            with conn.begin():
+                return fn(conn)

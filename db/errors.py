@@ -19,3 +19,8 @@ class LeaseLost(QueueError):
 
 class InvalidTransition(QueueError):
     """A state change that the transition table does not allow (a programming error)."""
+
+
+class DatabaseNotReady(QueueError):
+    """The database has no schema (and start-up was not allowed to create it) or an older schema
+    revision than this code needs: run ``cxr-worker db upgrade`` (back up first)."""

@@ -1,8 +1,9 @@
-"""Schema migrations, run programmatically: ``upgrade(url)``, ``current_revision(url)``, ``is_empty(url)``.
+"""Schema migrations, run programmatically: ``upgrade(url)``, ``current_revision(url)``,
+``is_empty(url)``, ``ensure_ready(url, upgrade_empty=...)``.
 
 The Alembic scripts live in ``db/migrations`` (package data); no ``alembic.ini`` is needed in the
-working directory. ``cxr-worker db upgrade`` calls :func:`upgrade`; ``serve`` calls it when
-:func:`is_empty` says the database has no tables yet.
+working directory. ``cxr-worker db upgrade`` calls :func:`upgrade`; ``serve`` opens the queue with
+:meth:`db.queue.Queue.from_config`, which migrates a database that has no tables yet.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from db.engine import make_engine, safe_url, translate_errors
+from db.errors import DatabaseNotReady
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +88,24 @@ def is_empty(url: str) -> bool:
             return not sa.inspect(conn).get_table_names()
     finally:
         engine.dispose()
+
+
+def ensure_ready(url: str, *, upgrade_empty: bool) -> str:
+    """The database's revision once it is the newest: an empty database is migrated when
+    ``upgrade_empty``, else :class:`DatabaseNotReady`; an out-of-date one is refused (migrating
+    it is a person's decision: back up first). The SQLite folder is created if missing."""
+    if is_empty(url):
+        if not upgrade_empty:
+            raise DatabaseNotReady(
+                f"database {safe_url(url)} has no schema: run 'cxr-worker db upgrade'"
+            )
+        log.info("empty database: creating the schema")
+        upgrade(url)
+        return head_revision()
+    have = current_revision(url)
+    if have != head_revision():
+        raise DatabaseNotReady(
+            f"database {safe_url(url)} is at revision {have}, not the latest: "
+            "run 'cxr-worker db upgrade' (back up first)"
+        )
+    return have

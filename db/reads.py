@@ -6,7 +6,8 @@ read transaction and turns connection failures into ``QueueUnavailable``.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -18,43 +19,25 @@ from db.schema import instances_table as instances
 from db.schema import results_table as results
 from db.schema import studies_table as studies
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+R = TypeVar("R", bound="DataclassInstance")
+
+
+def from_row(cls: type[R], r: Any, **given: Any) -> R:
+    """A record dataclass from a result row: every field read by name, except those ``given``."""
+    names = [f.name for f in fields(cls) if f.name not in given]
+    return cls(**{n: getattr(r, n) for n in names}, **given)
+
 
 def instance_row(r: Any) -> InstanceRow:
-    return InstanceRow(
-        id=r.id,
-        sop_instance_uid=r.sop_instance_uid,
-        sop_class_uid=r.sop_class_uid,
-        series_uid=r.series_uid,
-        transfer_syntax_uid=r.transfer_syntax_uid,
-        modality=r.modality,
-        body_part=r.body_part,
-        view_position=r.view_position,
-        rel_path=r.rel_path,
-        size_bytes=r.size_bytes,
-        eligible=bool(r.eligible),
-        ineligible_reason=r.ineligible_reason,
-        calling_ae=r.calling_ae,
-        received_at=r.received_at,
-    )
+    return from_row(InstanceRow, r, eligible=bool(r.eligible))
 
 
 def delivery_row(r: Any) -> DeliveryRow:
     """From a deliveries row joined with ``studies.study_uid``."""
-    return DeliveryRow(
-        id=r.id,
-        study_id=r.study_id,
-        study_uid=r.study_uid,
-        result_id=r.result_id,
-        destination=r.destination,
-        sop_instance_uid=r.sop_instance_uid,
-        sop_class_uid=r.sop_class_uid,
-        path=r.path,
-        state=r.state,
-        attempts=r.attempts,
-        next_attempt_at=r.next_attempt_at,
-        last_status=r.last_status,
-        updated_at=r.updated_at,
-    )
+    return from_row(DeliveryRow, r)
 
 
 def counts(conn: Connection) -> dict[str, int]:
@@ -89,11 +72,10 @@ def latest(conn: Connection, n: int) -> list[StudySummary]:
     ):
         dstates.setdefault(sid, {})[state] = int(cnt)
     return [
-        StudySummary(
-            study_uid=r.study_uid,
-            state=r.state,
+        from_row(
+            StudySummary,
+            r,
             reason=r.state_reason,
-            updated_at=r.updated_at,
             instance_count=n_instances.get(r.id, 0),
             deliveries=dstates.get(r.id, {}),
         )
@@ -101,17 +83,18 @@ def latest(conn: Connection, n: int) -> list[StudySummary]:
     ]
 
 
+def _events(conn: Connection, *where: sa.ColumnElement[bool]) -> list[EventRow]:
+    rows = conn.execute(sa.select(events_table).where(*where).order_by(events_table.c.id))
+    return [from_row(EventRow, e) for e in rows]
+
+
 def _events_of(conn: Connection, study_id: int) -> list[EventRow]:
-    return [
-        EventRow(
-            at=e.at, from_state=e.from_state, to_state=e.to_state, reason=e.reason, actor=e.actor
-        )
-        for e in conn.execute(
-            sa.select(events_table)
-            .where(events_table.c.study_id == study_id)
-            .order_by(events_table.c.id)
-        )
-    ]
+    """The study's own trail (its deliveries' events are read with :func:`delivery_events`)."""
+    return _events(conn, events_table.c.study_id == study_id, events_table.c.delivery_id.is_(None))
+
+
+def delivery_events(conn: Connection, delivery_id: int) -> list[EventRow]:
+    return _events(conn, events_table.c.delivery_id == delivery_id)
 
 
 def study_events(conn: Connection, study_uid: str) -> list[EventRow]:
@@ -135,37 +118,12 @@ def study(conn: Connection, study_uid: str) -> StudyDetail | None:
         .where(deliveries.c.study_id == r.id)
         .order_by(deliveries.c.id)
     )
-    return StudyDetail(
-        id=r.id,
-        study_uid=r.study_uid,
-        state=r.state,
-        state_reason=r.state_reason,
-        attempts=r.attempts,
-        lease_owner=r.lease_owner,
-        lease_expires_at=r.lease_expires_at,
-        heartbeat_at=r.heartbeat_at,
-        first_instance_at=r.first_instance_at,
-        last_instance_at=r.last_instance_at,
-        ready_at=r.ready_at,
-        claimed_at=r.claimed_at,
-        finished_at=r.finished_at,
-        reopened_count=r.reopened_count,
+    return from_row(
+        StudyDetail,
+        r,
         needs_reanalysis=bool(r.needs_reanalysis),
-        previous_report_uid=r.previous_report_uid,
-        created_at=r.created_at,
-        updated_at=r.updated_at,
         instances=[instance_row(i) for i in insts],
-        results=[
-            ResultRow(
-                id=x.id,
-                created_at=x.created_at,
-                payload=x.payload,
-                report_sop_instance_uid=x.report_sop_instance_uid,
-                report_path=x.report_path,
-                superseded=bool(x.superseded),
-            )
-            for x in res
-        ],
+        results=[from_row(ResultRow, x, superseded=bool(x.superseded)) for x in res],
         deliveries=[delivery_row(d) for d in dels],
         events=_events_of(conn, r.id),
     )

@@ -44,6 +44,17 @@ class EventRow:
     to_state: str
     reason: str | None
     actor: str
+    delivery_id: int | None = None  # set on a delivery's event, None on the study's own
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    """One result object to send to one destination (queued by :meth:`Queue.complete`)."""
+
+    destination: str  # a destination name from config.yaml
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: str
 
 
 @dataclass(frozen=True, slots=True)

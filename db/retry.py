@@ -1,4 +1,6 @@
-"""Retry policy: a pure function, so it can be reasoned about and tested without a database.
+"""Retry policy: a pure function on a typed error, so it can be reasoned about and tested without
+a database. Studies (:func:`db.outcomes.fail`) and deliveries (:func:`db.deliveries.record`) both
+decide here.
 
 ``decide(kind, attempts, max_attempts=...)`` answers "wait this many seconds, then try again" or
 ``None`` ("give up"). The delay doubles with every attempt (``base * 2**(attempts-1)``), capped.
@@ -6,30 +8,51 @@
 
 from __future__ import annotations
 
-#: Failures that may go away on their own: try again later.
-TRANSIENT_KINDS = frozenset(
-    {
-        "transient",  # generic "try again"
-        "network",  # connection refused/reset, association aborted
-        "timeout",  # DIMSE/ACSE timeout, slow peer
-        "resources",  # peer out of resources (DICOM 0xA7xx), disk full, database busy
-        "busy",  # peer busy / refused association for now
-    }
-)
+from enum import StrEnum
 
-#: Failures that will not change by waiting: give up at once.
-PERMANENT_KINDS = frozenset(
-    {
-        "permanent",  # generic "do not retry"
-        "rejected",  # peer refused the object itself (DICOM 0xA9xx, 0xCxxx, SOP class not supported)
-        "invalid",  # our input is wrong (undecodable image, no usable view)
-        "config",  # misconfiguration (unknown destination, wrong AE title): a person must act
-    }
+
+class ErrorKind(StrEnum):
+    """Why an attempt failed, as far as retrying is concerned."""
+
+    TRANSIENT = "transient"  # generic "try again"
+    NETWORK = "network"  # connection refused/reset, association aborted
+    TIMEOUT = "timeout"  # DIMSE/ACSE timeout, slow peer
+    RESOURCES = "resources"  # peer out of resources (DICOM 0xA7xx), disk full, database busy
+    BUSY = "busy"  # peer busy / refused association for now
+    PERMANENT = "permanent"  # generic "do not retry"
+    REJECTED = "rejected"  # peer refused the object itself (0xA9xx, 0xCxxx, SOP class unknown)
+    INVALID = "invalid"  # our input is wrong (undecodable image, no usable view)
+    CONFIG = "config"  # misconfiguration (unknown destination, wrong AE title): a person must act
+
+    @property
+    def retryable(self) -> bool:
+        """True when waiting may help (the kind is one of :data:`TRANSIENT_KINDS`)."""
+        return self in TRANSIENT_KINDS
+
+    @classmethod
+    def parse(cls, text: str) -> ErrorKind:
+        """The kind named by ``text`` (any case, surrounding blanks ignored); ValueError naming
+        the choices otherwise."""
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            raise ValueError(
+                f"unknown error kind {text!r}: use one of "
+                f"{sorted(TRANSIENT_KINDS)} (retried) or {sorted(PERMANENT_KINDS)} (not retried)"
+            ) from None
+
+
+K = ErrorKind
+#: Failures that may go away on their own: try again later.
+TRANSIENT_KINDS: frozenset[ErrorKind] = frozenset(
+    {K.TRANSIENT, K.NETWORK, K.TIMEOUT, K.RESOURCES, K.BUSY}
 )
+#: Failures that will not change by waiting: give up at once.
+PERMANENT_KINDS: frozenset[ErrorKind] = frozenset({K.PERMANENT, K.REJECTED, K.INVALID, K.CONFIG})
 
 
 def decide(
-    error_kind: str,
+    kind: ErrorKind,
     attempts: int,
     *,
     max_attempts: int,
@@ -40,14 +63,10 @@ def decide(
 
     ``attempts`` is how many tries have been made so far (>= 1 after the first failure).
     Gives up when the kind is permanent or when ``attempts >= max_attempts``; otherwise waits
-    ``min(cap_seconds, base_seconds * 2 ** (attempts - 1))``.
+    ``min(cap_seconds, base_seconds * 2 ** (attempts - 1))``. A plain string is read with
+    :meth:`ErrorKind.parse` (callers outside the type checker).
     """
-    kind = error_kind.strip().lower()
-    if kind not in TRANSIENT_KINDS and kind not in PERMANENT_KINDS:
-        raise ValueError(
-            f"unknown error kind {error_kind!r}: use one of "
-            f"{sorted(TRANSIENT_KINDS)} (retried) or {sorted(PERMANENT_KINDS)} (not retried)"
-        )
+    kind = kind if isinstance(kind, ErrorKind) else ErrorKind.parse(kind)
     if attempts < 0:
         raise ValueError(f"attempts must be >= 0, got {attempts}")
     if max_attempts < 1:
@@ -56,7 +75,7 @@ def decide(
         raise ValueError(
             f"base_seconds ({base_seconds}) and cap_seconds ({cap_seconds}) must be >= 0"
         )
-    if kind in PERMANENT_KINDS or attempts >= max_attempts:
+    if not kind.retryable or attempts >= max_attempts:
         return None
     exponent = max(attempts - 1, 0)
     # Avoid float overflow for absurd attempt counts: past 2**64 the cap has long been reached.

@@ -1,6 +1,7 @@
 """SQLAlchemy 2 typed ORM models of the queue tables.
 
-Only :mod:`db.queue` writes ``studies.state``. Every timestamp is timezone-aware UTC
+Only :mod:`db.states` writes ``studies.state``; only :mod:`db.deliveries` writes
+``deliveries.state``. Every timestamp is timezone-aware UTC
 (:class:`UTCDateTime` makes SQLite, which has no time zones, round-trip aware datetimes).
 A change here needs an Alembic revision in ``db/migrations/versions`` (a test compares the two).
 """
@@ -125,10 +126,13 @@ class Instance(Base):
 
 
 class Event(Base):
+    """One state change of a study, or (``delivery_id`` set) of one of its deliveries."""
+
     __tablename__ = "events"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(sa.ForeignKey("studies.id"), index=True)
+    delivery_id: Mapped[int | None] = mapped_column(sa.ForeignKey("deliveries.id"), index=True)
     at: Mapped[datetime]
     from_state: Mapped[str | None] = mapped_column(sa.String(16))  # None: the study was created
     to_state: Mapped[str] = mapped_column(sa.String(16))
@@ -175,7 +179,7 @@ class Delivery(Base):
     updated_at: Mapped[datetime]
 
 
-# Core views of the tables, for the explicit statements (compare-and-set, bulk updates) of the queue.
+# Core views of the tables, for the queue's explicit statements (compare-and-set, bulk updates).
 studies_table = cast(sa.Table, Study.__table__)
 instances_table = cast(sa.Table, Instance.__table__)
 events_table = cast(sa.Table, Event.__table__)

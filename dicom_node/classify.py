@@ -37,7 +37,8 @@ _CHEST_BODY_PARTS = frozenset(
         "PULMON",
     }
 )
-# Words in Study/Series Description or Protocol Name that say "chest" when BodyPartExamined is absent.
+# Words in Study/Series Description or Protocol Name that say "chest" when BodyPartExamined is
+# absent.
 _CHEST_WORDS = re.compile(
     r"(?<![A-Z])(CHEST|THORAX|THORAC\w*|TORAX|TORACE|LUNGS?|CXR|PULM\w*|POUMON|BRUSTKORB)(?![A-Z])"
 )

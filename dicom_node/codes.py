@@ -2,8 +2,8 @@
 
 Standard codes (SNOMED CT ``SCT``, DICOM ``DCM``, LOINC ``LN``, UCUM) are used wherever a concept
 exists; the few concepts without a standard code use the private coding scheme designator
-``99CXRPW`` (the ``99`` prefix is how DICOM marks a local scheme, PS3.16 section 8.2). Every code is a
-:class:`pydicom.sr.coding.Code`, so highdicom accepts it directly.
+``99CXRPW`` (the ``99`` prefix is how DICOM marks a local scheme, PS3.16 section 8.2). Every code
+is a :class:`pydicom.sr.coding.Code`, so highdicom accepts it directly.
 
 :data:`CODE_TABLE` is the table the README copies: run ``python -m dicom_node.codes`` to print it
 as Markdown.
@@ -11,9 +11,23 @@ as Markdown.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from typing import Protocol
 
 from pydicom.sr.coding import Code
+
+
+class Coded(Protocol):
+    """A coded concept as read back (highdicom's ``CodedConcept``) or written (a ``Code``)."""
+
+    @property
+    def value(self) -> str: ...
+    @property
+    def scheme_designator(self) -> str: ...
+    @property
+    def meaning(self) -> str: ...
+
 
 #: Private coding scheme designator for concepts without a standard code.
 LOCAL_SCHEME = "99CXRPW"
@@ -68,50 +82,70 @@ FINDING_CODES: dict[str, Code] = {
     "Support Devices": Code("CXRPW104", LOCAL_SCHEME, "Support Devices"),
     "Abnormal": ABNORMAL,
 }
+_LABEL_BY_CODE = {(c.scheme_designator, c.value): label for label, c in FINDING_CODES.items()}
+_UNKNOWN_LABEL_PREFIX = "CXRPWX"
 
 
 def finding_code(label: str) -> Code:
     """The code for a model label; an unknown label gets a deterministic local code.
 
     A model card may carry labels this table does not know (a retrained model); they are still
-    reported, under a local code derived from the label text, rather than dropped.
+    reported, under a local code derived from the label text (its meaning is the label, cut to
+    64 characters), rather than dropped.
     """
     code = FINDING_CODES.get(label)
     if code is not None:
         return code
-    import hashlib
-
     digest = hashlib.sha256(label.encode("utf-8")).hexdigest()[:8].upper()
-    return Code(f"CXRPWX{digest}", LOCAL_SCHEME, label[:64])
+    return Code(f"{_UNKNOWN_LABEL_PREFIX}{digest}", LOCAL_SCHEME, label[:64])
 
 
-# --- views (CID 4010 "DX View", plus the retired SNOMED RT values still sent by older modalities) --
+def same_code(a: Coded, b: Coded) -> bool:
+    """``True`` when ``a`` and ``b`` are one concept (same scheme and value, any meaning)."""
+    return (a.scheme_designator, a.value) == (b.scheme_designator, b.value)
+
+
+def finding_label(code: Coded) -> str | None:
+    """The model label that :func:`finding_code` turned into ``code``, or ``None`` when ``code``
+    is not a finding (the lung-mask quality, say). An unknown label's local code gives back its
+    meaning, which is the label (cut to 64 characters)."""
+    label = _LABEL_BY_CODE.get((code.scheme_designator, code.value))
+    if label is not None:
+        return label
+    if code.scheme_designator == LOCAL_SCHEME and code.value.startswith(_UNKNOWN_LABEL_PREFIX):
+        return str(code.meaning)
+    return None
+
+
+# --- views (CID 4010 "DX View", plus the retired SNOMED RT values older modalities still send) -
 VIEW_PA = Code("272479007", "SCT", "postero-anterior")
 VIEW_AP = Code("399348003", "SCT", "antero-posterior")
 VIEW_LATERAL = Code("399067008", "SCT", "lateral")
 VIEW_LEFT_LATERAL = Code("399173006", "SCT", "left lateral")
 VIEW_RIGHT_LATERAL = Code("399198007", "SCT", "right lateral")
 
+
+def _rules(view: str, projection: str, *codes: str) -> dict[tuple[str, str], tuple[str, str]]:
+    """``"SCT:value"`` or ``"SRT:value"`` codes -> (view, projection); a retired SNOMED RT
+    ``SRT`` code is also accepted under its other designator ``SNM3``."""
+    out: dict[tuple[str, str], tuple[str, str]] = {}
+    for code in codes:
+        scheme, value = code.split(":")
+        for designator in ("SRT", "SNM3") if scheme == "SRT" else (scheme,):
+            out[(designator, value)] = (view, projection)
+    return out
+
+
 #: (scheme, value) -> (view, projection). SRT/SNM3 are the retired SNOMED RT forms (PS3.16 still
 #: lists them as "retired"); IU X-ray headers carry ``R-10214 SNM3 postero-anterior``.
 VIEW_CODE_RULES: dict[tuple[str, str], tuple[str, str]] = {
-    ("SCT", "272479007"): ("frontal", "PA"),
-    ("SCT", "399182006"): ("frontal", "PA"),
-    ("SCT", "399348003"): ("frontal", "AP"),
-    ("SCT", "399033003"): ("frontal", ""),
-    ("SCT", "399067008"): ("lateral", "LAT"),
-    ("SCT", "399173006"): ("lateral", "LL"),
-    ("SCT", "399198007"): ("lateral", "RL"),
-    ("SCT", "49370004"): ("lateral", "LAT"),
-    ("SRT", "R-10214"): ("frontal", "PA"),
-    ("SRT", "R-10206"): ("frontal", "AP"),
-    ("SRT", "R-102CD"): ("lateral", "LAT"),
-    ("SRT", "R-10236"): ("lateral", "LL"),
-    ("SRT", "R-10232"): ("lateral", "RL"),
+    **_rules("frontal", "PA", "SCT:272479007", "SCT:399182006", "SRT:R-10214"),
+    **_rules("frontal", "AP", "SCT:399348003", "SRT:R-10206"),
+    **_rules("frontal", "", "SCT:399033003"),
+    **_rules("lateral", "LAT", "SCT:399067008", "SCT:49370004", "SRT:R-102CD"),
+    **_rules("lateral", "LL", "SCT:399173006", "SRT:R-10236"),
+    **_rules("lateral", "RL", "SCT:399198007", "SRT:R-10232"),
 }
-for (_scheme, _value), _rule in list(VIEW_CODE_RULES.items()):
-    if _scheme == "SRT":
-        VIEW_CODE_RULES[("SNM3", _value)] = _rule
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 
@@ -26,6 +27,12 @@ def validate_port(value: int) -> int:
     return value
 
 
+#: An AE title, stripped of padding and checked by :func:`validate_ae_title`.
+AETitle = Annotated[str, AfterValidator(validate_ae_title)]
+#: A TCP port, checked by :func:`validate_port`.
+Port = Annotated[int, AfterValidator(validate_port)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -33,9 +40,9 @@ class _Strict(BaseModel):
 class DicomNodeConfig(_Strict):
     """The storage SCP that PACS sends chest studies to."""
 
-    ae_title: str = Field("CXR_WORKER", description="Called AE title this node answers to")
+    ae_title: AETitle = Field("CXR_WORKER", description="Called AE title this node answers to")
     bind_host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all)")
-    port: int = Field(11112, description="TCP port for DICOM associations")
+    port: Port = Field(11112, description="TCP port for DICOM associations")
     allowed_calling_ae_titles: list[str] = Field(
         default_factory=list,
         description="Calling AE titles allowed to associate; empty list allows any",
@@ -51,48 +58,23 @@ class DicomNodeConfig(_Strict):
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
 
-    @field_validator("ae_title")
-    @classmethod
-    def _ae(cls, v: str) -> str:
-        return validate_ae_title(v)
-
     @field_validator("allowed_calling_ae_titles")
     @classmethod
     def _allowed(cls, v: list[str]) -> list[str]:
         return [validate_ae_title(x) for x in v]
-
-    @field_validator("port")
-    @classmethod
-    def _port(cls, v: int) -> int:
-        return validate_port(v)
 
 
 class DestinationConfig(_Strict):
     """A DICOM node that receives our Structured Reports (usually the PACS itself)."""
 
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    ae_title: str
+    ae_title: AETitle
     host: str
-    port: int
-    calling_ae_title: str | None = Field(
+    port: Port
+    calling_ae_title: AETitle | None = Field(
         None, description="Calling AE title to use; defaults to dicom.ae_title"
     )
     send_key_image: bool = Field(
         False, description="Also send a Secondary Capture key image for viewers without SR support"
     )
     timeout_s: float = Field(30.0, gt=0)
-
-    @field_validator("ae_title")
-    @classmethod
-    def _ae(cls, v: str) -> str:
-        return validate_ae_title(v)
-
-    @field_validator("calling_ae_title")
-    @classmethod
-    def _cae(cls, v: str | None) -> str | None:
-        return None if v is None else validate_ae_title(v)
-
-    @field_validator("port")
-    @classmethod
-    def _port(cls, v: int) -> int:
-        return validate_port(v)

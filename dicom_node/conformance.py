@@ -160,7 +160,8 @@ class _Walker:
                 else:
                     raise self._fail(
                         pos,
-                        f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR ({vr!r}) in an explicit VR transfer syntax",
+                        f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR ({vr!r}) "
+                        "in an explicit VR transfer syntax",
                     )
             where = f"element ({tag >> 16:04X},{tag & 0xFFFF:04X})"
             if length == UNDEFINED_LENGTH:
@@ -179,7 +180,8 @@ class _Walker:
                 if vpos + length > end:
                     raise self._fail(
                         pos,
-                        f"{where} declares {length} bytes but only {end - vpos} remain (truncated?)",
+                        f"{where} declares {length} bytes but only {end - vpos} remain "
+                        "(truncated?)",
                     )
                 if vr == b"SQ":
                     self._sequence(vpos, end, implicit, depth + 1, vpos + length)
@@ -231,7 +233,8 @@ class _Walker:
             if pos + 8 + length > end:
                 raise self._fail(
                     pos,
-                    f"Pixel Data fragment declares {length} bytes but only {end - pos - 8} remain (truncated?)",
+                    f"Pixel Data fragment declares {length} bytes but only {end - pos - 8} "
+                    "remain (truncated?)",
                 )
             frags.append((pos + 8, length))
             pos += 8 + length
@@ -303,8 +306,9 @@ def _check_pixels(ds: Dataset, layout: PixelDataLayout | None, ts: UID, buf: mem
         expected = (expected_bits + 7) // 8
         if layout.length not in (expected, expected + (expected % 2)):
             raise DatasetMismatch(
-                f"image pixel module: Pixel Data has {layout.length} bytes but Rows {rows} x Columns "
-                f"{cols} x SamplesPerPixel {spp} x BitsAllocated {bits} / 8 x frames {frames} = {expected}"
+                f"image pixel module: Pixel Data has {layout.length} bytes but Rows {rows} x "
+                f"Columns {cols} x SamplesPerPixel {spp} x BitsAllocated {bits} / 8 x frames "
+                f"{frames} = {expected}"
             )
         return
     if layout.length is not None:
@@ -336,7 +340,8 @@ def _check_pixels(ds: Dataset, layout: PixelDataLayout | None, ts: UID, buf: mem
         return  # a compressed syntax we do not know how to sniff: accept as received
     if not ok:
         raise DatasetMismatch(
-            f"encapsulated Pixel Data does not start with {what} as transfer syntax {ts.name} requires"
+            f"encapsulated Pixel Data does not start with {what} as transfer syntax {ts.name} "
+            "requires"
         )
 
 
@@ -376,11 +381,13 @@ def inspect_dataset(
     sop_instance = validate_uid(_get(ds, "SOPInstanceUID"), what="SOPInstanceUID")
     if sop_class != affected_sop_class_uid:
         raise DatasetMismatch(
-            f"SOPClassUID {sop_class} in the dataset differs from the request's Affected SOP Class UID {affected_sop_class_uid}"
+            f"SOPClassUID {sop_class} in the dataset differs from the request's Affected SOP "
+            f"Class UID {affected_sop_class_uid}"
         )
     if sop_instance != affected_sop_instance_uid:
         raise DatasetMismatch(
-            f"SOPInstanceUID {sop_instance} in the dataset differs from the request's Affected SOP Instance UID {affected_sop_instance_uid}"
+            f"SOPInstanceUID {sop_instance} in the dataset differs from the request's Affected "
+            f"SOP Instance UID {affected_sop_instance_uid}"
         )
     study = validate_uid(_get(ds, "StudyInstanceUID"), what="StudyInstanceUID")
     series = validate_uid(_get(ds, "SeriesInstanceUID"), what="SeriesInstanceUID")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,18 +23,8 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from dicom_node.sr import (
-    AlgorithmInfo,
-    CropInfo,
-    DeviceInfo,
-    FindingResult,
-    check_same_patient_and_study,
-    deterministic_uid,
-    no_person_name_warnings,
-    report_uid,
-    sanitize_copied_attributes,
-    source_header,
-)
+from dicom_node import derived
+from dicom_node.derived import AlgorithmInfo, CropInfo, DeviceInfo, FindingResult
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +46,10 @@ class ShownFinding:
     label: str
     probability: float
     present: bool
+
+    def __post_init__(self) -> None:
+        derived.require_str(self.label, "ShownFinding.label")
+        derived.require_probability(self.probability, f"{self.label} probability")
 
 
 @dataclass
@@ -80,6 +74,26 @@ class KeyImageInput:
     series_number: int = DEFAULT_SERIES_NUMBER
     content_datetime: _dt.datetime | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.frontal, Dataset):
+            raise TypeError(
+                "KeyImageInput.frontal must be a pydicom Dataset, "
+                f"got {type(self.frontal).__name__}"
+            )
+        if self.model1 is not None and not isinstance(self.model1, FindingResult):
+            raise TypeError(
+                f"KeyImageInput.model1 must be a FindingResult or None, "
+                f"got {type(self.model1).__name__}"
+            )
+        for i, f in enumerate(self.findings):
+            if not isinstance(f, FindingResult | ShownFinding):
+                raise TypeError(
+                    f"KeyImageInput.findings[{i}] must be a FindingResult or ShownFinding, "
+                    f"got {type(f).__name__}"
+                )
+        derived.require_int(self.max_side, "KeyImageInput.max_side", minimum=1)
+        derived.require_int(self.series_number, "KeyImageInput.series_number", minimum=1)
+
 
 @dataclass(frozen=True)
 class KeyImage:
@@ -94,12 +108,12 @@ def key_image_uid(
 ) -> str:
     """The key image's SOP Instance UID: a function of its report's UID (or sources and models)."""
     if report:
-        return deterministic_uid("cxr-key-image-v1", "report", report)
+        return derived.deterministic_uid("cxr-key-image-v1", "report", report)
     if not algorithms:
         raise ValueError(
             "key image: give report_uid or the algorithms, so its UID is deterministic"
         )
-    return deterministic_uid("cxr-key-image-v1", report_uid([frontal], algorithms))
+    return derived.deterministic_uid("cxr-key-image-v1", derived.report_uid([frontal], algorithms))
 
 
 def _strongest(inp: KeyImageInput) -> list[FindingResult | ShownFinding]:
@@ -164,8 +178,11 @@ def render(inp: KeyImageInput) -> tuple[np.ndarray, list[str]]:
     rows: list[str] = []
     colors: list[tuple[int, int, int]] = []
     if inp.model1 is not None:
-        rows.append(f"Model 1: {'ABNORMAL' if inp.model1.present else 'no abnormality'} "
-                    f"(p={inp.model1.probability:.2f}, threshold {inp.model1.threshold:.2f})")  # fmt: skip
+        m1 = inp.model1
+        rows.append(
+            f"Model 1: {'ABNORMAL' if m1.present else 'no abnormality'} "
+            f"(p={m1.probability:.2f}, threshold {m1.threshold:.2f})"
+        )
         colors.append((255, 255, 255))
     for color, f in zip(_HEAT, shown, strict=False):
         rows.append(f"{f.label}: p={f.probability:.2f}")
@@ -182,21 +199,19 @@ def render(inp: KeyImageInput) -> tuple[np.ndarray, list[str]]:
 
 def build_key_image(inp: KeyImageInput) -> KeyImage:
     """Render and wrap the key image; raises ``ValueError`` on unusable input."""
-    check_same_patient_and_study([inp.frontal])
+    derived.check_same_patient_and_study([inp.frontal])
     rgb, shown = render(inp)
-    header = source_header(inp.frontal)
+    header = derived.source_header(inp.frontal)
     sop_uid = key_image_uid(inp.frontal, inp.algorithms, inp.report_uid)
-    series_uid = deterministic_uid(
-        "cxr-key-series", str(header.StudyInstanceUID), inp.device.name, inp.device.ae_title
-    )
+    series_uid = derived.key_image_series_uid(str(header.StudyInstanceUID), inp.device)
     orientation = header.get("PatientOrientation")
     known = orientation is not None and len(orientation) == 2 and all(str(v) for v in orientation)
-    with no_person_name_warnings():
+    with derived.no_person_name_warnings():
         sc = _sc_image(inp, header, rgb, sop_uid, series_uid, orientation if known else None)
     if not known:
         sc.PatientOrientation = ""  # type: ignore[assignment]  # type 2: present, empty when the source did not say
     _describe(sc, inp, header, shown)
-    sanitize_copied_attributes(sc)
+    derived.sanitize_copied_attributes(sc)
     ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:  # pragma: no cover - OpenCV failure
         raise ValueError(f"key image {sop_uid}: PNG encoding failed")
@@ -209,7 +224,7 @@ def _sc_image(
     rgb: np.ndarray,
     sop_uid: str,
     series_uid: str,
-    orientation: object,
+    orientation: Sequence[object] | None,
 ) -> hd.sc.SCImage:
     return hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
@@ -223,9 +238,9 @@ def _sc_image(
         instance_number=1,
         manufacturer=inp.device.manufacturer,
         # highdicom insists on a value; an unknown one is emptied by the caller
-        patient_orientation=tuple(str(v) for v in orientation)
-        if orientation is not None
-        else ("L", "F"),  # type: ignore[arg-type,attr-defined]
+        patient_orientation=(
+            (str(orientation[0]), str(orientation[1])) if orientation is not None else ("L", "F")
+        ),
     )
 
 
@@ -261,54 +276,6 @@ def write_key_image(
     key: KeyImage, dicom_path: str | Path, png_path: str | Path | None = None
 ) -> tuple[Path, Path | None]:
     """Write the DICOM file (and the PNG when ``png_path`` is given), each atomically."""
-    dicom_path = Path(dicom_path)
-    dicom_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dicom_path.with_name(dicom_path.name + ".tmp")
-    key.dataset.save_as(tmp, enforce_file_format=True)
-    tmp.replace(dicom_path)
-    out_png = None
-    if png_path is not None:
-        out_png = Path(png_path)
-        out_png.parent.mkdir(parents=True, exist_ok=True)
-        tmp_png = out_png.with_name(out_png.name + ".tmp")
-        tmp_png.write_bytes(key.png)
-        tmp_png.replace(out_png)
+    dicom_path = derived.atomic_write(key.dataset, dicom_path)
+    out_png = None if png_path is None else derived.atomic_write(key.png, png_path)
     return dicom_path, out_png
-
-
-def write_for_pipeline(
-    *,
-    frontal: Dataset,
-    pixels: np.ndarray,
-    mask: np.ndarray | None,
-    crop: CropInfo | tuple[int, int, int, int] | None,
-    heatmaps: Mapping[str, np.ndarray],
-    findings: Sequence[FindingResult | ShownFinding | tuple[str, float, bool]],
-    device: DeviceInfo,
-    folder: str | Path,
-    report_uid: str,
-    model1: FindingResult | None = None,
-) -> tuple[Dataset, Path]:
-    """Build the key image of report ``report_uid`` and write ``KEY_<uid>.dcm`` and ``.png``
-    into ``folder``; returns (dataset, PNG path). Findings may be ``(label, probability,
-    present)`` tuples."""
-    shown = [ShownFinding(*f) if isinstance(f, tuple) else f for f in findings]
-    box = CropInfo(*crop) if isinstance(crop, tuple) else crop
-    key = build_key_image(
-        KeyImageInput(
-            frontal=frontal,
-            image=pixels,
-            model1=model1,
-            findings=shown,
-            report_uid=report_uid,
-            lung_mask=mask,
-            crop=box,
-            heatmaps=dict(heatmaps),
-            device=device,
-        )
-    )
-    uid = str(key.dataset.SOPInstanceUID)
-    folder = Path(folder)
-    _, png = write_key_image(key, folder / f"KEY_{uid}.dcm", folder / f"KEY_{uid}.png")
-    assert png is not None
-    return key.dataset, png

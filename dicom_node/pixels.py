@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,8 @@ def _to_gray(ds: Dataset, arr: np.ndarray) -> np.ndarray:
         arr = apply_color_lut(arr, ds)
     if arr.ndim == 3 and arr.shape[-1] == 3:
         rgb = arr.astype(np.float32)
-        return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+        gray: np.ndarray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+        return gray
     return arr
 
 
@@ -261,7 +262,8 @@ def _voi_lut(item: Dataset, values: np.ndarray) -> np.ndarray:
         raise ValueError("empty LUT Data")
     idx = np.clip(np.rint(values) - first_mapped, 0, lut.size - 1).astype(np.int64)
     top = float(2**bits - 1) if bits > 0 else float(lut.max() or 1.0)
-    return np.clip(lut[idx] / top, 0.0, 1.0).astype(np.float32)
+    mapped: np.ndarray = np.clip(lut[idx] / top, 0.0, 1.0).astype(np.float32)
+    return mapped
 
 
 def _apply_voi(

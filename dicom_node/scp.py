@@ -27,7 +27,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from .classify import chest_eligibility
 from .config import DicomNodeConfig
 from .conformance import inspect_dataset
-from .sink import InstanceSink
+from .sink import InstanceSink, StoredInstance
 from .statuses import PROCESSING_FAILURE, SUCCESS, UndecodableDataset, status_for, status_name
 from .storage import InstanceStorage
 from .uids import validate_uid
@@ -52,7 +52,9 @@ TRANSFER_SYNTAXES: dict[str, str] = {
     "1.2.840.10008.1.2.4.50": "JPEG Baseline (Process 1)",
     "1.2.840.10008.1.2.4.51": "JPEG Extended (Process 2 & 4)",
     "1.2.840.10008.1.2.4.57": "JPEG Lossless, Non-Hierarchical (Process 14)",
-    "1.2.840.10008.1.2.4.70": "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [SV1])",
+    "1.2.840.10008.1.2.4.70": (
+        "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [SV1])"
+    ),
     "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
     "1.2.840.10008.1.2.4.81": "JPEG-LS Lossy (Near-Lossless)",
     "1.2.840.10008.1.2.4.90": "JPEG 2000 Image Compression (Lossless Only)",
@@ -114,19 +116,21 @@ def _store(
             info.study_uid, sop_instance, (_PREAMBLE, encode_file_meta(meta), received)
         )
     new = sink.record_instance(
-        study_uid=info.study_uid,
-        series_uid=info.series_uid,
-        sop_instance_uid=sop_instance,
-        sop_class_uid=sop_class,
-        transfer_syntax_uid=ts,
-        modality=info.modality,
-        body_part=info.body_part,
-        view_position=info.view_position,
-        eligible=eligible,
-        ineligible_reason=reason,
-        rel_path=stored.rel_path,
-        size_bytes=stored.size_bytes,
-        calling_ae=calling_ae,
+        StoredInstance(
+            study_uid=info.study_uid,
+            series_uid=info.series_uid,
+            sop_instance_uid=sop_instance,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=ts,
+            modality=info.modality,
+            body_part=info.body_part,
+            view_position=info.view_position,
+            eligible=eligible,
+            ineligible_reason=reason,
+            rel_path=stored.rel_path,
+            size_bytes=stored.size_bytes,
+            calling_ae=calling_ae,
+        )
     )
     outcome = "stored" if new else "stored (row already committed by a concurrent duplicate)"
     if not eligible:
@@ -214,8 +218,8 @@ class StorageSCP:
                 # That mode hands the handler a temp file instead of the received bytes; this SCP
                 # stores from memory (one copy, no second write) and would answer 0xC210 to all.
                 raise RuntimeError(
-                    "pynetdicom._config.STORE_RECV_CHUNKED_DATASET is True in this process; the storage "
-                    "SCP needs it False (something else in the process changed this global)"
+                    "pynetdicom._config.STORE_RECV_CHUNKED_DATASET is True in this process; the "
+                    "storage SCP needs it False (something else in the process changed this global)"
                 )
             # No identifiers (which may contain patient data) in pynetdicom's own logs.
             _config.LOG_REQUEST_IDENTIFIERS = False
@@ -232,10 +236,11 @@ class StorageSCP:
                     (self.config.bind_host, self.config.port), block=False, evt_handlers=handlers
                 )
             except OSError as exc:
+                where = f"{self.config.bind_host}:{self.config.port}"
                 raise OSError(
                     exc.errno,
-                    f"cannot listen on {self.config.bind_host}:{self.config.port} for DICOM ({exc.strerror}); "
-                    f"is another process using dicom.port?",
+                    f"cannot listen on {where} for DICOM ({exc.strerror}); "
+                    "is another process using dicom.port?",
                 ) from exc
             assert server is not None
             self.server = server

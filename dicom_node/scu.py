@@ -32,7 +32,8 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, Association
+from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
@@ -170,8 +171,8 @@ def send(
     n_contexts = len(contexts)
     if n_contexts > _MAX_CONTEXTS:
         raise ValueError(
-            f"{n_contexts} presentation contexts needed for one association (at most {_MAX_CONTEXTS});"
-            " send fewer SOP class/transfer syntax combinations per call"
+            f"{n_contexts} presentation contexts needed for one association "
+            f"(at most {_MAX_CONTEXTS}); send fewer SOP class/transfer syntax combinations per call"
         )
     ae = _make_ae(destination.calling_ae_title or calling_ae, destination.timeout_s)
     for sop_class, syntaxes in contexts:

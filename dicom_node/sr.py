@@ -18,23 +18,22 @@ and the device's identity) into a :class:`highdicom.sr.Comprehensive3DSR`:
   balance, acceptable/rejected);
 - a root **Qualitative Evaluations** container (TID 1500 row 12) with free text: "NOT FOR
   DIAGNOSTIC USE", the crop box and the lung-mask quality flags;
-- a **deterministic SOP Instance UID** (:func:`report_uid`) from the source SOP Instance UIDs and
-  the model names, versions and weight hashes: sending the same analysis twice never creates two
-  documents; a re-analysis after late images has other sources, so a new UID, and lists the report
-  it replaces in the Predecessor Documents Sequence.
+- a **deterministic SOP Instance UID** (:func:`~dicom_node.derived.report_uid`) from the source SOP
+  Instance UIDs and the model names, versions and weight hashes: sending the same analysis twice
+  never creates two documents; a re-analysis after late images has other sources, so a new UID,
+  and lists the report it replaces in the Predecessor Documents Sequence.
 
-See :mod:`dicom_node.codes` for every code used.
+:func:`read_report` and :func:`read_findings` read a written report back. UIDs, the PHI-safe header
+copy and the atomic write live in :mod:`dicom_node.derived` (shared with the key image); the names
+the worker uses (``FindingResult``, ``AlgorithmInfo``, ``DeviceInfo``, ``CropInfo``,
+``report_series_uid``) are re-exported here. See :mod:`dicom_node.codes` for every code used.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import logging
-import uuid
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +43,44 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as _codes
 
 from dicom_node import codes
+from dicom_node.derived import (
+    AlgorithmInfo,
+    CropInfo,
+    DeviceInfo,
+    FindingResult,
+    atomic_write,
+    check_same_patient_and_study,
+    deterministic_uid,
+    no_person_name_warnings,
+    report_series_uid,
+    report_uid,
+    require_int,
+    require_number,
+    require_str,
+    require_str_fields,
+    sanitize_copied_attributes,
+    source_header,
+)
+
+__all__ = [
+    "DEFAULT_SERIES_NUMBER",
+    "NOT_FOR_DIAGNOSTIC_USE",
+    "SERIES_DESCRIPTION",
+    "AlgorithmInfo",
+    "CropInfo",
+    "DeviceInfo",
+    "FindingResult",
+    "MaskQualityInfo",
+    "PreviousReport",
+    "ReportInput",
+    "ReportedFinding",
+    "build_report",
+    "read_findings",
+    "read_report",
+    "report_series_uid",
+    "report_uid",
+    "write_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,93 +89,29 @@ NOT_FOR_DIAGNOSTIC_USE = (
 )
 DEFAULT_SERIES_NUMBER = 9901
 SERIES_DESCRIPTION = "CXR AI findings - NOT FOR DIAGNOSTIC USE"
-_TYPE2_PATIENT_STUDY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
-
-
-#: Namespace of this project's name-based UUIDs (a fixed, random UUID; never change it).
-_UID_NAMESPACE = uuid.UUID("8f4c1e0a-3b7d-5c21-9a6e-2f1d0c4b7a93")
-
-
-def deterministic_uid(*parts: str) -> str:
-    """A UID that is a function of ``parts``: ``2.25.`` + a name-based (version 5) UUID.
-
-    ``pydicom.uid.generate_uid(prefix=None, entropy_srcs=...)`` ignores its entropy and returns a
-    random UID, and a prefixed one is not a valid ``2.25`` UUID-derived UID; so the UUID is made
-    here, as ISO/IEC 9834-8 describes.
-    """
-    name = "\x1f".join(parts)
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
+#: Model 1's one label: the study is abnormal (its finding type is :data:`codes.ABNORMAL`).
+MODEL1_LABEL = "Abnormal"
+MODEL1, MODEL2 = "Model 1", "Model 2"
 
 
 # --- inputs (the worker converts the models' outputs into these) -------------------------------
 
 
 @dataclass(frozen=True)
-class FindingResult:
-    """One model output: the probability of ``label`` and the model card's threshold for it."""
-
-    label: str
-    probability: float
-    threshold: float
-    threshold_validated: bool = True  # False: the model card's default, not set on held-out data
-
-    @property
-    def present(self) -> bool:
-        return self.probability >= self.threshold
-
-
-@dataclass(frozen=True)
-class AlgorithmInfo:
-    """A model's identity, for TID 4019 Algorithm Identification."""
-
-    name: str
-    version: str
-    sha256: str
-    architecture: str = ""
-
-
-@dataclass(frozen=True)
-class CropInfo:
-    """The lung crop in frontal-image pixels: rows [y0, y1), columns [x0, x1)."""
-
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-
-
-@dataclass(frozen=True)
 class MaskQualityInfo:
+    """Plausibility of the lung mask; ``ok`` False means the full image was analysed."""
+
     area_fraction: float
     components: int
     left_right_balance: float
     ok: bool
     reason: str = ""
 
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """The worker as the SR's observer device and equipment."""
-
-    name: str = "cxr-pacs-worker"
-    version: str = "0.1.0"
-    ae_title: str = "CXR_WORKER"
-    manufacturer: str = "cxr-pacs-worker project"
-
-    @property
-    def uid(self) -> str:
-        """A stable Device Observer UID for this worker identity."""
-        return deterministic_uid("cxr-device", self.name, self.ae_title)
+    def __post_init__(self) -> None:
+        require_number(self.area_fraction, "MaskQualityInfo.area_fraction")
+        require_number(self.left_right_balance, "MaskQualityInfo.left_right_balance")
+        require_int(self.components, "MaskQualityInfo.components")
+        require_str_fields(self, "reason")
 
 
 @dataclass(frozen=True)
@@ -150,13 +123,34 @@ class PreviousReport:
     sop_instance_uid: str
     sop_class_uid: str = pydicom.uid.Comprehensive3DSRStorage
 
+    def __post_init__(self) -> None:
+        for attr in ("study_instance_uid", "series_instance_uid", "sop_instance_uid"):
+            if not require_str(getattr(self, attr), f"PreviousReport.{attr}"):
+                raise ValueError(f"PreviousReport.{attr} is empty: give the replaced report's UID")
+
+
+def _kind_name(kind: type) -> str:
+    if kind is type(None):
+        return "None"
+    return ("an " if kind.__name__[0] in "AEIOU" else "a ") + kind.__name__
+
+
+def _require_instance(value: object, kind: type | tuple[type, ...], what: str) -> None:
+    if not isinstance(value, kind):
+        names = " or ".join(_kind_name(k) for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise TypeError(f"ReportInput.{what} must be {names}, got {type(value).__name__}")
+
 
 @dataclass
 class ReportInput:
-    """Everything one report says. ``frontal``/``lateral`` are the source images (headers suffice)."""
+    """Everything one report (TID 1500) says; checked when built, so a bad value names itself.
+
+    ``frontal``/``lateral`` are the source images (headers suffice). ``model1`` is Model 1's
+    result, labelled ``"Abnormal"``; ``findings`` are Model 2's, each label once.
+    """
 
     frontal: Dataset
-    model1: FindingResult  # label "Abnormal" by convention
+    model1: FindingResult
     findings: list[FindingResult]
     model1_algorithm: AlgorithmInfo
     model2_algorithm: AlgorithmInfo
@@ -168,10 +162,47 @@ class ReportInput:
     device: DeviceInfo = field(default_factory=DeviceInfo)
     previous: Sequence[PreviousReport | Dataset] = ()
     series_number: int = DEFAULT_SERIES_NUMBER
-    considered_instances: Sequence[
-        str
-    ] = ()  # SOP Instance UIDs of every image the analysis weighed
+    #: SOP Instance UIDs of every image the analysis weighed
+    considered_instances: Sequence[str] = ()
     content_datetime: _dt.datetime | None = None  # defaults to now
+
+    def __post_init__(self) -> None:
+        _require_instance(self.frontal, Dataset, "frontal")
+        _require_instance(self.lateral, (Dataset, type(None)), "lateral")
+        _require_instance(self.model1, FindingResult, "model1")
+        if self.model1.label != MODEL1_LABEL:
+            raise ValueError(
+                f"ReportInput.model1 has label {self.model1.label!r}; Model 1 reports "
+                f"{MODEL1_LABEL!r} only (put other labels in findings)"
+            )
+        _require_instance(self.findings, list, "findings")
+        seen = {self.model1.label}
+        for i, f in enumerate(self.findings):
+            _require_instance(f, FindingResult, f"findings[{i}]")
+            if f.label in seen:
+                raise ValueError(
+                    f"finding {f.label!r} is reported twice; each label may appear once"
+                )
+            seen.add(f.label)
+        _require_instance(self.model1_algorithm, AlgorithmInfo, "model1_algorithm")
+        _require_instance(self.model2_algorithm, AlgorithmInfo, "model2_algorithm")
+        _require_instance(
+            self.lung_mask_algorithm, (AlgorithmInfo, type(None)), "lung_mask_algorithm"
+        )
+        _require_instance(self.crop, (CropInfo, type(None)), "crop")
+        _require_instance(self.mask_quality, (MaskQualityInfo, type(None)), "mask_quality")
+        _require_instance(self.device, DeviceInfo, "device")
+        for i, p in enumerate(self.previous):
+            _require_instance(p, (PreviousReport, Dataset), f"previous[{i}]")
+        require_int(self.series_number, "ReportInput.series_number", minimum=1)
+        if isinstance(self.considered_instances, str):
+            raise TypeError(
+                "ReportInput.considered_instances must be a sequence of SOP Instance UIDs, "
+                "not one string"
+            )
+        for i, uid in enumerate(self.considered_instances):
+            require_str(uid, f"ReportInput.considered_instances[{i}]")
+        _require_instance(self.content_datetime, (_dt.datetime, type(None)), "content_datetime")
 
     @property
     def sources(self) -> list[Dataset]:
@@ -185,123 +216,7 @@ class ReportInput:
         return algos
 
 
-# --- identity -----------------------------------------------------------------------------------
-
-
-def check_same_patient_and_study(datasets: Sequence[Dataset]) -> None:
-    """Raise ``ValueError`` unless every dataset has the same Patient ID, issuer and study.
-
-    The message names SOP Instance UIDs and which attribute differs, never the values (PHI).
-    """
-    if not datasets:
-        raise ValueError("no source images: a report needs at least the frontal image")
-    first = datasets[0]
-    for kw in ("PatientID", "StudyInstanceUID"):
-        if not str(first.get(kw, "") or "").strip():
-            raise ValueError(
-                f"source image {first.get('SOPInstanceUID', '?')} has no {kw}: refusing to write a "
-                "report that cannot be filed to a patient and study"
-            )
-    for ds in datasets[1:]:
-        for kw in ("PatientID", "IssuerOfPatientID", "StudyInstanceUID"):
-            a = str(first.get(kw, "") or "").strip()
-            b = str(ds.get(kw, "") or "").strip()
-            if a != b:
-                raise ValueError(
-                    f"source images {first.get('SOPInstanceUID', '?')} and "
-                    f"{ds.get('SOPInstanceUID', '?')} have different {kw}: refusing to write one "
-                    "report over two patients or studies; check the study's instances"
-                )
-
-
-def _algo_key(a: AlgorithmInfo) -> str:
-    return f"{a.name}|{a.version}|{a.sha256}"
-
-
-def report_uid(sources: Sequence[Dataset | str], algorithms: Sequence[AlgorithmInfo]) -> str:
-    """The SOP Instance UID of the report on ``sources`` by ``algorithms`` (order-independent)."""
-    uids = sorted({str(s.SOPInstanceUID) if isinstance(s, Dataset) else str(s) for s in sources})
-    algos = sorted(_algo_key(a) for a in algorithms)
-    return deterministic_uid("cxr-sr-v1", *uids, "--", *algos)
-
-
-def report_series_uid(study_instance_uid: str, device: DeviceInfo) -> str:
-    """One series per study and worker for all its reports, so re-analyses stay together."""
-    return deterministic_uid("cxr-sr-series", study_instance_uid, device.name, device.ae_title)
-
-
 # --- content ------------------------------------------------------------------------------------
-
-
-def source_header(ds: Dataset) -> Dataset:
-    """A header-only copy with every type 2 patient/study attribute highdicom reads present."""
-    out = Dataset()
-    for elem in ds:
-        if (
-            elem.keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-            or elem.tag.group == 0x7FE0
-        ):
-            continue
-        out.add(copy.deepcopy(elem))
-    for kw in _TYPE2_PATIENT_STUDY:
-        if kw not in out:
-            setattr(out, kw, "")
-    if hasattr(ds, "file_meta"):
-        out.file_meta = copy.deepcopy(ds.file_meta)
-    return out
-
-
-_KEEP_AS_IS = {
-    "PatientID",
-    "IssuerOfPatientID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "SOPClassUID",
-}
-
-
-def sanitize_copied_attributes(sr: Dataset) -> None:
-    """Repair or drop copied top-level values that break their VR (a source's ``PatientAge`` of
-    ``62`` instead of ``062Y``), so a sloppy modality cannot make our report invalid.
-
-    Identity attributes are never touched; type 2 attributes are emptied, others removed. The log
-    names the attribute only (the value may be PHI).
-    """
-    from pydicom import config
-    from pydicom.valuerep import validate_value
-
-    for elem in list(sr):
-        if elem.VR == "SQ" or elem.keyword in _KEEP_AS_IS or elem.value in (None, ""):
-            continue
-        values = elem.value if isinstance(elem.value, pydicom.multival.MultiValue) else [elem.value]
-        try:
-            for v in values:
-                if isinstance(v, str | bytes):  # numbers and person names were parsed already
-                    validate_value(elem.VR, v, config.RAISE)
-            continue
-        except ValueError:
-            pass
-        if (
-            elem.VR == "AS"
-            and str(elem.value).strip().isdigit()
-            and len(str(elem.value).strip()) <= 3
-        ):
-            elem.value = f"{int(str(elem.value).strip()):03d}Y"
-            action = "repaired as years"
-        elif elem.keyword in _TYPE2_PATIENT_STUDY:
-            elem.value = ""
-            action = "emptied"
-        else:
-            del sr[elem.tag]
-            action = "dropped"
-        log.warning(
-            "report %s: source attribute %s had an invalid %s value; %s",
-            sr.get("SOPInstanceUID", "?"),
-            elem.keyword or elem.tag,
-            elem.VR,
-            action,
-        )
 
 
 def _valid_spacing(value: object) -> bool:
@@ -341,7 +256,8 @@ def _library_stub(ds: Dataset) -> Dataset:
         stub.PatientOrientation = orientation
         stub.ImagerPixelSpacing = ds.ImagerPixelSpacing
     else:
-        stub.Modality = "OT"  # only steers highdicom away from TID 1603; the coded modality comes from the SOP class
+        # only steers highdicom away from TID 1603; the coded modality comes from the SOP class
+        stub.Modality = "OT"
     return stub
 
 
@@ -364,13 +280,6 @@ def _tracking(report_sop_uid: str, label: str, text: str) -> hd.sr.TrackingIdent
     )
 
 
-def _clip01(value: float, what: str) -> float:
-    v = float(value)
-    if not 0.0 <= v <= 1.0 or v != v:
-        raise ValueError(f"{what} = {value!r} is not a probability in [0, 1]")
-    return v
-
-
 def _finding_group(
     f: FindingResult,
     algo: AlgorithmInfo,
@@ -379,8 +288,7 @@ def _finding_group(
     sources: list[hd.sr.SourceImageForMeasurementGroup],
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     code = codes.finding_code(f.label)
-    p = _clip01(f.probability, f"{f.label} probability")
-    t = _clip01(f.threshold, f"{f.label} threshold")
+    p, t = float(f.probability), float(f.threshold)  # in [0, 1]: FindingResult checked them
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(sop_uid, f.label, f"{title}: {f.label}"),
         finding_type=code,
@@ -511,17 +419,6 @@ def _previous(
     return out
 
 
-@contextmanager
-def no_person_name_warnings() -> Iterator[None]:
-    """Silence highdicom's person-name format warning, which quotes the patient's name (PHI)
-    into warnings and logs. Local to the calls that copy patient data; nothing global."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r"The string .* unlikely to represent the intended person name"
-        )
-        yield
-
-
 def build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 report for ``inp``; raises ``ValueError`` on inconsistent input."""
     with no_person_name_warnings():
@@ -561,13 +458,11 @@ def _build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
         )
         for ds in analysed
     ]
-    groups = [_finding_group(inp.model1, inp.model1_algorithm, sop_uid, "Model 1", group_sources)]
-    seen = {inp.model1.label}
-    for f in inp.findings:
-        if f.label in seen:
-            raise ValueError(f"finding {f.label!r} is reported twice; each label may appear once")
-        seen.add(f.label)
-        groups.append(_finding_group(f, inp.model2_algorithm, sop_uid, "Model 2", group_sources))
+    groups = [_finding_group(inp.model1, inp.model1_algorithm, sop_uid, MODEL1, group_sources)]
+    groups += [
+        _finding_group(f, inp.model2_algorithm, sop_uid, MODEL2, group_sources)
+        for f in inp.findings  # each label once: ReportInput checked it
+    ]
     mask_group = _mask_group(inp, sop_uid)
     if mask_group is not None:
         groups.append(mask_group)
@@ -620,12 +515,7 @@ def _build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
 
 def write_report(sr: Dataset, path: str | Path) -> Path:
     """Write ``sr`` as a DICOM Part 10 file (atomically: a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    sr.save_as(tmp, enforce_file_format=True)
-    tmp.replace(path)
-    return path
+    return atomic_write(sr, path)
 
 
 def read_report(path: str | Path) -> hd.sr.Comprehensive3DSR:
@@ -646,36 +536,35 @@ class ReportedFinding:
 
 
 def read_findings(sr: Dataset | str | Path) -> list[ReportedFinding]:
-    """The Model 1 and Model 2 findings of a report built by :func:`build_report`, in order."""
-    doc = (
-        sr
-        if isinstance(sr, hd.sr.Comprehensive3DSR)
-        else (
-            hd.sr.Comprehensive3DSR.from_dataset(
-                sr if isinstance(sr, Dataset) else pydicom.dcmread(str(sr))
-            )
-        )
-    )
-    out = []
+    """The Model 1 and Model 2 findings of a report built by :func:`build_report`, in order.
+
+    The label comes from each group's coded finding type (:func:`codes.finding_label`), the model
+    from whether that code is Model 1's :data:`codes.ABNORMAL`; other groups (the lung-mask
+    quality) are skipped. The tracking identifier's free text is not parsed.
+    """
+    if isinstance(sr, hd.sr.Comprehensive3DSR):
+        doc = sr
+    else:
+        ds = sr if isinstance(sr, Dataset) else pydicom.dcmread(str(sr))
+        doc = hd.sr.Comprehensive3DSR.from_dataset(ds)
     content = doc.content
     if not isinstance(content, hd.sr.MeasurementReport):
         raise ValueError(f"SR {doc.SOPInstanceUID} is not a TID 1500 Measurement Report")
+    out = []
     for group in content.get_image_measurement_groups():
-        model, _, label = str(group.tracking_identifier).partition(": ")
-        if model not in ("Model 1", "Model 2"):
-            continue
         finding_type = group.finding_type
-        if finding_type is None:
+        label = None if finding_type is None else codes.finding_label(finding_type)
+        if finding_type is None or label is None:
             continue
         values = {m.name.value: float(m.value) for m in group.get_measurements()}
         present = [
-            q.value.value == codes.PRESENT.value  # type: ignore[union-attr]
+            q.value.value == codes.PRESENT.value
             for q in group.get_qualitative_evaluations()
-            if q.name.value == finding_type.value
+            if q.name.value == finding_type.value and isinstance(q.value, hd.sr.CodedConcept)
         ]
         out.append(
             ReportedFinding(
-                model=model,
+                model=MODEL1 if codes.same_code(finding_type, codes.ABNORMAL) else MODEL2,
                 label=label,
                 code=(finding_type.scheme_designator, finding_type.value),
                 probability=values[codes.PROBABILITY.value],

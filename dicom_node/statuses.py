@@ -61,5 +61,5 @@ def status_for(exc: BaseException) -> int:
 
 
 def status_name(status: int) -> str:
-    """A human-readable name for a status this SCP sends, e.g. ``0xA700 Refused: Out of Resources``."""
+    """A readable name for a status this SCP sends, e.g. ``0xA700 Refused: Out of Resources``."""
     return f"0x{status:04X} {_NAMES.get(status, 'Unknown')}"

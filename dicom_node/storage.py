@@ -1,4 +1,4 @@
-"""Durable, atomic storage of received instances: ``<root>/<StudyInstanceUID>/<SOPInstanceUID>.dcm``.
+"""Durable, atomic storage of received instances: ``<root>/<StudyUID>/<SOPInstanceUID>.dcm``.
 
 A file appears under its final name only once its bytes are on disk: it is written to a temp
 file in the same study folder, fsynced, renamed over the final name (atomic on POSIX), and the
@@ -81,7 +81,8 @@ class InstanceStorage:
         if free - incoming_bytes / _MiB < self.min_free_disk_mb:
             raise InsufficientDiskSpace(
                 f"storage folder {self.root} has {free:.0f} MiB free, below the threshold "
-                f"dicom.min_free_disk_mb={self.min_free_disk_mb} (free space or lower the threshold)"
+                f"dicom.min_free_disk_mb={self.min_free_disk_mb} "
+                "(free space or lower the threshold)"
             )
 
     def write(

@@ -27,7 +27,7 @@ view classifier.
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -179,26 +179,22 @@ def _from_text(text: str, source: str, confidence: float) -> ViewGuess | None:
     return ViewGuess("lateral", projection, source, confidence, text[:64])
 
 
-def _from_descriptions(ds: Dataset) -> ViewGuess | None:
+def _descriptions(ds: Dataset) -> Iterator[tuple[str, str, float]]:
+    """(text, keyword, confidence) of each description, most specific first."""
     for keyword in _SERIES_TEXT:
-        text = _norm(ds.get(keyword, ""))
-        if text:
-            guess = _from_text(text, keyword, 0.6)
-            if guess is not None:
-                return guess
+        yield _norm(ds.get(keyword, "")), keyword, 0.6
     for keyword in _STUDY_TEXT:
-        text = _norm(ds.get(keyword, ""))
-        if text:
-            guess = _from_text(text, keyword, 0.4)
-            if guess is not None:
-                return guess
+        yield _norm(ds.get(keyword, "")), keyword, 0.4
     for keyword in _STUDY_CODES:
         for item in ds.get(keyword, []) or []:
-            text = _norm(item.get("CodeMeaning", ""))
-            if text:
-                guess = _from_text(text, keyword, 0.4)
-                if guess is not None:
-                    return guess
+            yield _norm(item.get("CodeMeaning", "")), keyword, 0.4
+
+
+def _from_descriptions(ds: Dataset) -> ViewGuess | None:
+    for text, keyword, confidence in _descriptions(ds):
+        guess = _from_text(text, keyword, confidence) if text else None
+        if guess is not None:
+            return guess
     return None
 
 

@@ -1,4 +1,5 @@
-"""The models' single entry point for the worker: lung mask -> crop -> Model 1 + Model 2 -> Grad-CAM.
+"""The models' single entry point for the worker: lung mask -> crop -> Model 1 + Model 2 ->
+Grad-CAM.
 
 ``Analyzer.analyse`` takes a batch of studies and returns, in the same order, a
 :class:`models.api.StudyAnalysis` or the exception that stopped that one study: a bad image in one
@@ -12,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -21,13 +23,16 @@ from models.api import (
     Finding,
     LungMaskResult,
     ModelInfo,
+    ModelKind,
     StudyAnalysis,
+    StudyAnalyzer,
     StudyInput,
     ViewPrediction,
 )
 from models.classifiers import Classifier, validate_image
 from models.common import select_device
 from models.config import ModelsConfig
+from models.labels import MODEL1_LABELS
 from models.registry import ModelCard
 from models.view_classifier import ViewClassifier
 
@@ -39,9 +44,6 @@ T = TypeVar("T")
 class ClassifierLike(Protocol):
     card: ModelCard
     uses_lateral: bool
-
-    @property
-    def info(self) -> ModelInfo: ...
 
     def predict(
         self, frontals: list[np.ndarray], laterals: list[np.ndarray | None]
@@ -73,8 +75,8 @@ def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000.0, 1)
 
 
-class Analyzer:
-    """All models, loaded once; see the module docstring."""
+class Analyzer(StudyAnalyzer):
+    """All models, loaded once; see the module docstring. Implements :class:`StudyAnalyzer`."""
 
     def __init__(
         self,
@@ -86,7 +88,7 @@ class Analyzer:
         margin: float = 0.05,
         heatmap_exclude: Sequence[str] = ("No Finding",),
     ) -> None:
-        if model1.card.labels != ["Abnormal"]:
+        if model1.card.labels != list(MODEL1_LABELS):
             raise ValueError(
                 f"Model 1 card {model1.card.name} must have the single label 'Abnormal', "
                 f"has {model1.card.labels}"
@@ -101,7 +103,8 @@ class Analyzer:
     @classmethod
     def from_config(cls, cfg: ModelsConfig, device: str = "auto") -> Analyzer:
         """Load every card ``cfg`` names (SHA-256 checked); with ``torchxrayvision_checkpoint`` set,
-        that checkpoint is Model 2. Raises :class:`models.registry.ModelLoadError` naming the file."""
+        that checkpoint is Model 2. Raises :class:`models.registry.ModelLoadError` naming the
+        file."""
         from models.lung_mask import LungMasker
 
         dev = select_device(device)
@@ -125,34 +128,27 @@ class Analyzer:
         return cls(masker, model1, model2, view, margin=cfg.crop_margin_fraction)
 
     def model_infos(self) -> list[ModelInfo]:
-        cards = [self.masker.card, self.model1.card]
-        infos = [
-            ModelInfo(name=c.name, version=c.version, sha256=c.sha256, architecture=c.architecture)
-            for c in cards
+        """Every loaded model's identity, its kind taken from the slot its card sits in."""
+        slots = [
+            (ModelKind.LUNG_MASK, self.masker.card),
+            (ModelKind.MODEL1, self.model1.card),
+            (ModelKind.MODEL2, self.model2.card),
         ]
-        infos.append(self.model2.info)
         if self.view is not None:
-            infos.append(
-                ModelInfo(
-                    name=self.view.card.name,
-                    version=self.view.card.version,
-                    sha256=self.view.card.sha256,
-                    architecture=self.view.card.architecture,
-                )
-            )
-        return infos
+            slots.append((ModelKind.VIEW, self.view.card))
+        return [card.info(kind) for kind, card in slots]
 
-    def classify_views(self, images: list[np.ndarray]) -> list[ViewPrediction]:
+    def classify_views(self, images: Sequence[np.ndarray]) -> list[ViewPrediction]:
         """Frontal or lateral for each image. Raises ValueError naming the first invalid image."""
         if self.view is None:
             raise RuntimeError(
                 "no view classifier is loaded: set models.view_classifier in config.yaml"
             )
-        return self.view.predict(images)
+        return self.view.predict(list(images))
 
     # --- analysis -----------------------------------------------------------------------------
 
-    def analyse(self, studies: list[StudyInput]) -> list[StudyAnalysis | Exception]:
+    def analyse(self, studies: Sequence[StudyInput]) -> list[StudyAnalysis | Exception]:
         """One result per study, in order: its analysis or the exception that stopped it."""
         results: list[StudyAnalysis | Exception | None] = [None] * len(studies)
         work: list[_Work] = []
@@ -191,16 +187,7 @@ class Analyzer:
         probs: dict[str, dict[int, np.ndarray]] = {}
         for name, model in (("model1", self.model1), ("model2", self.model2)):
             t0 = time.perf_counter()
-            out = self._batched(
-                work,
-                lambda ws, m=model: list(
-                    m.predict(
-                        [self._input(m, w)[0] for w in ws],
-                        [w.lateral if m.uses_lateral else None for w in ws],
-                    )
-                ),
-                fail,
-            )  # type: ignore[misc]
+            out = self._batched(work, partial(self._predict, model), fail)
             ms = _ms(t0) / max(len(work), 1)
             probs[name] = out
             work = [w for w in work if results[w.index] is None]
@@ -214,6 +201,15 @@ class Analyzer:
             except Exception as exc:  # noqa: BLE001
                 fail(w, exc)
         return [r if r is not None else RuntimeError("study was not analysed") for r in results]
+
+    def _predict(self, model: ClassifierLike, ws: list[_Work]) -> list[np.ndarray]:
+        """One model's probabilities for a batch, one row per study."""
+        return list(
+            model.predict(
+                [self._input(model, w)[0] for w in ws],
+                [w.lateral if model.uses_lateral else None for w in ws],
+            )
+        )
 
     @staticmethod
     def _input(model: ClassifierLike, w: _Work) -> tuple[np.ndarray, CropBox]:

@@ -7,14 +7,18 @@ Nothing here knows about DICOM.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
 
 import numpy as np
 
 
 @dataclass(frozen=True)
 class MaskQuality:
-    """Plausibility checks of a lung mask. ``ok`` is False when the crop fell back to the full image."""
+    """Plausibility checks of a lung mask. ``ok`` is False when the crop fell back to the full
+    image."""
 
     area_fraction: float
     components: int
@@ -40,6 +44,15 @@ class LungMaskResult:
     quality: MaskQuality
 
 
+class ModelKind(StrEnum):
+    """The role a model plays in the analysis (which slot of the Analyzer its card sits in)."""
+
+    LUNG_MASK = "lung_mask"
+    MODEL1 = "model1"
+    MODEL2 = "model2"
+    VIEW = "view"
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the Structured Report's Algorithm Identification needs about one model."""
@@ -48,6 +61,7 @@ class ModelInfo:
     version: str
     sha256: str
     architecture: str
+    kind: ModelKind
 
 
 @dataclass(frozen=True)
@@ -89,3 +103,16 @@ class StudyAnalysis:
 class ViewPrediction:
     view: str  # "frontal" or "lateral"
     probability: float  # probability of the predicted view
+
+
+class StudyAnalyzer(Protocol):
+    """What the worker needs from the models (implemented by :class:`models.analyzer.Analyzer`).
+
+    ``analyse`` returns one entry per study, in order: its analysis, or the exception that stopped
+    that study alone."""
+
+    def analyse(self, studies: Sequence[StudyInput]) -> list[StudyAnalysis | Exception]: ...
+
+    def classify_views(self, images: Sequence[np.ndarray]) -> list[ViewPrediction]: ...
+
+    def model_infos(self) -> list[ModelInfo]: ...

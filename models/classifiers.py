@@ -1,4 +1,5 @@
-"""Model 1 and Model 2: DenseNet-121 (torchvision, as in CheXNet) on the frontal and optional lateral.
+"""Model 1 and Model 2: DenseNet-121 (torchvision, as in CheXNet) on the frontal and optional
+lateral.
 
 One backbone is shared by both views (the weights stay ~14 MB in float16 per model). Each view is
 pooled to a 1024-d feature; the lateral slot holds either the lateral's features plus a learned
@@ -23,8 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import DenseNet
 
-from models.api import ModelInfo
-from models.registry import ModelCard, ModelLoadError, load_weights, to_float
+from models.registry import ModelCard, ModelLoadError, load_state, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,15 @@ def densenet_backbone(
     Built with random weights: nothing is downloaded."""
     net = DenseNet(
         growth_rate=growth_rate,
-        block_config=tuple(block_config),  # type: ignore[arg-type]
+        block_config=tuple(block_config),
         num_init_features=num_init_features,
     )
     net.features.conv0 = nn.Conv2d(
         1, num_init_features, kernel_size=7, stride=2, padding=3, bias=False
     )
     nn.init.kaiming_normal_(net.features.conv0.weight)
-    return net.features
+    features: nn.Sequential = net.features
+    return features
 
 
 class MultiViewClassifier(nn.Module):
@@ -96,7 +97,8 @@ class MultiViewClassifier(nn.Module):
             idx = torch.nonzero(lateral_present, as_tuple=False).flatten()
             lat_feat = self.pool(self.feature_map(lateral[idx])) + self.lateral_view
             lat = lat.index_copy(0, idx, lat_feat.to(lat.dtype))
-        return self.head(self.dropout(torch.cat([frontal_feat, lat], dim=1)))
+        logits: torch.Tensor = self.head(self.dropout(torch.cat([frontal_feat, lat], dim=1)))
+        return logits
 
     def forward(
         self,
@@ -105,7 +107,8 @@ class MultiViewClassifier(nn.Module):
         lateral_present: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``frontal``: (B,1,H,W); ``lateral``: (B,1,H,W) or None; ``lateral_present``: (B,) bool
-        saying which rows of ``lateral`` are real (others are ignored). Returns (B, labels) logits."""
+        saying which rows of ``lateral`` are real (others are ignored). Returns (B, labels)
+        logits."""
         if lateral is not None and lateral_present is None:
             lateral_present = torch.ones(frontal.shape[0], dtype=torch.bool, device=frontal.device)
         return self.fuse(self.pool(self.feature_map(frontal)), lateral, lateral_present)
@@ -132,12 +135,7 @@ def load_classifier(
     """Load a classifier from its card (SHA-256 checked), in eval mode on ``device``."""
     card, state = load_weights(Path(card_path))
     model = build_classifier(card)
-    try:
-        model.load_state_dict(to_float(state))
-    except RuntimeError as exc:
-        raise ModelLoadError(
-            f"weights of {card_path} do not fit the network its card describes: {exc}"
-        ) from None
+    load_state(model, state, card_path)
     return card, model.to(device).eval()
 
 
@@ -195,15 +193,6 @@ class Classifier:
     def from_card(cls, card_path: Path, device: torch.device | str = "cpu") -> Classifier:
         card, net = load_classifier(card_path, device)
         return cls(card, net, device)
-
-    @property
-    def info(self) -> ModelInfo:
-        return ModelInfo(
-            name=self.card.name,
-            version=self.card.version,
-            sha256=self.card.sha256,
-            architecture=self.card.architecture,
-        )
 
     def _inputs(
         self, frontals: list[np.ndarray], laterals: list[np.ndarray | None]

@@ -50,7 +50,8 @@ def _check_map(prob: np.ndarray) -> np.ndarray:
 
 
 def keep_largest_components(mask: np.ndarray, k: int = 2, min_pixels: int = 1) -> np.ndarray:
-    """uint8 0/1 mask with only the ``k`` largest 8-connected components of at least ``min_pixels``."""
+    """uint8 0/1 mask with only the ``k`` largest 8-connected components of at least
+    ``min_pixels``."""
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     if n <= 1:
         return np.zeros_like(mask, dtype=np.uint8)
@@ -70,7 +71,8 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def smooth(mask: np.ndarray, kernel_fraction: float = 0.02) -> np.ndarray:
-    """Morphological opening then closing with an ellipse of ``kernel_fraction`` of the short side."""
+    """Morphological opening then closing with an ellipse of ``kernel_fraction`` of the short
+    side."""
     size = max(3, int(round(min(mask.shape) * kernel_fraction)) | 1)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
     m = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel)
@@ -92,7 +94,8 @@ def postprocess(
 
 
 def to_original(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resize a 0/1 mask to ``shape`` (rows, cols), the inverse of the network's anisotropic resize."""
+    """Resize a 0/1 mask to ``shape`` (rows, cols), the inverse of the network's anisotropic
+    resize (:func:`models.lung_mask.resize_image`)."""
     h, w = int(shape[0]), int(shape[1])
     if h <= 0 or w <= 0:
         raise ValueError(f"target shape must be positive, got {shape}")

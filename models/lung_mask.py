@@ -1,10 +1,11 @@
 """Lung masks for frontal radiographs: the Pix2Pix generator plus :mod:`models.crop`.
 
 Aspect handling: every image is resized to the card's ``input_size`` square by a plain
-(anisotropic) resize, the same mapping used in training (:mod:`models.datasets.masks`), and the
-mask is resized back the same way. Chest radiographs are close to square (JSRT 1:1, Montgomery
-about 1:1.2), the training augmentation varies the aspect ratio, and a squash avoids the black
-padding bars that a letterbox would show the network but that it never saw in training.
+(anisotropic) resize (:func:`resize_image`, the same mapping the training data in
+:mod:`models.training.datasets.masks` uses), and the mask is resized back the same way. Chest
+radiographs are close to square (JSRT 1:1, Montgomery about 1:1.2), the training augmentation
+varies the aspect ratio, and a squash avoids the black padding bars that a letterbox would show
+the network but that it never saw in training.
 """
 
 from __future__ import annotations
@@ -12,17 +13,23 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
 from models.api import LungMaskResult
 from models.common import autocast
 from models.crop import DEFAULT_LIMITS, QualityLimits, mask_and_crop
-from models.datasets.masks import resize_image
 from models.pix2pix import UNetGenerator
 from models.registry import ModelCard, ModelLoadError, load_weights, to_float
 
 log = logging.getLogger(__name__)
+
+
+def resize_image(img: np.ndarray, size: int) -> np.ndarray:
+    """Anisotropic resize to ``size x size`` (area filter when shrinking)."""
+    interp = cv2.INTER_AREA if min(img.shape[:2]) >= size else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp)
 
 
 class LungMasker:
@@ -85,7 +92,8 @@ class LungMasker:
         return torch.from_numpy(batch)
 
     def probability_maps(self, images: list[np.ndarray]) -> np.ndarray:
-        """Lung probabilities, ``N x size x size`` float32 in [0, 1], at the network's resolution."""
+        """Lung probabilities, ``N x size x size`` float32 in [0, 1], at the network's
+        resolution."""
         out = np.empty((len(images), self.size, self.size), dtype=np.float32)
         with torch.inference_mode():
             for s in range(0, len(images), self.batch_size):

@@ -1,4 +1,5 @@
-"""Pix2Pix networks (Isola et al., 2017) for lung masks: a U-Net generator and a PatchGAN discriminator.
+"""Pix2Pix networks (Isola et al., 2017) for lung masks: a U-Net generator and a PatchGAN
+discriminator.
 
 The generator maps a 1-channel radiograph (normalised with the card's mean/std) to 1 channel of
 *logits*; ``torch.sigmoid(logits)`` is the lung probability map. The Pix2Pix convention of a
@@ -17,7 +18,17 @@ def to_gan_range(prob: torch.Tensor) -> torch.Tensor:
     return prob * 2.0 - 1.0
 
 
-class _Down(nn.Module):
+class _Block(nn.Module):
+    """A sequential block; subclasses fill ``self.block``."""
+
+    block: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.block(x)
+        return out
+
+
+class _Down(_Block):
     def __init__(self, cin: int, cout: int, *, norm: bool = True, act: bool = True) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -28,11 +39,8 @@ class _Down(nn.Module):
             layers.append(nn.BatchNorm2d(cout))
         self.block = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
 
-
-class _Up(nn.Module):
+class _Up(_Block):
     def __init__(self, cin: int, cout: int, *, dropout: float = 0.0) -> None:
         super().__init__()
         layers: list[nn.Module] = [
@@ -44,17 +52,15 @@ class _Up(nn.Module):
             layers.append(nn.Dropout(dropout))
         self.block = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
-
 
 class UNetGenerator(nn.Module):
     """U-Net with skip connections between mirrored layers ("unet_256" of Isola et al.).
 
     ``depth`` down-sampling steps halve the input each time; for a 256x256 input ``depth=8``
     reaches 1x1 as in the paper. Channel widths are ``ngf * (1, 2, 4, 8, 8, ...)``. Dropout (the
-    paper's noise source) sits in the three decoder blocks after the innermost one and is off in ``eval()``, so
-    inference is deterministic. Input height and width must be multiples of ``2 ** depth``."""
+    paper's noise source) sits in the three decoder blocks after the innermost one and is off in
+    ``eval()``, so inference is deterministic. Input height and width must be multiples of
+    ``2 ** depth``."""
 
     def __init__(
         self,
@@ -105,7 +111,8 @@ class UNetGenerator(nn.Module):
         for up in self.ups:
             h = up(h)
             h = torch.cat([h, skips.pop()], dim=1)
-        return self.final(h)
+        logits: torch.Tensor = self.final(h)
+        return logits
 
 
 class PatchDiscriminator(nn.Module):
@@ -136,8 +143,10 @@ class PatchDiscriminator(nn.Module):
         self.model = nn.Sequential(*layers)
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``image`` normalised as for the generator, ``mask`` in [-1, 1] (see :func:`to_gan_range`)."""
-        return self.model(torch.cat([image, mask], dim=1))
+        """``image`` normalised as for the generator, ``mask`` in [-1, 1] (see
+        :func:`to_gan_range`)."""
+        scores: torch.Tensor = self.model(torch.cat([image, mask], dim=1))
+        return scores
 
 
 def init_weights(module: nn.Module, gain: float = 0.02) -> None:

@@ -15,6 +15,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.api import ModelInfo, ModelKind
 
 
 class ModelLoadError(RuntimeError):
@@ -51,6 +54,16 @@ class ModelCard(BaseModel):
 
     def threshold(self, label: str) -> float:
         return float(self.thresholds.get(label, 0.5))
+
+    def info(self, kind: ModelKind) -> ModelInfo:
+        """The card's identity for the report, in the role ``kind`` it plays in the analysis."""
+        return ModelInfo(
+            name=self.name,
+            version=self.version,
+            sha256=self.sha256,
+            architecture=self.architecture,
+            kind=kind,
+        )
 
 
 def sha256_file(path: Path) -> str:
@@ -93,6 +106,17 @@ def load_weights(
         )
     state = load_file(str(weights), device=str(map_location))
     return card, state
+
+
+def load_state(net: nn.Module, state: dict[str, torch.Tensor], card_path: Path) -> None:
+    """Load ``state`` (float16 storage cast back) into ``net``, the network ``card_path``
+    describes; raises :class:`ModelLoadError` when the weights do not fit it."""
+    try:
+        net.load_state_dict(to_float(state))
+    except RuntimeError as exc:
+        raise ModelLoadError(
+            f"weights of {card_path} do not fit the network its card describes: {exc}"
+        ) from None
 
 
 def save_model(

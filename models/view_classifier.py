@@ -15,7 +15,7 @@ from torch import nn
 
 from models.api import ViewPrediction
 from models.classifiers import to_tensor, validate_image
-from models.registry import ModelCard, ModelLoadError, load_weights, to_float
+from models.registry import ModelCard, ModelLoadError, load_state, load_weights
 
 ARCHITECTURE = "small-cnn-view"
 
@@ -41,7 +41,8 @@ class ViewCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1)
-        return self.head(f).squeeze(1)
+        logit: torch.Tensor = self.head(f)
+        return logit.squeeze(1)
 
 
 def build_view_cnn(card: ModelCard) -> ViewCNN:
@@ -69,12 +70,7 @@ class ViewClassifier:
     def from_card(cls, card_path: Path, device: torch.device | str = "cpu") -> ViewClassifier:
         card, state = load_weights(Path(card_path))
         net = build_view_cnn(card)
-        try:
-            net.load_state_dict(to_float(state))
-        except RuntimeError as exc:
-            raise ModelLoadError(
-                f"weights of {card_path} do not fit the network its card describes: {exc}"
-            ) from None
+        load_state(net, state, card_path)
         return cls(card, net, torch.device(device))
 
     @torch.no_grad()

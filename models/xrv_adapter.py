@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import DenseNet
 
-from models.api import ModelInfo
 from models.classifiers import to_tensor
-from models.datasets.chexpert import OBSERVATIONS
+from models.labels import OBSERVATIONS
 from models.registry import ModelCard, ModelLoadError, Normalisation, sha256_file
 
 log = logging.getLogger(__name__)
@@ -109,8 +108,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 - torch raises several types for a pickled model
         raise ModelLoadError(
             f"torchxrayvision checkpoint {path} is not a plain state dict ({type(exc).__name__}); "
-            f"torchxrayvision release files pickle whole models, which are not loaded here. Convert "
-            f"it once with torch.save(model.state_dict(), ...) (see models/xrv_adapter.py)"
+            f"torchxrayvision release files pickle whole models, which are not loaded here. "
+            f"Convert it once with torch.save(model.state_dict(), ...) (see models/xrv_adapter.py)"
         ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -221,20 +220,12 @@ class XrvClassifier:
         )
         return cls(net, card, index, op.float().view(-1) if op is not None else None, device)
 
-    @property
-    def info(self) -> ModelInfo:
-        return ModelInfo(
-            name=self.card.name,
-            version=self.card.version,
-            sha256=self.card.sha256,
-            architecture=self.card.architecture,
-        )
-
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.net.features(x))
 
     def head(self, fmap: torch.Tensor) -> torch.Tensor:
-        return self.net.classifier(F.adaptive_avg_pool2d(fmap, 1).flatten(1))
+        logits: torch.Tensor = self.net.classifier(F.adaptive_avg_pool2d(fmap, 1).flatten(1))
+        return logits
 
     def probabilities_all(self, x: torch.Tensor) -> torch.Tensor:
         """All network outputs as torchxrayvision would return them (sigmoid, op_norm when set)."""

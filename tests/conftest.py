@@ -4,18 +4,33 @@
 - ``shared_data`` points at ``../shared/data`` when it exists; tests that need it are skipped with a
   visible reason elsewhere.
 - ``database_url`` is parametrised over SQLite and the real PostgreSQL at 127.0.0.1:5432 (a fresh
-  database per test, dropped afterwards).
+  database per test, dropped afterwards); ``sqlite_queue`` and ``any_queue`` are the real queue on
+  them (db is imported only when a test asks for one).
+- ``start_scp`` starts the storage SCP on a free loopback port, recording into an in-memory sink
+  (:class:`tests.fakes.MemorySink`) unless a test passes the real queue.
+
+Nothing here imports db or worker at import time: the DICOM unit tests run without them.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import pydicom
 import pytest
+from pydicom.dataset import Dataset
+
+from dicom_node.sink import InstanceSink
+from tests.dicom_net import RunningSCP, scp_starter
+from tests.dicom_net import free_port as free_port  # re-exported: test folders import it here
+from tests.fakes import MemorySink
+
+if TYPE_CHECKING:
+    from db.queue import Queue
 
 TESTS = Path(__file__).resolve().parent
 DATA = TESTS / "data"
@@ -44,16 +59,10 @@ def shared_data() -> Path:
     d = _shared_data_dir()
     if d is None:
         pytest.skip(
-            "../shared/data not present (set CXR_SHARED_DATA): this test needs the research data there"
+            "../shared/data not present (set CXR_SHARED_DATA): "
+            "this test needs the research data there"
         )
     return d
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -128,3 +137,63 @@ def storescp(tmp_path: Path) -> Iterator[object]:
         yield scp
     finally:
         scp.stop()
+
+
+# --- real DICOM instances and the storage SCP ----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def rg1_ds() -> Dataset:
+    return pydicom.dcmread(DATA / "RG1_UNCR.dcm")
+
+
+@pytest.fixture(scope="session")
+def sc_ds() -> Dataset:
+    """The 127 kB Secondary Capture chest X-ray: the cheapest real instance to send."""
+    return pydicom.dcmread(DATA / "siim_cr_pa_secondary_capture.dcm")
+
+
+@pytest.fixture
+def start_scp(tmp_path: Path) -> Iterator[Callable[..., RunningSCP]]:
+    """``start_scp(queue=None, *, sink=None, **config overrides)`` starts a StorageSCP storing
+    under ``tmp_path/storage``; it records into ``sink``, else into the real ``queue`` (through
+    worker's QueueSink), else into a new :class:`MemorySink`. Every one is stopped at teardown."""
+    with scp_starter(tmp_path / "storage") as start:
+
+        def start_with(
+            queue: Queue | None = None, *, sink: InstanceSink | None = None, **overrides: Any
+        ) -> RunningSCP:
+            if sink is None and queue is not None:
+                from worker.ingest import QueueSink  # noqa: PLC0415 - only the queue tests need it
+
+                sink = QueueSink(queue)
+            return start(sink if sink is not None else MemorySink(), **overrides)
+
+        yield start_with
+
+
+# --- the real queue (imported only by the tests that use it) ------------------------------------
+
+
+def open_queue(url: str) -> Queue:
+    """Migrate ``url`` and open the real queue on it."""
+    from db.migrate import upgrade  # noqa: PLC0415
+    from db.queue import Queue  # noqa: PLC0415
+
+    upgrade(url)
+    return Queue.from_url(url, lease_seconds=60, max_attempts=3)
+
+
+@pytest.fixture
+def sqlite_queue(tmp_path: Path) -> Iterator[Queue]:
+    q = open_queue(f"sqlite:///{tmp_path / 'queue.sqlite3'}")
+    yield q
+    q.close()
+
+
+@pytest.fixture
+def any_queue(database_url: str) -> Iterator[Queue]:
+    """The real queue on SQLite and on PostgreSQL (the test runs once per database)."""
+    q = open_queue(database_url)
+    yield q
+    q.close()

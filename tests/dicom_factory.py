@@ -23,7 +23,7 @@ def wrap_as_dx(
     sop_instance_uid: str | None = None,
     series_uid: str | None = None,
 ) -> Dataset:
-    """A DX For Presentation instance with ``image_path``'s pixels in ``like``'s patient and study."""
+    """A DX For Presentation instance: ``image_path``'s pixels in ``like``'s patient and study."""
     img = cv2.imread(str(image_path), cv2.IMREAD_GRAYSCALE)
     if img is None:
         raise ValueError(f"cannot read image {image_path}")

@@ -10,7 +10,8 @@ knows are on 127.0.0.1. (Orthanc 1.10 has no DICOM bind-address option: its DICO
 all interfaces, on a random port, for the few seconds a test runs.) Stopped by PID: SIGTERM, then
 SIGKILL. ``lua_script`` loads a Lua script (e.g. to react to received structured reports).
 
-In a fixture: ``with Orthanc.start(tmp_path / "orthanc", aet=..., modalities=...) as pacs: yield pacs``
+In a fixture:
+``with Orthanc.start(tmp_path / "orthanc", aet=..., modalities=...) as pacs: yield pacs``
 (``Orthanc.launch`` + ``stop()`` when the lifetime is not a ``with`` block). Skip with
 ``pytest.mark.skipif(not orthanc_available(), ...)`` where Orthanc may be missing.
 """
@@ -41,7 +42,9 @@ def orthanc_available() -> bool:
 
 
 class OrthancError(RuntimeError):
-    """Orthanc did not start, or a REST call failed (the message has the URL and Orthanc's answer)."""
+    """Orthanc did not start, or a REST call failed.
+
+    The message has the URL and Orthanc's answer."""
 
 
 class Orthanc:
@@ -156,7 +159,8 @@ class Orthanc:
                 last = str(e)
             time.sleep(0.2)
         raise OrthancError(
-            f"Orthanc did not answer {self.url}/system within {timeout_s:.0f} s ({last}):\n{self.log_tail()}"
+            f"Orthanc did not answer {self.url}/system within {timeout_s:.0f} s ({last}):\n"
+            f"{self.log_tail()}"
         )
 
     def stop(self, timeout_s: float = 10.0) -> None:

@@ -1,4 +1,5 @@
-"""``cxr-worker``: the command line an admin uses (serve, status, requeue, check-config, echo, db, train...)."""
+"""``cxr-worker``: the command line an admin uses (serve, status, requeue, check-config, echo, db,
+train...)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from pathlib import Path
 
 import yaml
 
+from db.engine import safe_url
+from db.errors import DatabaseNotReady, QueueUnavailable
+from db.queue import Queue
+from models.training import cli as training
+
 from . import __version__
 from .config import AppConfig, ConfigError, load_config
 from .logging_setup import configure
@@ -19,12 +25,15 @@ from .logging_setup import configure
 log = logging.getLogger("worker.cli")
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
+def _add_config(p: argparse.ArgumentParser, *, top_level: bool = False) -> None:
+    """``--config`` is accepted before and after the subcommand. Only the top-level parser has a
+    default: a subparser's ``SUPPRESS`` leaves the top-level value alone unless ``--config``
+    follows the subcommand, and then that later value wins."""
     p.add_argument(
         "--config",
         "-c",
         type=Path,
-        default=None,
+        default=None if top_level else argparse.SUPPRESS,
         help="config file (default: $CXR_CONFIG or ./config.yaml)",
     )
 
@@ -35,10 +44,17 @@ def _load(args: argparse.Namespace) -> AppConfig:
     return cfg
 
 
+def _open_queue(cfg: AppConfig) -> Queue:
+    """The queue for an admin command: a missing or out-of-date schema is refused, never created."""
+    return Queue.from_config(
+        cfg.queue,
+        upgrade_empty=False,
+        delivery_max_attempts=cfg.scheduler.delivery_max_attempts,
+    )
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.path or args.config)
-    from .config import safe_url
-
     data = json.loads(cfg.model_dump_json())
     data["queue"]["database_url"] = safe_url(cfg.queue.database_url)
     print(f"# effective configuration ({args.path or args.config or 'config.yaml'}): OK")
@@ -58,21 +74,15 @@ def cmd_db(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from db import migrate
 
-    from .config import safe_url
-
     url = cfg.queue.database_url
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    migrate.upgrade(url)
+    migrate.upgrade(url)  # creates an SQLite file's folder (db.engine.make_engine)
     print(f"database {safe_url(url)} is at revision {migrate.current_revision(url)}")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from .service import open_queue
-
-    queue = open_queue(cfg, upgrade_empty=False)
+    queue = _open_queue(cfg)
     counts = queue.counts()
     latest = queue.latest(args.limit)
     if args.json:
@@ -90,16 +100,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in latest:
         deliveries = ", ".join(f"{k}:{v}" for k, v in s.deliveries.items()) or "-"
         print(
-            f"  {s.study_uid:<64} {s.state:<10} {s.instance_count:>4}  {deliveries:<24} {s.reason or ''}"
+            f"  {s.study_uid:<64} {s.state:<10} {s.instance_count:>4}  {deliveries:<24} "
+            f"{s.reason or ''}"
         )
     return 0
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from .service import open_queue
-
-    queue = open_queue(cfg, upgrade_empty=False)
+    queue = _open_queue(cfg)
     if args.failed:
         n = queue.requeue_failed()
         print(f"requeued {n} failed study(ies)")
@@ -119,9 +128,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 def cmd_resend(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from .service import open_queue
-
-    queue = open_queue(cfg, upgrade_empty=False)
+    queue = _open_queue(cfg)
     n = queue.resend(args.study_uid)
     if n == 0:
         print(f"resend: no report to resend for study {args.study_uid}", file=sys.stderr)
@@ -136,34 +143,15 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
     dest = cfg.destination(args.destination)
     ok, detail = echo(dest, calling_ae=dest.calling_ae_title or cfg.dicom.ae_title)
-    print(
-        f"C-ECHO {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {'OK' if ok else 'FAILED'} {detail}"
-    )
+    where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
+    print(f"C-ECHO {where}: {'OK' if ok else 'FAILED'} {detail}")
     return 0 if ok else 1
 
 
-def _delegate(module: str) -> tuple:
-    import importlib
-
-    mod = importlib.import_module(module)
-    return mod.add_arguments, mod.run
-
-
-TRAINERS = {
-    "lungmask": "models.train_lungmask",
-    "classifier": "models.train_classifier",
-    "viewclassifier": "models.train_view",
-}
-EVALUATORS = {
-    "lungmask": "models.eval_lungmask",
-    "classifier": "models.evaluate",
-    "viewclassifier": "models.evaluate",
-}
-
-
-def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr-worker", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cxr-pacs-worker {__version__}")
+    _add_config(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the service")
@@ -204,27 +192,19 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_echo)
 
     p = sub.add_parser("db", help="database maintenance")
+    _add_config(p)
     dsub = p.add_subparsers(dest="db_command", required=True)
     d = dsub.add_parser("upgrade", help="create or migrate the schema to the latest revision")
     _add_config(d)
     d.set_defaults(func=cmd_db)
 
-    # train/evaluate subcommands import torch only when used
-    wanted = list(argv) if argv is not None else sys.argv[1:]
-    for verb, table in (("train", TRAINERS), ("evaluate", EVALUATORS)):
-        p = sub.add_parser(verb, help=f"{verb} a model ({', '.join(table)})")
-        msub = p.add_subparsers(dest="model_kind", required=True)
-        for kind, module in table.items():
-            m = msub.add_parser(kind)
-            if len(wanted) >= 2 and wanted[0] == verb and wanted[1] == kind:
-                add_arguments, run = _delegate(module)
-                add_arguments(m)
-                m.set_defaults(func=lambda a, _run=run: _run(a))
+    # train/evaluate: the models package's own subcommands (torch is imported when one runs)
+    training.add_subcommands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
@@ -236,12 +216,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except (DatabaseNotReady, QueueUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # the CLI's last resort: say what failed, not a traceback
-        name = type(exc).__name__
-        if name in ("DatabaseNotReady", "ModelLoadError", "QueueUnavailable"):
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        raise
+        # models.registry imports torch: look the class up only once something has gone wrong
+        from models.registry import ModelLoadError
+
+        if not isinstance(exc, ModelLoadError):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

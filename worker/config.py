@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -15,6 +16,16 @@ from dicom_node.config import DestinationConfig, DicomNodeConfig
 from models.config import ModelsConfig
 
 ENV_DATABASE_URL = "CXR_DATABASE_URL"
+
+
+_Section = TypeVar("_Section", bound=BaseModel)
+
+
+def _default(section: type[_Section]) -> Callable[[], _Section]:
+    """A section's ``default_factory``: the section with every key at its default. (Passing the
+    class itself reads, to mypy without the pydantic plugin, as a constructor with required
+    arguments: it does not see ``Field(8, ge=1)`` as a default.)"""
+    return lambda: section()
 
 
 class ConfigError(ValueError):
@@ -57,18 +68,20 @@ class AppConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    dicom: DicomNodeConfig = Field(default_factory=DicomNodeConfig)  # type: ignore[arg-type]
-    queue: QueueConfig = Field(default_factory=QueueConfig)  # type: ignore[arg-type]
-    completion: CompletionConfig = Field(default_factory=CompletionConfig)  # type: ignore[arg-type]
+    dicom: DicomNodeConfig = Field(default_factory=_default(DicomNodeConfig))
+    queue: QueueConfig = Field(default_factory=_default(QueueConfig))
+    completion: CompletionConfig = Field(default_factory=_default(CompletionConfig))
     destinations: list[DestinationConfig] = Field(default_factory=list)
     results_dir: Path | None = Field(
         Path("var/results"),
-        description="Also write every report to this folder (the demo's destination); null to disable",
+        description=(
+            "Also write every report to this folder (the demo's destination); null to disable"
+        ),
     )
-    worker: WorkerSection = Field(default_factory=WorkerSection)
-    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
-    models: ModelsConfig = Field(default_factory=ModelsConfig)  # type: ignore[arg-type]
-    logging: LoggingSection = Field(default_factory=LoggingSection)
+    worker: WorkerSection = Field(default_factory=_default(WorkerSection))
+    scheduler: SchedulerSection = Field(default_factory=_default(SchedulerSection))
+    models: ModelsConfig = Field(default_factory=_default(ModelsConfig))
+    logging: LoggingSection = Field(default_factory=_default(LoggingSection))
 
     @field_validator("destinations")
     @classmethod
@@ -132,7 +145,7 @@ def parse_config(
     *,
     source: str = "config.yaml",
     base: Path | None = None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> AppConfig:
     """Validate a mapping as the application config. Raises :class:`ConfigError`."""
     env = os.environ if environ is None else environ
@@ -151,7 +164,7 @@ def parse_config(
 
 
 def load_config(
-    path: str | Path | None = None, *, environ: dict[str, str] | None = None
+    path: str | Path | None = None, *, environ: Mapping[str, str] | None = None
 ) -> AppConfig:
     """Read and validate a YAML config file (default: ``$CXR_CONFIG`` or ``./config.yaml``)."""
     env = os.environ if environ is None else environ
@@ -167,13 +180,3 @@ def load_config(
             f"{p}: the top level must be a mapping of sections, got {type(data).__name__}"
         )
     return parse_config(data, source=str(p), base=p.resolve().parent, environ=env)
-
-
-def safe_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable database URL>"

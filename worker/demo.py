@@ -15,9 +15,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 import yaml
+
+if TYPE_CHECKING:
+    from db.records import StudyDetail
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "tests" / "data"
@@ -61,7 +65,7 @@ def write_config(workdir: Path, port: int, weights_dir: str | None = None) -> Pa
     return path
 
 
-def _wait_for_echo(port: int, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_for_echo(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
     from pynetdicom import AE
 
     deadline = time.monotonic() + timeout
@@ -143,9 +147,10 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(0.5)
         print_table(details, samples)
         print(
-            f"\ndemo finished in {time.monotonic() - t0:.1f} s; service log: {workdir / 'service.log'}"
+            f"\ndemo finished in {time.monotonic() - t0:.1f} s; "
+            f"service log: {workdir / 'service.log'}"
         )
-        return 0 if all(d.state != "failed" for d in details.values()) else 1
+        return 0 if all(d is not None and d.state != "failed" for d in details.values()) else 1
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -157,23 +162,28 @@ def run(args: argparse.Namespace) -> int:
         log.close()
 
 
-def print_table(details: dict, samples: list[Path]) -> None:
+def print_table(details: dict[str, StudyDetail | None], samples: list[Path]) -> None:
     names = {}
     for p in samples:
         ds = pydicom.dcmread(p, stop_before_pixels=True)
         names[ds.StudyInstanceUID] = str(ds.get("PatientName", "")) or str(ds.get("PatientID", "?"))
     print()
     print(
-        f"{'patient':<22} {'state':<8} {'views':<22} {'Model 1 (abnormal)':<24} top findings (probability)"
+        f"{'patient':<22} {'state':<8} {'views':<22} {'Model 1 (abnormal)':<24} "
+        "top findings (probability)"
     )
     print("-" * 110)
     for uid, d in details.items():
+        if d is None:
+            print(f"{names.get(uid, '?')[:22]:<22} missing")
+            continue
         result = d.results[-1].payload if d.results else {}
         views = result.get("views", {})
         view_txt = ", ".join(f"{k}:{v}" for k, v in views.items()) or "-"
         m1 = result.get("model1")
         m1_txt = (
-            f"{'abnormal' if m1['present'] else 'normal'} p={m1['probability']:.2f}/t={m1['threshold']:.2f}"
+            f"{'abnormal' if m1['present'] else 'normal'} "
+            f"p={m1['probability']:.2f}/t={m1['threshold']:.2f}"
             if m1
             else "-"
         )
@@ -182,7 +192,8 @@ def print_table(details: dict, samples: list[Path]) -> None:
             d.state_reason or ""
         )
         print(
-            f"{names.get(uid, '?')[:22]:<22} {d.state:<8} {view_txt[:22]:<22} {m1_txt:<24} {top_txt}"
+            f"{names.get(uid, '?')[:22]:<22} {d.state:<8} {view_txt[:22]:<22} "
+            f"{m1_txt:<24} {top_txt}"
         )
         if result:
             print(f"{'':<22} SR:        {result.get('report_path', '-')}")

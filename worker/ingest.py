@@ -8,11 +8,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from db.errors import QueueUnavailable
 from db.queue import Queue
-from dicom_node.sink import SinkUnavailable
+from dicom_node.sink import SinkUnavailable, StoredInstance
 
 
 class QueueSink:
@@ -21,41 +19,9 @@ class QueueSink:
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
 
-    def record_instance(
-        self,
-        *,
-        study_uid: str,
-        series_uid: str,
-        sop_instance_uid: str,
-        sop_class_uid: str,
-        transfer_syntax_uid: str,
-        modality: str | None,
-        body_part: str | None,
-        view_position: str | None,
-        eligible: bool,
-        ineligible_reason: str | None,
-        rel_path: str,
-        size_bytes: int,
-        calling_ae: str,
-        now: datetime | None = None,
-    ) -> bool:
+    def record_instance(self, inst: StoredInstance) -> bool:
         try:
-            return self.queue.record_instance(
-                study_uid=study_uid,
-                series_uid=series_uid,
-                sop_instance_uid=sop_instance_uid,
-                sop_class_uid=sop_class_uid,
-                transfer_syntax_uid=transfer_syntax_uid,
-                modality=modality,
-                body_part=body_part,
-                view_position=view_position,
-                eligible=eligible,
-                ineligible_reason=ineligible_reason,
-                rel_path=rel_path,
-                size_bytes=size_bytes,
-                calling_ae=calling_ae,
-                now=now,
-            )
+            return self.queue.record_instance(inst)
         except QueueUnavailable as exc:
             raise SinkUnavailable(str(exc)) from exc
 

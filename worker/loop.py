@@ -1,4 +1,5 @@
-"""The worker loop: claim a batch of ready studies, keep their leases alive, hand them to a processor."""
+"""The worker loop: claim a batch of ready studies, keep their leases alive, hand them to a
+processor."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol
 
-from db.queue import ClaimedStudy, Queue, QueueUnavailable
+from db.errors import QueueUnavailable
+from db.queue import ClaimedStudy, Queue
 
 log = logging.getLogger(__name__)
 
 
 class BatchProcessor(Protocol):
     """Processes claimed studies. It must finish each study through the queue (complete, fail,
-    ignore or release); a study it leaves untouched is returned to the queue when its lease expires."""
+    ignore or release); a study it leaves untouched goes back to the queue when its lease
+    expires."""
 
     def process(self, studies: Sequence[ClaimedStudy]) -> None: ...
 

@@ -8,31 +8,35 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Hashable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import SecondaryCaptureImageStorage
 
 from db.queue import ClaimedStudy, LeaseLost, Queue
 from db.records import InstanceRow
-from db.retry import decide
+from db.retry import ErrorKind
 from dicom_node import sr as srmod
+from dicom_node.key_image import build_key_image, write_key_image
 from dicom_node.pixels import PixelDecodeError, load_image
 from dicom_node.views import Candidate, ViewGuess, pick_pair, view_from_headers
+from models.api import StudyAnalysis, StudyAnalyzer, StudyInput
 
 from . import __version__
 from .config import AppConfig
+from .delivery import deliver_due
+from .results import MissingModel, OutputFile, PreparedStudy, StudyResult, deliveries
 
 log = logging.getLogger(__name__)
 
 
 class StudyRejected(Exception):
-    """The study cannot be analysed as sent (a person must look); it is ``ignored`` with this reason."""
+    """The study cannot be analysed as sent (a person must look).
+
+    It is ``ignored`` with this reason."""
 
 
 class StudyError(Exception):
@@ -42,18 +46,9 @@ class StudyError(Exception):
         super().__init__(message)
         self.retryable = retryable
 
-
-@dataclass
-class PreparedStudy:
-    claimed: ClaimedStudy
-    frontal_ds: Dataset
-    frontal_pixels: Any
-    lateral_ds: Dataset | None
-    lateral_pixels: Any
-    views: dict[str, str]  # SOP Instance UID -> "frontal PA (ViewPosition)" etc., for the result
-    frontal_view: ViewGuess
-    lateral_view: ViewGuess | None
-    timings_ms: dict[str, float] = field(default_factory=dict)
+    @property
+    def kind(self) -> ErrorKind:
+        return ErrorKind.TRANSIENT if self.retryable else ErrorKind.INVALID
 
 
 def _ms(t0: float) -> float:
@@ -67,7 +62,7 @@ def _patient_key(ds: Dataset) -> tuple[str, str]:
 class Pipeline:
     """The worker's :class:`~worker.loop.BatchProcessor`."""
 
-    def __init__(self, cfg: AppConfig, queue: Queue, analyzer: Any) -> None:
+    def __init__(self, cfg: AppConfig, queue: Queue, analyzer: StudyAnalyzer) -> None:
         self.cfg = cfg
         self.queue = queue
         self.analyzer = analyzer
@@ -120,7 +115,7 @@ class Pipeline:
             )
         guesses = {iid: view_from_headers(ds) for iid, ds in headers.items()}
         undecided = [iid for iid, g in guesses.items() if g.view is None]
-        pixels: dict[int, Any] = {}
+        pixels: dict[int, np.ndarray] = {}
         if undecided:
             t1 = time.perf_counter()
             imgs = []
@@ -136,7 +131,8 @@ class Pipeline:
                     f"p={pred.probability:.3f}",
                 )
             log.info(
-                "study %s: %d image(s) without view in the headers, classified from pixels in %.0f ms",
+                "study %s: %d image(s) without view in the headers, "
+                "classified from pixels in %.0f ms",
                 study.id,
                 len(undecided),
                 _ms(t1),
@@ -144,6 +140,7 @@ class Pipeline:
         cands = [
             Candidate.from_dataset(headers[iid], key=iid, guess=guesses[iid]) for iid in headers
         ]
+        by_key: dict[Hashable, int] = {iid: iid for iid in headers}
         frontal, lateral = pick_pair(cands)
         views = {
             c.sop_instance_uid: f"{c.guess.view or 'unknown'}"
@@ -156,11 +153,11 @@ class Pipeline:
                 f"no frontal (PA/AP) view among {len(cands)} chest image(s) [{found}]; "
                 f"a lateral alone is not analysed"
             )
-        f_id = int(frontal.key)  # type: ignore[arg-type]
-        l_id = int(lateral.key) if lateral is not None else None  # type: ignore[arg-type]
-        for iid in (f_id, l_id):
-            if iid is not None and iid not in pixels:
-                pixels[iid] = self._decode(by_id[iid])
+        f_id = by_key[frontal.key]
+        l_id = by_key[lateral.key] if lateral is not None else None
+        for wanted in (f_id, l_id):
+            if wanted is not None and wanted not in pixels:
+                pixels[wanted] = self._decode(by_id[wanted])
         return PreparedStudy(
             claimed=study,
             frontal_ds=headers[f_id],
@@ -173,7 +170,7 @@ class Pipeline:
             timings_ms={"read_decode": _ms(t0)},
         )
 
-    def _decode(self, inst: InstanceRow) -> Any:
+    def _decode(self, inst: InstanceRow) -> np.ndarray:
         try:
             return load_image(self._path(inst)).pixels
         except PixelDecodeError as exc:
@@ -182,11 +179,9 @@ class Pipeline:
     # --- the batch ------------------------------------------------------------------------------
 
     def process(self, studies: Sequence[ClaimedStudy]) -> None:
-        from models.api import StudyInput
-
         prepared: list[PreparedStudy] = []
         for s in studies:
-            self._guarded(s, lambda s=s: prepared.append(self.prepare(s)))
+            self._guarded(s, partial(self._prepare_into, prepared, s))
         if prepared:
             t0 = time.perf_counter()
             inputs = [
@@ -195,6 +190,7 @@ class Pipeline:
                 )
                 for p in prepared
             ]
+            outputs: Sequence[StudyAnalysis | BaseException]
             try:
                 outputs = self.analyzer.analyse(inputs)
             except Exception as exc:  # the whole batch failed (e.g. out of memory): each retries
@@ -203,8 +199,11 @@ class Pipeline:
             per_study_ms = _ms(t0) / len(prepared)
             for p, out in zip(prepared, outputs, strict=True):
                 p.timings_ms["models_batch_share"] = round(per_study_ms, 1)
-                self._guarded(p.claimed, lambda p=p, out=out: self.finish(p, out))
+                self._guarded(p.claimed, partial(self.finish, p, out))
         self.deliver_due()
+
+    def _prepare_into(self, prepared: list[PreparedStudy], study: ClaimedStudy) -> None:
+        prepared.append(self.prepare(study))
 
     def _guarded(self, study: ClaimedStudy, fn: Callable[[], object]) -> None:
         """Run one study's step; whatever goes wrong is recorded for that study alone."""
@@ -215,7 +214,7 @@ class Pipeline:
             log.warning("study %s not analysed: %s", study.id, reason)
             self._finish_safely(lambda: self.queue.ignore(study.id, self.worker_id, reason))
         except StudyError as exc:
-            error, retryable = str(exc), exc.retryable
+            error, retryable, kind = str(exc), exc.retryable, exc.kind
             log.warning(
                 "study %s failed (%s): %s",
                 study.id,
@@ -223,7 +222,7 @@ class Pipeline:
                 error,
             )
             self._finish_safely(
-                lambda: self.queue.fail(study.id, self.worker_id, error=error, retryable=retryable)
+                lambda: self.queue.fail(study.id, self.worker_id, error=error, kind=kind)
             )
         except LeaseLost:
             log.warning(
@@ -233,7 +232,9 @@ class Pipeline:
             error = f"{type(exc).__name__}: {exc}"
             log.exception("study %s failed unexpectedly", study.id)
             self._finish_safely(
-                lambda: self.queue.fail(study.id, self.worker_id, error=error, retryable=True)
+                lambda: self.queue.fail(
+                    study.id, self.worker_id, error=error, kind=ErrorKind.TRANSIENT
+                )
             )
 
     def _finish_safely(self, fn: Callable[[], object]) -> None:
@@ -250,46 +251,40 @@ class Pipeline:
 
     # --- result, report, delivery ----------------------------------------------------------------
 
-    def finish(self, p: PreparedStudy, out: Any) -> None:
-        if isinstance(out, Exception):
+    def finish(self, p: PreparedStudy, out: StudyAnalysis | BaseException) -> None:
+        if isinstance(out, BaseException):
             raise StudyError(f"model inference failed: {type(out).__name__}: {out}", retryable=True)
         t0 = time.perf_counter()
-        report_input = self.report_input(p, out)
+        result = StudyResult(p, out, self.device)
+        try:
+            report_input = result.report_input()
+        except MissingModel as exc:
+            raise StudyError(str(exc), retryable=False) from exc
         sr_ds = srmod.build_report(report_input)
         folder = self.out_root / p.claimed.study_uid
         folder.mkdir(parents=True, exist_ok=True)
         sr_path = srmod.write_report(sr_ds, folder / f"SR_{sr_ds.SOPInstanceUID}.dcm")
-        files = [(str(sr_ds.SOPInstanceUID), str(sr_ds.SOPClassUID), sr_path)]
+        files = [OutputFile(str(sr_ds.SOPInstanceUID), str(sr_ds.SOPClassUID), sr_path)]
         key_png: Path | None = None
         wants_key = (
             any(d.send_key_image for d in self.cfg.destinations) or self.cfg.results_dir is not None
         )
         if wants_key:
-            key_ds, key_png = self.key_image(p, out, folder, sr_ds)
-            if key_ds is not None and key_png is not None:  # written beside its PNG
-                files.append(
-                    (
-                        str(key_ds.SOPInstanceUID),
-                        str(key_ds.SOPClassUID),
-                        key_png.with_suffix(".dcm"),
-                    )
-                )
+            key = build_key_image(result.key_image_input(str(sr_ds.SOPInstanceUID)))
+            uid = str(key.dataset.SOPInstanceUID)
+            key_dcm, key_png = write_key_image(
+                key, folder / f"KEY_{uid}.dcm", folder / f"KEY_{uid}.png"
+            )
+            files.append(OutputFile(uid, str(key.dataset.SOPClassUID), key_dcm))
         p.timings_ms["report"] = _ms(t0)
         p.timings_ms.update({f"model_{k}": v for k, v in out.timings_ms.items()})
-        payload = self.payload(p, out, sr_path, key_png)
-        deliveries = []
-        for d in self.cfg.destinations:
-            for uid, cls, path in files:
-                if cls == SecondaryCaptureImageStorage and not d.send_key_image:
-                    continue
-                deliveries.append((d.name, uid, cls, str(path)))
         self.queue.complete(
             p.claimed.id,
             self.worker_id,
-            result_payload=payload,
+            result_payload=result.payload(sr_path, key_png),
             report_sop_instance_uid=str(sr_ds.SOPInstanceUID),
             report_path=str(sr_path),
-            deliveries=deliveries,
+            deliveries=deliveries(files, self.cfg.destinations),
         )
         m1 = out.model1
         log.info(
@@ -302,192 +297,6 @@ class Pipeline:
             sr_ds.SOPInstanceUID,
         )
 
-    def report_input(self, p: PreparedStudy, out: Any) -> srmod.ReportInput:
-        infos = {m.name: m for m in out.models}
-
-        def algo(kind: str) -> srmod.AlgorithmInfo | None:
-            for m in out.models:
-                if m.name.lower().startswith(kind):
-                    return srmod.AlgorithmInfo(m.name, m.version, m.sha256, m.architecture)
-            return None
-
-        m1, m2, lm = algo("model1"), algo("model2"), algo("lung")
-        if m1 is None or m2 is None:
-            raise StudyError(
-                f"analyzer did not identify Model 1 and Model 2 (got {sorted(infos)})",
-                retryable=False,
-            )
-        previous = []
-        if p.claimed.previous_report_uid:
-            previous.append(
-                srmod.PreviousReport(
-                    study_instance_uid=p.claimed.study_uid,
-                    series_instance_uid=srmod.report_series_uid(p.claimed.study_uid, self.device),
-                    sop_instance_uid=p.claimed.previous_report_uid,
-                )
-            )
-        q = out.lung_mask.quality
-        c = out.lung_mask.crop
-        return srmod.ReportInput(
-            frontal=p.frontal_ds,
-            lateral=p.lateral_ds,
-            used_lateral=bool(out.used_lateral),
-            model1=srmod.FindingResult(
-                out.model1.label, float(out.model1.probability), float(out.model1.threshold)
-            ),
-            findings=[
-                srmod.FindingResult(
-                    f.label,
-                    float(f.probability),
-                    float(f.threshold),
-                    bool(getattr(f, "threshold_validated", True)),
-                )
-                for f in out.model2
-            ],
-            model1_algorithm=m1,
-            model2_algorithm=m2,
-            lung_mask_algorithm=lm,
-            crop=srmod.CropInfo(c.x0, c.y0, c.x1, c.y1),
-            mask_quality=srmod.MaskQualityInfo(
-                q.area_fraction, q.components, q.left_right_balance, q.ok, q.reason
-            ),
-            device=self.device,
-            previous=previous,
-            considered_instances=[i.sop_instance_uid for i in p.claimed.instances if i.eligible],
-        )
-
-    def key_image(
-        self, p: PreparedStudy, out: Any, folder: Path, sr_ds: Dataset
-    ) -> tuple[Dataset | None, Path | None]:
-        from dicom_node import key_image as kimod
-
-        return kimod.write_for_pipeline(
-            frontal=p.frontal_ds,
-            pixels=p.frontal_pixels,
-            mask=out.lung_mask.mask,
-            crop=(
-                out.lung_mask.crop.x0,
-                out.lung_mask.crop.y0,
-                out.lung_mask.crop.x1,
-                out.lung_mask.crop.y1,
-            ),
-            heatmaps=out.heatmaps,
-            findings=[(f.label, f.probability, f.present) for f in out.model2],
-            device=self.device,
-            folder=folder,
-            report_uid=str(sr_ds.SOPInstanceUID),
-            model1=srmod.FindingResult(
-                out.model1.label, float(out.model1.probability), float(out.model1.threshold)
-            ),
-        )
-
-    def payload(
-        self, p: PreparedStudy, out: Any, sr_path: Path, key_png: Path | None
-    ) -> dict[str, Any]:
-        q, c = out.lung_mask.quality, out.lung_mask.crop
-        return {
-            "frontal_sop_instance_uid": str(p.frontal_ds.SOPInstanceUID),
-            "lateral_sop_instance_uid": str(p.lateral_ds.SOPInstanceUID)
-            if p.lateral_ds is not None
-            else None,
-            "views": {
-                "frontal": p.frontal_view.projection or "frontal",
-                **({"lateral": (p.lateral_view.projection or "lateral")} if p.lateral_view else {}),
-            },
-            "view_sources": p.views,
-            "used_lateral": bool(out.used_lateral),
-            "model1": {
-                "label": out.model1.label,
-                "probability": float(out.model1.probability),
-                "threshold": float(out.model1.threshold),
-                "present": bool(out.model1.present),
-            },
-            "model2": [
-                {
-                    "label": f.label,
-                    "probability": float(f.probability),
-                    "threshold": float(f.threshold),
-                    "present": bool(f.present),
-                    "threshold_validated": bool(f.threshold_validated),
-                }
-                for f in out.model2
-            ],
-            "models": [
-                {"name": m.name, "version": m.version, "sha256": m.sha256} for m in out.models
-            ],
-            "crop": {"x0": c.x0, "y0": c.y0, "x1": c.x1, "y1": c.y1},
-            "mask_quality": {
-                "area_fraction": float(q.area_fraction),
-                "components": int(q.components),
-                "left_right_balance": float(q.left_right_balance),
-                "ok": bool(q.ok),
-                "reason": q.reason,
-            },
-            "timings_ms": p.timings_ms,
-            "report_path": str(sr_path),
-            "key_image_png": str(key_png) if key_png else None,
-        }
-
     def deliver_due(self) -> int:
-        """Send every delivery that is due; returns how many were delivered."""
-        from dicom_node.scu import send
-
-        rows = self.queue.due_deliveries(limit=200)
-        if not rows:
-            return 0
-        by_dest: dict[str, list] = {}
-        for r in rows:
-            by_dest.setdefault(r.destination, []).append(r)
-        delivered = 0
-        now = datetime.now(UTC)
-        for name, group in by_dest.items():
-            dest = next((d for d in self.cfg.destinations if d.name == name), None)
-            if dest is None:
-                for r in group:
-                    self.queue.mark_delivery(
-                        r.id,
-                        delivered=False,
-                        retry_at=None,
-                        status=f"destination {name!r} is no longer in config.yaml",
-                    )
-                continue
-            missing = [r for r in group if not Path(r.path).exists()]
-            for r in missing:
-                self.queue.mark_delivery(
-                    r.id,
-                    delivered=False,
-                    retry_at=None,
-                    status=f"report file {r.path} is missing; run 'cxr-worker requeue'",
-                )
-            group = [r for r in group if r not in missing]
-            if not group:
-                continue
-            results = send(
-                [Path(r.path) for r in group],
-                dest,
-                calling_ae=dest.calling_ae_title or self.cfg.dicom.ae_title,
-            )
-            by_uid = {res.sop_instance_uid: res for res in results}
-            for r in group:
-                res = by_uid.get(r.sop_instance_uid)
-                if res is not None and res.delivered:
-                    self.queue.mark_delivery(r.id, delivered=True, status=res.status, retry_at=None)
-                    delivered += 1
-                    continue
-                status = res.status if res is not None else "not sent"
-                retryable = res.retryable if res is not None else True
-                delay = decide(
-                    "network" if retryable else "rejected",
-                    r.attempts + 1,
-                    max_attempts=self.cfg.scheduler.delivery_max_attempts,
-                )
-                retry_at = now + timedelta(seconds=delay) if delay is not None else None
-                self.queue.mark_delivery(r.id, delivered=False, status=status, retry_at=retry_at)
-                log.warning(
-                    "delivery of %s to %s: %s (%s)",
-                    r.sop_instance_uid,
-                    name,
-                    status,
-                    f"retry in {delay:.0f} s" if delay is not None else "giving up",
-                )
-        return delivered
+        """Send every delivery that is due (see :func:`worker.delivery.deliver_due`)."""
+        return deliver_due(self.cfg, self.queue)

@@ -1,4 +1,5 @@
-"""Periodic jobs run by APScheduler: study completion, lease expiry, retention purge, delivery retry."""
+"""Periodic jobs run by APScheduler: study completion, lease expiry, retention purge, delivery
+retry."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from db.queue import Queue, QueueUnavailable
+from db.errors import QueueUnavailable
+from db.queue import Queue
 
 from .config import AppConfig
+from .delivery import deliver_due
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ def _guard(name: str, fn: Callable[[], object]) -> Callable[[], None]:
         except Exception:
             log.exception("%s failed; will run again at the next interval", name)
 
-    run.__name__ = name
+    run.__name__ = run.__qualname__ = name  # APScheduler names the job by its __qualname__
     return run
 
 
@@ -68,11 +71,10 @@ def retention_purge(cfg: AppConfig, queue: Queue, now: datetime | None = None) -
     return len(uids)
 
 
-def build_scheduler(
-    cfg: AppConfig, queue: Queue, *, role: str, deliver_due: Callable[[], object] | None = None
-) -> BackgroundScheduler:
+def build_scheduler(cfg: AppConfig, queue: Queue, *, role: str) -> BackgroundScheduler:
     """Jobs per role: the SCP side owns completion and retention; every role sweeps leases
-    (compare-and-set makes concurrent sweeps harmless); delivery retry runs where results are made."""
+    (compare-and-set makes concurrent sweeps harmless); delivery retry runs where results are made.
+    The scheduler is returned not started."""
     sched = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
     if role in ("all", "scp"):
         sched.add_job(
@@ -93,9 +95,9 @@ def build_scheduler(
         seconds=cfg.scheduler.lease_sweep_interval_seconds,
         id="leases",
     )
-    if deliver_due is not None and role in ("all", "worker"):
+    if role in ("all", "worker"):
         sched.add_job(
-            _guard("delivery_retry", deliver_due),
+            _guard("delivery_retry", lambda: deliver_due(cfg, queue)),
             "interval",
             seconds=cfg.scheduler.delivery_retry_interval_seconds,
             id="delivery",

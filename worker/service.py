@@ -1,4 +1,5 @@
-"""``cxr-worker serve``: the SCP, the scheduler and the worker loop, in one process or split by role."""
+"""``cxr-worker serve``: the SCP, the scheduler and the worker loop, in one process or split by
+role."""
 
 from __future__ import annotations
 
@@ -6,67 +7,52 @@ import logging
 import signal
 import threading
 from types import FrameType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from db import migrate
+from db.engine import safe_url
 from db.queue import Queue
 
-from .config import AppConfig, safe_url
+from .config import AppConfig
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from dicom_node.scp import StorageSCP
+
+    from .loop import WorkerLoop
 
 log = logging.getLogger(__name__)
 
 Role = Literal["all", "scp", "worker"]
 
 
-class DatabaseNotReady(RuntimeError):
-    pass
-
-
-def open_queue(cfg: AppConfig, *, upgrade_empty: bool) -> Queue:
-    """Open the queue; an empty database is migrated when ``upgrade_empty``, an out-of-date one is refused."""
-    url = cfg.queue.database_url
-    if url.startswith("sqlite:///"):
-        from pathlib import Path
-
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    if migrate.is_empty(url):
-        if not upgrade_empty:
-            raise DatabaseNotReady(
-                f"database {safe_url(url)} has no schema: run 'cxr-worker db upgrade'"
-            )
-        log.info("empty database: creating the schema")
-        migrate.upgrade(url)
-    elif migrate.current_revision(url) != migrate.head_revision():
-        raise DatabaseNotReady(
-            f"database {safe_url(url)} is at revision {migrate.current_revision(url)}, not the latest: "
-            f"run 'cxr-worker db upgrade' (back up first)"
-        )
-    return Queue.from_url(
-        url, lease_seconds=cfg.queue.lease_seconds, max_attempts=cfg.queue.max_attempts
-    )
-
-
 class Service:
+    """One ``serve`` process. Role ``all``: SCP, scheduler and worker loop together; ``scp`` or
+    ``worker`` run one side each, to scale out (the scheduler runs in both, jobs per role)."""
+
     def __init__(self, cfg: AppConfig, role: Role = "all") -> None:
         self.cfg = cfg
         self.role = role
         self._stop = threading.Event()
         self.queue: Queue | None = None
-        self.scp = None
-        self.scheduler = None
-        self.loop = None
+        self.scp: StorageSCP | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        self.loop: WorkerLoop | None = None
         self._loop_thread: threading.Thread | None = None
 
     def start(self) -> None:
         cfg = self.cfg
-        self.queue = open_queue(cfg, upgrade_empty=True)
-        deliver_due = None
+        # serve creates the schema in an empty database itself; an out-of-date one is refused
+        self.queue = Queue.from_config(
+            cfg.queue,
+            upgrade_empty=True,
+            delivery_max_attempts=cfg.scheduler.delivery_max_attempts,
+        )
         if self.role in ("all", "worker"):
             from .loop import WorkerLoop
             from .pipeline import Pipeline
 
             pipeline = Pipeline.from_config(cfg, self.queue)
-            deliver_due = pipeline.deliver_due
             self.loop = WorkerLoop(
                 self.queue,
                 pipeline,
@@ -88,7 +74,7 @@ class Service:
             )
         from .scheduler import build_scheduler
 
-        self.scheduler = build_scheduler(cfg, self.queue, role=self.role, deliver_due=deliver_due)
+        self.scheduler = build_scheduler(cfg, self.queue, role=self.role)
         self.scheduler.start()
         if self.loop is not None:
             self._loop_thread = threading.Thread(

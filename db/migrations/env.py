@@ -27,7 +27,8 @@ def run_migrations_online() -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",  # SQLite cannot ALTER most things
         compare_type=True,
-        transactional_ddl=True,  # SQLite DDL is transactional too: schema and version stamp commit together
+        # SQLite DDL is transactional too: schema and version stamp commit together.
+        transactional_ddl=True,
     )
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":

@@ -16,8 +16,8 @@ def claim_until_empty(url: str, worker_id: str, barrier: Barrier, out: MPQueue, 
     try:
         barrier.wait(timeout=60)
         t0 = time.perf_counter()
-        # An empty answer can be transient on PostgreSQL (SKIP LOCKED passes over rows another worker is
-        # claiming right now), so stop only after a few empty answers in a row.
+        # An empty answer can be transient on PostgreSQL (SKIP LOCKED passes over rows another
+        # worker is claiming right now), so stop only after a few empty answers in a row.
         while empty_in_a_row < 3:
             got = q.claim(worker_id, limit=limit)
             if got:

@@ -1,4 +1,5 @@
-"""Queue fixtures: a migrated database on SQLite and PostgreSQL (``database_url`` from tests/conftest.py)."""
+"""Queue fixtures: a migrated database on SQLite and PostgreSQL (``database_url`` from
+tests/conftest.py), and received instances to record."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from db.migrate import upgrade
 from db.queue import Queue
+from dicom_node.sink import StoredInstance
 
 T0 = datetime(2026, 1, 5, 8, 0, 0, tzinfo=UTC)
 CHEST = "1.2.840.10008.5.1.4.1.1.1.1"  # DX for presentation
@@ -48,6 +50,29 @@ def uid(prefix: str = "1.2.826.0.1.3680043.10.1") -> str:
     return f"{prefix}.{next(_counter)}"
 
 
+def make_instance(study_uid: str | None = None, **overrides: Any) -> StoredInstance:
+    """An eligible chest DX instance of ``study_uid`` (a new study by default); any field may be
+    overridden."""
+    study = study_uid or uid()
+    sop = overrides.pop("sop_instance_uid", None) or uid()
+    fields: dict[str, Any] = {
+        "study_uid": study,
+        "series_uid": study + ".1",
+        "sop_instance_uid": sop,
+        "sop_class_uid": CHEST,
+        "transfer_syntax_uid": EXPLICIT_LE,
+        "modality": "DX",
+        "body_part": "CHEST",
+        "view_position": "PA",
+        "eligible": True,
+        "ineligible_reason": None,
+        "rel_path": f"{study}/{sop}.dcm",
+        "size_bytes": 1234,
+        "calling_ae": "ORTHANC",
+    }
+    return StoredInstance(**{**fields, **overrides})
+
+
 def add_instance(
     q: Queue,
     study_uid: str,
@@ -60,22 +85,18 @@ def add_instance(
     ineligible_reason: str | None = None,
     now: datetime | None = None,
 ) -> bool:
-    sop = sop_uid or uid()
     return q.record_instance(
-        study_uid=study_uid,
-        series_uid=study_uid + ".1",
-        sop_instance_uid=sop,
-        sop_class_uid=CHEST if modality == "DX" else CR,
-        transfer_syntax_uid=EXPLICIT_LE,
-        modality=modality,
-        body_part=body_part,
-        view_position=view_position,
-        eligible=eligible,
-        ineligible_reason=ineligible_reason,
-        rel_path=f"{study_uid}/{sop}.dcm",
-        size_bytes=1234,
-        calling_ae="ORTHANC",
-        now=now,
+        make_instance(
+            study_uid,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=CHEST if modality == "DX" else CR,
+            modality=modality,
+            body_part=body_part,
+            view_position=view_position,
+            eligible=eligible,
+            ineligible_reason=ineligible_reason,
+            received_at=now,
+        )
     )
 
 

@@ -69,7 +69,8 @@ def test_each_study_claimed_exactly_once(
         attempts = {a for (a,) in conn.execute(sa.text("SELECT attempts FROM studies"))}
         claims = conn.execute(
             sa.text(
-                "SELECT study_id, count(*) FROM events WHERE to_state = 'processing' GROUP BY study_id"
+                "SELECT study_id, count(*) FROM events WHERE to_state = 'processing' "
+                "GROUP BY study_id"
             )
         ).all()
     assert attempts == {1}
@@ -83,7 +84,8 @@ def test_each_study_claimed_exactly_once(
     record_property("claim_seconds", round(slowest, 3))
     msg = (
         f"{backend}: seeded {STUDIES} ready studies in {seeded:.2f}s; "
-        f"{WORKERS} processes claimed all in {slowest:.2f}s ({STUDIES / slowest:.0f} claims/s); per worker {spread}"
+        f"{WORKERS} processes claimed all in {slowest:.2f}s ({STUDIES / slowest:.0f} claims/s); "
+        f"per worker {spread}"
     )
     log.warning(msg)
     print(msg)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from db.queue import LeaseLost, Queue, StudyState
+from db.retry import ErrorKind
 from tests.db.conftest import LEASE, MAX_ATTEMPTS, add_instance, at, uid
 
 
@@ -108,7 +109,7 @@ def test_lease_lost_after_sweep_and_reclaim(queue: Queue, ready_study: Callable[
     assert c2.id == c.id and c2.attempts == 2
     for call in (
         lambda: queue.complete(c.id, "slow", result_payload={}),
-        lambda: queue.fail(c.id, "slow", error="x", retryable=True),
+        lambda: queue.fail(c.id, "slow", error="x", kind=ErrorKind.TRANSIENT),
         lambda: queue.ignore(c.id, "slow", "x"),
         lambda: queue.release(c.id, "slow"),
     ):
@@ -122,16 +123,23 @@ def test_retryable_failure_backs_off_then_gives_up(
 ) -> None:
     s = ready_study(0)
     [c] = queue.claim("w", now=at(40))
-    assert queue.fail(c.id, "w", error="CUDA error", retryable=True, now=at(41)) == StudyState.READY
+    assert (
+        queue.fail(c.id, "w", error="CUDA error", kind=ErrorKind.TRANSIENT, now=at(41))
+        == StudyState.READY
+    )
     assert queue.study(s).ready_at == at(51)  # type: ignore[union-attr]  # base 10 s
     assert queue.claim("w", now=at(50)) == [], "not before the back-off delay"
     [c] = queue.claim("w", now=at(51))
-    assert queue.fail(c.id, "w", error="CUDA error", retryable=True, now=at(52)) == StudyState.READY
+    assert (
+        queue.fail(c.id, "w", error="CUDA error", kind=ErrorKind.TRANSIENT, now=at(52))
+        == StudyState.READY
+    )
     assert queue.study(s).ready_at == at(72)  # type: ignore[union-attr]  # doubled
     [c] = queue.claim("w", now=at(72))
     assert c.attempts == MAX_ATTEMPTS
     assert (
-        queue.fail(c.id, "w", error="CUDA error", retryable=True, now=at(73)) == StudyState.FAILED
+        queue.fail(c.id, "w", error="CUDA error", kind=ErrorKind.TRANSIENT, now=at(73))
+        == StudyState.FAILED
     )
     d = queue.study(s)
     assert (
@@ -145,7 +153,7 @@ def test_permanent_failure_fails_at_once(queue: Queue, ready_study: Callable[...
     s = ready_study(0)
     [c] = queue.claim("w", now=at(40))
     assert (
-        queue.fail(c.id, "w", error="pixel data truncated", retryable=False, now=at(41))
+        queue.fail(c.id, "w", error="pixel data truncated", kind=ErrorKind.INVALID, now=at(41))
         == StudyState.FAILED
     )
     assert queue.study(s).state_reason == "failed (not retryable): pixel data truncated"  # type: ignore[union-attr]
@@ -169,7 +177,7 @@ def test_requeue_rules(queue: Queue, ready_study: Callable[..., str]) -> None:
     queue.complete(
         claimed[done].id, "w", result_payload={}, report_sop_instance_uid="2.25.5", now=at(41)
     )
-    queue.fail(claimed[failed].id, "w", error="boom", retryable=False, now=at(42))
+    queue.fail(claimed[failed].id, "w", error="boom", kind=ErrorKind.INVALID, now=at(42))
     assert not queue.requeue(busy), "processing studies are not requeued"
     assert not queue.requeue(receiving)
     assert not queue.requeue("1.2.3.4.404")

@@ -19,7 +19,7 @@ def test_upgrade_empty_then_again(database_url: str) -> None:
     assert current_revision(database_url) is None
     upgrade(database_url)
     assert not is_empty(database_url)
-    assert current_revision(database_url) == head_revision() == "0001_initial"
+    assert current_revision(database_url) == head_revision() == "0002_delivery_events"
     upgrade(database_url)  # idempotent
     assert current_revision(database_url) == head_revision()
 
@@ -98,15 +98,11 @@ def test_naive_datetimes_are_refused() -> None:
 
 
 def test_queue_check_schema(database_url: str) -> None:
-    from db.config import QueueConfig
     from db.errors import QueueUnavailable
     from db.queue import Queue
 
-    q = Queue.from_config(
-        QueueConfig(
-            database_url=database_url, lease_seconds=60, heartbeat_seconds=10, max_attempts=3
-        )
-    )
+    # from_url, not from_config: from_config refuses an empty database itself (test_from_config.py)
+    q = Queue.from_url(database_url, lease_seconds=60, max_attempts=3)
     try:
         with pytest.raises(
             QueueUnavailable, match=r"revision none \(empty\).*cxr-worker db upgrade"
@@ -117,3 +113,36 @@ def test_queue_check_schema(database_url: str) -> None:
         assert q.lease == timedelta(seconds=60) and q.max_attempts == 3
     finally:
         q.close()
+
+
+def test_upgrade_from_0001_keeps_events(database_url: str) -> None:
+    """0002 adds ``events.delivery_id`` to a database that already has studies and events."""
+    upgrade(database_url, "0001_initial")
+    assert current_revision(database_url) == "0001_initial"
+    now = datetime.now(UTC)
+    eng = make_engine(database_url)
+    try:
+        with eng.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO studies (id, study_uid, state, created_at, updated_at) "
+                    "VALUES (1, '1.2.3', 'receiving', :t, :t)"
+                ),
+                {"t": now.replace(tzinfo=None)},
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO events (study_id, at, from_state, to_state, reason, actor) "
+                    "VALUES (1, :t, NULL, 'receiving', 'first instance received', 'scp')"
+                ),
+                {"t": now.replace(tzinfo=None)},
+            )
+        upgrade(database_url)
+        assert current_revision(database_url) == head_revision() == "0002_delivery_events"
+        with eng.connect() as conn:
+            rows = conn.execute(sa.text("SELECT study_id, delivery_id, to_state FROM events")).all()
+        assert [tuple(r) for r in rows] == [(1, None, "receiving")]
+        ix = {i["name"]: i["column_names"] for i in sa.inspect(eng).get_indexes("events")}
+        assert ix["ix_events_delivery_id"] == ["delivery_id"]
+    finally:
+        eng.dispose()

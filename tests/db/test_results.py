@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from db.queue import Queue
+from db.queue import DeliveryOutcome, DeliveryState, NewDelivery, Queue
+from db.retry import ErrorKind
 from tests.db.conftest import add_instance, at, uid
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
@@ -21,7 +22,7 @@ def _done(q: Queue, s: str, t: float, report: str, dests: tuple[str, ...] = ("pa
         result_payload=PAYLOAD,
         report_sop_instance_uid=report,
         report_path=f"results/{s}/{report}.dcm",
-        deliveries=[(d, report, SR, f"results/{s}/{report}.dcm") for d in dests],
+        deliveries=[NewDelivery(d, report, SR, f"results/{s}/{report}.dcm") for d in dests],
         now=at(t + 1),
     )
 
@@ -74,30 +75,37 @@ def test_delivery_lifecycle(queue: Queue, ready_study: Callable[..., str]) -> No
     assert sorted(x.destination for x in due) == ["archive", "pacs"] and due[0].study_uid == s
     assert queue.due_deliveries(now=at(51)) == [], "handed-out deliveries are not handed out twice"
     by = {x.destination: x for x in due}
-    queue.mark_delivery(by["pacs"].id, delivered=True, status="0x0000", retry_at=None, now=at(52))
-    queue.mark_delivery(
-        by["archive"].id,
-        delivered=False,
-        status="network: connection refused",
-        retry_at=at(112),
-        now=at(52),
+    sent = DeliveryOutcome(True, "0x0000")
+    refused = DeliveryOutcome(False, "network: connection refused", ErrorKind.NETWORK)
+    assert (
+        queue.record_delivery(by["pacs"].id, sent, attempts_so_far=0, now=at(52))
+        == DeliveryState.DELIVERED
     )
-    assert queue.due_deliveries(now=at(111)) == []
-    [again] = queue.due_deliveries(now=at(112))
+    # The queue decides the retry: first failure of a network kind, 30 s back-off.
+    assert (
+        queue.record_delivery(by["archive"].id, refused, attempts_so_far=0, now=at(52))
+        == DeliveryState.RETRY
+    )
+    assert queue.due_deliveries(now=at(81)) == []
+    [again] = queue.due_deliveries(now=at(82))
     assert (again.destination, again.state, again.attempts, again.last_status) == (
         "archive",
         "retry",
         1,
         "network: connection refused",
     )
-    queue.mark_delivery(again.id, delivered=False, status="0xA900", retry_at=None, now=at(113))
+    rejected = DeliveryOutcome(False, "0xA900", ErrorKind.REJECTED)
+    assert (
+        queue.record_delivery(again.id, rejected, attempts_so_far=again.attempts, now=at(83))
+        == DeliveryState.FAILED
+    )
     assert queue.latest(1)[0].deliveries == {"delivered": 1, "failed": 1}
     assert queue.resend(s, now=at(200)) == 2
     assert {x.state for x in queue.study(s).deliveries} == {"pending"}  # type: ignore[union-attr]
     assert len(queue.due_deliveries(now=at(201))) == 2
     assert queue.resend("9.9.9") == 0
     with pytest.raises(LookupError, match="delivery 999999 does not exist"):
-        queue.mark_delivery(999999, delivered=True, status="0x0000", retry_at=None)
+        queue.record_delivery(999999, sent, attempts_so_far=0)
 
 
 def test_expired_delivery_handout_comes_back(queue: Queue, ready_study: Callable[..., str]) -> None:
@@ -118,7 +126,7 @@ def test_purge_keeps_active_studies(queue: Queue, ready_study: Callable[..., str
         claimed[undelivered].id,
         "w",
         result_payload={},
-        deliveries=[("pacs", "2.25.11", SR, "x.dcm")],
+        deliveries=[NewDelivery("pacs", "2.25.11", SR, "x.dcm")],
         now=at(41),
     )
     ignored = uid()
@@ -147,7 +155,7 @@ def test_purge_keeps_active_studies(queue: Queue, ready_study: Callable[..., str
     assert queue.purge(far_future) == []
     # Once its report is delivered, the study can go too.
     [dl] = queue.due_deliveries(now=at(300))
-    queue.mark_delivery(dl.id, delivered=True, status="0x0000", retry_at=None, now=at(301))
+    queue.record_delivery(dl.id, DeliveryOutcome(True, "0x0000"), attempts_so_far=0, now=at(301))
     assert queue.purge(far_future) == [undelivered]
 
 

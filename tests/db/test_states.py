@@ -1,4 +1,5 @@
-"""The state machine: transitions allowed and refused, events, duplicates, reopen rules, completion."""
+"""The state machine: transitions allowed and refused, events, duplicates, reopen rules,
+completion."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Callable
 import pytest
 
 from db.queue import TRANSITIONS, InvalidTransition, Queue, StudyState
+from db.retry import ErrorKind
+from db.states import transition
 from tests.db.conftest import add_instance, at, uid
 
 S = StudyState
@@ -167,7 +170,7 @@ def test_failed_study_reopens_with_attempts_reset(
 ) -> None:
     s = ready_study(0)
     [c] = queue.claim("w1", now=at(40))
-    queue.fail(c.id, "w1", error="cannot decode pixel data", retryable=False, now=at(41))
+    queue.fail(c.id, "w1", error="cannot decode pixel data", kind=ErrorKind.INVALID, now=at(41))
     assert state(queue, s) == "failed"
     add_instance(queue, s, now=at(100))
     d = queue.study(s)
@@ -188,7 +191,7 @@ def test_ignored_study_reopens_only_for_an_eligible_instance(queue: Queue) -> No
 def test_every_transition_writes_one_event(queue: Queue, ready_study: Callable[..., str]) -> None:
     s = ready_study(0)
     [c] = queue.claim("w1", now=at(40))
-    queue.fail(c.id, "w1", error="GPU out of memory", retryable=True, now=at(41))
+    queue.fail(c.id, "w1", error="GPU out of memory", kind=ErrorKind.TRANSIENT, now=at(41))
     [c] = queue.claim("w1", now=at(100))
     queue.release(c.id, "w1", now=at(101))
     [c] = queue.claim("w2", now=at(102))
@@ -228,7 +231,7 @@ def test_refused_transitions_raise_and_change_nothing(queue: Queue) -> None:
             (S.READY, S.DONE),
         ]:
             with pytest.raises(InvalidTransition, match=f"{frm} -> {to}"):
-                queue._transition(conn, sid, frm, to, actor="test", reason="x", now=at(1))
+                transition(conn, sid, frm, to, actor="test", reason="x", now=at(1))
     assert state(queue, s) == "receiving" and len(queue.events(s)) == 1
 
 
@@ -240,14 +243,14 @@ def test_compare_and_set_misses_when_the_state_moved(
     with queue.engine.begin() as conn:
         # Allowed in the table, but the study is ready, not receiving: nothing changes, no event.
         assert (
-            queue._transition(conn, sid, S.RECEIVING, S.READY, actor="t", reason="x", now=at(99))
-            is None
+            transition(conn, sid, S.RECEIVING, S.READY, actor="t", reason="x", now=at(99)) is None
         )
     assert len(queue.events(s)) == 2
 
 
 def test_only_queue_module_writes_state() -> None:
-    """Guard the rule: no other module in the project issues a study state UPDATE."""
+    """Guard the rule: no module but db/states.py issues a study UPDATE (states.touch refuses to
+    write the state, db.states.transition is the only state writer)."""
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[2]
@@ -257,9 +260,9 @@ def test_only_queue_module_writes_state() -> None:
         for d in ("worker", "dicom_node", "models", "db", "bench")
         for p in (root / d).rglob("*.py")
     ]
-    assert any(p.name == "queue.py" for p in files)
+    assert any(p.parts[-2:] == ("db", "states.py") for p in files)
     for p in files:
-        if p.parts[-2:] == ("db", "queue.py"):
+        if p.parts[-2:] == ("db", "states.py"):
             continue
         text = p.read_text(errors="ignore")
         low = text.lower()
@@ -292,3 +295,14 @@ def test_naive_now_is_refused(queue: Queue) -> None:
 
     with pytest.raises(ValueError, match="naive"):
         queue.claim("w", now=datetime(2026, 1, 1))
+
+
+def test_touch_refuses_to_write_the_state(queue: Queue) -> None:
+    from db.schema import studies_table
+    from db.states import touch
+
+    s = uid()
+    add_instance(queue, s, now=at(0))
+    with queue.engine.begin() as conn, pytest.raises(InvalidTransition, match="only through"):
+        touch(conn, studies_table.c.study_uid == s, state="done")
+    assert state(queue, s) == "receiving"

@@ -143,21 +143,34 @@ def test_refuses_source_without_patient_id(data_dir: Path) -> None:
 
 
 def test_write_for_pipeline(data_dir: Path, tmp_path: Path) -> None:
-    from dicom_node.key_image import write_for_pipeline
+    """What the worker does for a report: a key image named after it, written as DICOM and PNG
+    (``write_for_pipeline`` is gone: the worker builds a KeyImageInput itself)."""
+    from dicom_node.key_image import ShownFinding
     from dicom_node.sr import DeviceInfo
 
     inp = _input(data_dir / "RG1_UNCR.dcm")
-    kwargs = dict(
-        frontal=inp.frontal, pixels=inp.image, mask=inp.lung_mask, crop=(10, 20, 1800, 1900),
-        heatmaps=inp.heatmaps, findings=[("Pneumothorax", 0.9, True), ("Edema", 0.3, False)],
-        device=DeviceInfo(), folder=tmp_path, report_uid="2.25.1234",
-    )  # fmt: skip
-    ds, png = write_for_pipeline(**kwargs)  # type: ignore[arg-type]
+    shown = [ShownFinding("Pneumothorax", 0.9, True), ShownFinding("Edema", 0.3, False)]
+
+    def write_for_pipeline(report_uid: str = "2.25.1234") -> tuple[Dataset, Path]:
+        key = build_key_image(
+            KeyImageInput(
+                frontal=inp.frontal, image=inp.image, model1=None, lung_mask=inp.lung_mask,
+                findings=shown,
+                crop=CropInfo(10, 20, 1800, 1900), heatmaps=inp.heatmaps, device=DeviceInfo(),
+                report_uid=report_uid,
+            )
+        )  # fmt: skip
+        uid = key.dataset.SOPInstanceUID
+        _, png = write_key_image(key, tmp_path / f"KEY_{uid}.dcm", tmp_path / f"KEY_{uid}.png")
+        assert png is not None
+        return key.dataset, png
+
+    ds, png = write_for_pipeline()
     dcm = tmp_path / f"KEY_{ds.SOPInstanceUID}.dcm"
     assert dcm.exists() and png == tmp_path / f"KEY_{ds.SOPInstanceUID}.png" and png.exists()
     assert not dciodvfy_errors(dcm)[0]
-    again, _ = write_for_pipeline(**kwargs)  # type: ignore[arg-type]
+    again, _ = write_for_pipeline()
     assert again.SOPInstanceUID == ds.SOPInstanceUID
-    other, _ = write_for_pipeline(**{**kwargs, "report_uid": "2.25.5678"})  # type: ignore[arg-type]
+    other, _ = write_for_pipeline("2.25.5678")
     assert other.SOPInstanceUID != ds.SOPInstanceUID
     assert "Pneumothorax" in ds.ImageComments and "Edema" not in ds.ImageComments

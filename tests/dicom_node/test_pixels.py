@@ -169,7 +169,8 @@ def _ramp() -> np.ndarray:
 
 
 def test_rescale_and_window() -> None:
-    # stored 0..990, slope 2 intercept -1000 -> -1000..980; window [-500, 500] covers stored 250..750
+    # stored 0..990, slope 2 intercept -1000 -> -1000..980;
+    # window [-500, 500] covers stored 250..750
     ds = _synthetic(
         _ramp(), RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0, WindowWidth=1000
     )

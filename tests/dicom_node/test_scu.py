@@ -134,8 +134,13 @@ def test_closed_port_is_retryable(report_dataset: Dataset) -> None:
 # --- pynetdicom peers with scripted answers ------------------------------------------------------
 
 
-def _peer(handler: Callable[[evt.Event], int], *, ae_title: str = "PEER", require_called: bool = False,
-          sop_classes: list[str] | None = None) -> tuple[object, int]:  # fmt: skip
+def _peer(
+    handler: Callable[[evt.Event], int],
+    *,
+    ae_title: str = "PEER",
+    require_called: bool = False,
+    sop_classes: list[str] | None = None,
+) -> tuple[object, int]:
     ae = AE(ae_title=ae_title)
     ae.require_called_aet = require_called
     for sop in sop_classes or []:
@@ -292,7 +297,7 @@ def test_same_sop_class_in_two_transfer_syntaxes_goes_in_one_send(scp) -> None: 
     accepts one transfer syntax per context (our own SCP prefers uncompressed)."""
     from dicom_node.config import DestinationConfig
     from dicom_node.scu import send as scu_send
-    from tests.dicom_node.conftest import SCP_AET
+    from tests.dicom_net import SCP_AET
 
     dest = DestinationConfig(name="self", ae_title=SCP_AET, host="127.0.0.1", port=scp.port)
     results = scu_send(

@@ -1,4 +1,4 @@
-"""dicom_node.sr: TID 1500 reports built from the real test images, validated by dciodvfy and dsrdump.
+"""dicom_node.sr: TID 1500 reports built from the real test images, checked by dciodvfy and dsrdump.
 
 Every report written here goes through ``dciodvfy -new`` (no ``Error`` lines allowed) and dcmtk's
 ``dsrdump`` (exit status 0), and is read back with highdicom.
@@ -331,3 +331,63 @@ def test_no_patient_name_in_warnings(data_dir: Path) -> None:
         warnings.simplefilter("always")
         build_report(_input(sc))
     assert not [w for w in caught if str(sc.PatientName) in str(w.message)]
+
+
+def test_read_findings_takes_labels_from_the_codes(frontal: Dataset, tmp_path: Path) -> None:
+    """The label comes from the coded finding type, not the tracking identifier's text (which is
+    cut to 64 characters with its "Model 2: " prefix)."""
+    long_label = "Reticular opacities in both lower zones, possibly fibrotic (x)"  # 62 characters
+    sr = build_report(
+        _input(
+            frontal,
+            findings=[FindingResult("Lung Opacity", 0.7, 0.5), FindingResult(long_label, 0.2, 0.5)],
+        )
+    )
+    found = read_findings(write_report(sr, tmp_path / "x.dcm"))
+    assert [(f.model, f.label) for f in found] == [
+        ("Model 1", "Abnormal"),
+        ("Model 2", "Lung Opacity"),  # the code's meaning is "Opacity"
+        ("Model 2", long_label),
+    ]
+    assert [f.present for f in found] == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"frontal": "RG1_UNCR.dcm"}, TypeError, "ReportInput.frontal must be a Dataset"),
+        ({"model1": FindingResult("Cardiomegaly", 0.8, 0.5)}, ValueError, "Model 1 reports"),
+        ({"findings": (FindingResult("Edema", 0.1, 0.5),)}, TypeError, "findings must be a list"),
+        ({"findings": [("Edema", 0.1, 0.5)]}, TypeError, r"findings\[0\] must be a FindingResult"),
+        ({"findings": [FindingResult("Abnormal", 0.1, 0.5)]}, ValueError, "reported twice"),
+        (
+            {"model2_algorithm": None},
+            TypeError,
+            "model2_algorithm must be an AlgorithmInfo, got NoneType",
+        ),
+        ({"crop": (1, 2, 3, 4)}, TypeError, "crop must be a CropInfo or None, got tuple"),
+        ({"series_number": 0}, ValueError, "series_number = 0 must be at least 1"),
+        ({"considered_instances": "1.2.3"}, TypeError, "not one string"),
+        ({"considered_instances": [1.2]}, TypeError, r"considered_instances\[0\] must be a str"),
+        (
+            {"previous": ["1.2.3"]},
+            TypeError,
+            r"previous\[0\] must be a PreviousReport or a Dataset",
+        ),
+    ],
+)
+def test_report_input_is_checked_when_made(
+    frontal: Dataset, change: dict[str, object], error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        _input(change.pop("frontal", frontal), **change)  # type: ignore[arg-type]
+
+
+def test_small_records_are_checked_when_made() -> None:
+    with pytest.raises(TypeError, match="MaskQualityInfo.area_fraction must be a number"):
+        MaskQualityInfo(None, 2, 0.9, True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="MaskQualityInfo.components = -1 must be at least 0"):
+        MaskQualityInfo(0.3, -1, 0.9, True)
+    with pytest.raises(ValueError, match="PreviousReport.sop_instance_uid is empty"):
+        PreviousReport("1.2", "1.3", "")
+    assert MaskQualityInfo(np.float32(0.3), np.int64(2), 0.9, np.bool_(True)).ok  # type: ignore[arg-type]

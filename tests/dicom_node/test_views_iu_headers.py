@@ -23,7 +23,9 @@ from dicom_node.views import view_from_headers
 log = logging.getLogger(__name__)
 
 _CODE_RE = re.compile(
-    r"Code Value\s+SH: '([^']*)'.*?Coding Scheme Designator\s+SH: '([^']*)'.*?Code Meaning\s+LO: '([^']*)'",
+    r"Code Value\s+SH: '([^']*)'.*?"
+    r"Coding Scheme Designator\s+SH: '([^']*)'.*?"
+    r"Code Meaning\s+LO: '([^']*)'",
     re.S,
 )
 
@@ -93,7 +95,8 @@ def test_iu_xray_headers(shared_data: Path) -> None:
     resolved = sum(missing_resolved.values())
     log.warning(
         "IU headers: %d of %d rows without View Position resolved by other attributes: %s; "
-        "the rest (no orientation, no view code, a procedure naming both views) need the classifier",
+        "the rest (no orientation, no view code, a procedure naming both views) need the "
+        "classifier",
         resolved,
         missing,
         dict(missing_resolved),

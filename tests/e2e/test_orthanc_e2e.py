@@ -1,7 +1,7 @@
 """Against a real PACS: Orthanc (Debian package) auto-routes CR/DX to the worker with a Lua
-``OnStoredInstance`` script; ``storescu`` sends a frontal (RG1) and a real CheXpert lateral wrapped as
-DX (ViewPosition LL) in the same study; the worker analyses the pair and sends the SR back; the test
-finds the SR in Orthanc, in the same study, and checks its content and validity."""
+``OnStoredInstance`` script; ``storescu`` sends a frontal (RG1) and a real CheXpert lateral wrapped
+as DX (ViewPosition LL) in the same study; the worker analyses the pair and sends the SR back; the
+test finds the SR in Orthanc, in the same study, and checks its content and validity."""
 
 from __future__ import annotations
 

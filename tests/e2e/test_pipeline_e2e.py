@@ -1,7 +1,7 @@
 """The whole service, end to end, on SQLite, with dcmtk's storescp as the PACS that takes reports.
 
-PACS -> our SCP -> queue -> completion -> worker (views, mask, crop, Model 1, Model 2) -> TID 1500 SR
-(+ key image) -> C-STORE to storescp. Uses the committed model weights and real DICOM files only
+PACS -> our SCP -> queue -> completion -> worker (views, mask, crop, Model 1, Model 2) -> TID 1500
+SR (+ key image) -> C-STORE to storescp. Uses the committed model weights and real DICOM files only
 (no ../shared)."""
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ SC = "1.2.840.10008.5.1.4.1.1.7"
 
 def send(port: int, datasets: list[pydicom.Dataset], called: str = "CXR_WORKER") -> list[int]:
     ae = AE(ae_title="MODALITY")
-    # one presentation context per (SOP class, transfer syntax) sent: the SCP accepts one syntax each
+    # one presentation context per (SOP class, transfer syntax) sent: the SCP accepts one syntax
+    # each
     for pair in sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}):
         ae.add_requested_context(*pair)
     assoc = ae.associate("127.0.0.1", port, ae_title=called)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from models.analyzer import Analyzer
-from models.api import StudyAnalysis, StudyInput
+from models.api import ModelKind, StudyAnalysis, StudyAnalyzer, StudyInput
 from models.config import ModelsConfig
-from models.datasets.chexpert import OBSERVATIONS
+from models.labels import OBSERVATIONS
 from models.pix2pix import UNetGenerator
 from models.registry import ModelCard, ModelLoadError, save_model
 from models.view_classifier import ARCHITECTURE as VIEW_ARCH
@@ -70,7 +70,7 @@ def _img(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def test_analyse_batch_with_and_without_lateral(cfg: ModelsConfig) -> None:
-    an = Analyzer.from_config(cfg, device="cpu")
+    an: StudyAnalyzer = Analyzer.from_config(cfg, device="cpu")
     rng = np.random.default_rng(0)
     studies = [
         StudyInput("a", _img(rng, 120, 100), _img(rng, 90, 110)),
@@ -142,6 +142,12 @@ def test_classify_views_and_model_infos(cfg: ModelsConfig) -> None:
     )
     infos = an.model_infos()
     assert [i.name for i in infos] == ["lung_mask", "model1", "model2", "view_classifier"]
+    assert [i.kind for i in infos] == [
+        ModelKind.LUNG_MASK,
+        ModelKind.MODEL1,
+        ModelKind.MODEL2,
+        ModelKind.VIEW,
+    ]
     assert all(len(i.sha256) == 64 for i in infos)
 
 
@@ -166,6 +172,8 @@ def test_xrv_checkpoint_replaces_model2(cfg: ModelsConfig, tmp_path: Path) -> No
         m.name.startswith("model2") and m.architecture == "torchxrayvision-densenet121"
         for m in out.models
     )
+    xrv_kinds = [m.kind for m in out.models if m.architecture == "torchxrayvision-densenet121"]
+    assert xrv_kinds == [ModelKind.MODEL2]
 
 
 def test_missing_card_is_reported_by_name(cfg: ModelsConfig) -> None:

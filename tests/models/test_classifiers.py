@@ -1,4 +1,5 @@
-"""Model 1 / Model 2 network, card round trip, datasets, uncertainty policies, training, Grad-CAM."""
+"""Model 1 / Model 2 network, card round trip, datasets, uncertainty policies, training,
+Grad-CAM."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.api import CropBox
+from models.api import CropBox, ModelKind
 from models.classifiers import ARCHITECTURE, Classifier, MultiViewClassifier, to_tensor
-from models.datasets.chexpert import (
-    OBSERVATIONS,
+from models.gradcam import grad_cam, to_original_frame
+from models.labels import OBSERVATIONS
+from models.registry import ModelCard, ModelLoadError, Normalisation, save_model
+from models.training.datasets.chexpert import (
     apply_policy,
     complete_no_finding,
     model1_raw,
@@ -23,11 +26,11 @@ from models.datasets.chexpert import (
     read_chexpert,
     read_mimic,
 )
-from models.datasets.folder import parse_findings, parse_spec, read_folder
-from models.evaluate import auroc_report, bootstrap_auroc
-from models.gradcam import grad_cam, to_original_frame
-from models.registry import ModelCard, ModelLoadError, Normalisation, save_model
-from models.train_classifier import ImageCache, StudyDataset, train_loop
+from models.training.datasets.folder import parse_findings, parse_spec, read_folder
+from models.training.images import ImageCache
+from models.training.metrics import auroc_report, bootstrap_auroc
+from models.training.studies import StudyDataset
+from models.training.train_classifier import train_loop
 
 TINY = {"growth_rate": 4, "block_config": [1, 1, 1, 1], "num_init_features": 8}
 
@@ -92,7 +95,7 @@ def test_card_labels_thresholds_and_hash(tmp_path: Path) -> None:
     clf = Classifier.from_card(tmp_path / "m2.json")
     assert clf.card.labels == labels
     assert clf.card.threshold("Edema") == 0.3 and clf.card.threshold("Cardiomegaly") == 0.5
-    assert clf.card.input_size == 40 and clf.info.sha256 == card.sha256
+    assert clf.card.input_size == 40 and clf.card.info(ModelKind.MODEL2).sha256 == card.sha256
     rng = np.random.default_rng(0)
     imgs = [rng.random((60, 50), dtype=np.float32), rng.random((100, 80), dtype=np.float32)]
     p = clf.predict(imgs, [None, rng.random((70, 70), dtype=np.float32)])
@@ -257,7 +260,7 @@ def test_folder_reader_template_and_label_mapping(tmp_path: Path) -> None:
 
 
 def test_patient_split_keeps_patients_together() -> None:
-    from models.datasets.chexpert import StudyRecord
+    from models.training.datasets.chexpert import StudyRecord
 
     recs = [
         StudyRecord(f"s{i}", f"p{i // 3}", "src", Path(f"{i}.png"), None, np.zeros(14, np.float32))
@@ -273,7 +276,7 @@ def test_patient_split_keeps_patients_together() -> None:
 
 
 def test_tiny_training_run_loss_falls(tmp_path: Path) -> None:
-    from models.datasets.chexpert import StudyRecord
+    from models.training.datasets.chexpert import StudyRecord
 
     torch.manual_seed(0)
     recs = []
@@ -306,7 +309,7 @@ def test_tiny_training_run_loss_falls(tmp_path: Path) -> None:
 
 
 def test_train_classifier_cli_writes_card_and_split(tmp_path: Path) -> None:
-    from models import train_classifier
+    from models.training import cli, train_classifier
 
     for i in range(12):
         _png(tmp_path / "img" / f"x{i}.png", value=60 if i % 2 else 180)
@@ -315,7 +318,7 @@ def test_train_classifier_cli_writes_card_and_split(tmp_path: Path) -> None:
         + "".join(f"img/x{i}.png,{'Cardiomegaly' if i % 2 else 'No Finding'}\n" for i in range(12))
     )
     p = argparse.ArgumentParser()
-    train_classifier.add_arguments(p)
+    cli.train_classifier_arguments(p)
     out = tmp_path / "w" / "m1.json"
     args = p.parse_args(
         [
@@ -375,7 +378,7 @@ def test_train_classifier_cli_writes_card_and_split(tmp_path: Path) -> None:
     assert torch.equal(w1, w2)
 
 
-# --- Grad-CAM and evaluation -----------------------------------------------------------------------
+# --- Grad-CAM and evaluation ----------------------------------------------------------------------
 
 
 def test_gradcam_shape_range_and_original_frame() -> None:

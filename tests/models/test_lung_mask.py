@@ -1,4 +1,5 @@
-"""Pix2Pix networks, LungMasker inference, mask datasets and a tiny training run (synthetic data)."""
+"""Pix2Pix networks, LungMasker inference, mask datasets and a tiny training run (synthetic
+data)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,20 @@ import pytest
 import torch
 
 from models.common import autocast, seed_everything, select_device
-from models.datasets.masks import Augment, LungMaskDataset, MaskDatasetError, find_pairs, split_ids
-from models.eval_lungmask import dice_iou, evaluate_card
 from models.lung_mask import LungMasker
 from models.pix2pix import PatchDiscriminator, UNetGenerator, init_weights, to_gan_range
 from models.registry import ModelCard, ModelLoadError, read_card, save_model
-from models.train_lungmask import add_arguments, run, train_step
+from models.training.cli import train_lungmask_arguments
+from models.training.datasets.masks import (
+    Augment,
+    LungMaskDataset,
+    MaskDatasetError,
+    find_pairs,
+    split_ids,
+)
+from models.training.eval_lungmask import evaluate_card
+from models.training.metrics import dice_iou
+from models.training.train_lungmask import run, train_step
 
 CPU = torch.device("cpu")
 
@@ -285,7 +294,7 @@ def test_training_cli_writes_card_that_loads(tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_kaggle_layout(data, 12)
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    train_lungmask_arguments(parser)
     out = tmp_path / "w" / "lung_mask.json"
     args = parser.parse_args(
         [

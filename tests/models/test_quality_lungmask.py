@@ -1,4 +1,5 @@
-"""Quality gate: the committed lung-mask weights on the JSRT validation split they were not trained on.
+"""Quality gate: the committed lung-mask weights on the JSRT validation split they were not
+trained on.
 
 Needs ``../shared/data/jsrt`` (skipped with a reason elsewhere). The held-out IDs are recomputed
 from the seed and validation fraction recorded in the model card, exactly as training split them.
@@ -13,9 +14,9 @@ import pytest
 import torch
 
 from models.config import BUNDLED_WEIGHTS
-from models.datasets.masks import find_pairs
-from models.eval_lungmask import evaluate_card, validation_ids
 from models.registry import read_card
+from models.training.datasets.masks import find_pairs
+from models.training.eval_lungmask import evaluate_card, validation_ids
 
 CARD = BUNDLED_WEIGHTS / "lung_mask.json"
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from models.config import BUNDLED_WEIGHTS
-from models.datasets.chexpert import chexpert_view_images
-from models.evaluate import evaluate_view
+from models.training.datasets.chexpert import chexpert_view_images
+from models.training.evaluate import evaluate_view
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 

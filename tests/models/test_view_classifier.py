@@ -1,4 +1,5 @@
-"""View classifier: card-driven loading and prediction, and a tiny training run on synthetic views."""
+"""View classifier: card-driven loading and prediction, and a tiny training run on synthetic
+views."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def test_predictions_follow_card_labels_and_threshold(tmp_path: Path) -> None:
 
 
 def _synthetic_view(rng: np.random.Generator, lateral: bool, size: int = 64) -> np.ndarray:
-    """Frontal: two dark lung fields side by side; lateral: one dark field and a bright spine edge."""
+    """Frontal: two dark lung fields side by side; lateral: one dark field and a bright spine
+    edge."""
     img = np.full((size, size), 200, np.uint8)
     if lateral:
         cv2.ellipse(img, (size // 2, size // 2), (size // 4, size // 3), 0, 0, 360, 60, -1)
@@ -55,7 +57,7 @@ def _synthetic_view(rng: np.random.Generator, lateral: bool, size: int = 64) -> 
 
 
 def test_train_view_cli_learns_synthetic_views(tmp_path: Path) -> None:
-    from models import train_view
+    from models.training import cli, train_view
 
     rng = np.random.default_rng(0)
     rows = ["file,label,view,patient"]
@@ -67,7 +69,7 @@ def test_train_view_cli_learns_synthetic_views(tmp_path: Path) -> None:
         rows.append(f"{name},No Finding,{'lateral' if lat else 'PA'},p{i}")
     (tmp_path / "v.csv").write_text("\n".join(rows) + "\n")
     p = argparse.ArgumentParser()
-    train_view.add_arguments(p)
+    cli.train_view_arguments(p)
     out = tmp_path / "w" / "view.json"
     args = p.parse_args(
         [

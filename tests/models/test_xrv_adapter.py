@@ -1,4 +1,5 @@
-"""The torchxrayvision adapter reproduces torchxrayvision's own forward pass from a saved state dict.
+"""The torchxrayvision adapter reproduces torchxrayvision's own forward pass from a saved state
+dict.
 
 torchxrayvision is a test dependency only: the adapter never imports it."""
 

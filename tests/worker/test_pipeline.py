@@ -15,8 +15,10 @@ from pydicom.uid import generate_uid
 
 from db.migrate import upgrade
 from db.queue import Queue
+from dicom_node.sink import StoredInstance
 from dicom_node.sr import read_findings
 from models.analyzer import Analyzer
+from models.labels import OBSERVATIONS
 from tests.conftest import DATA, free_port
 from tests.dicom_node.test_sr import validate
 from tests.models.test_analyzer import tiny_lung_card, tiny_view_card
@@ -25,22 +27,7 @@ from worker.config import parse_config
 from worker.loop import WorkerLoop
 from worker.pipeline import Pipeline
 
-OBS = [
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-]
+OBS = list(OBSERVATIONS)
 
 
 @pytest.fixture(scope="module")
@@ -106,19 +93,14 @@ class Env:
         else:
             (self.storage / rel).write_bytes(raw)
         self.queue.record_instance(
-            study_uid=ds.StudyInstanceUID,
-            series_uid=ds.SeriesInstanceUID,
-            sop_instance_uid=ds.SOPInstanceUID,
-            sop_class_uid=ds.SOPClassUID,
-            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-            modality=ds.get("Modality"),
-            body_part=ds.get("BodyPartExamined"),
-            view_position=ds.get("ViewPosition"),
-            eligible=eligible,
-            ineligible_reason=None if eligible else "test",
-            rel_path=rel,
-            size_bytes=(self.storage / rel).stat().st_size,
-            calling_ae="TEST",
+            StoredInstance.from_dataset(
+                ds,
+                rel_path=rel,
+                size_bytes=(self.storage / rel).stat().st_size,
+                calling_ae="TEST",
+                eligible=eligible,
+                ineligible_reason=None if eligible else "test",
+            )
         )
 
     def ready_and_run(self) -> None:

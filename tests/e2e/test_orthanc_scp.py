@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 
 from db.queue import Queue
 from tests.conftest import DATA
-from tests.dicom_node.conftest import SCP_AET, RunningSCP, fresh, save
+from tests.dicom_net import SCP_AET, RunningSCP, fresh, save
 from tests.orthanc import Orthanc, OrthancError, orthanc_available
 
 pytestmark = [

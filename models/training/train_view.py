@@ -1,6 +1,6 @@
 """Train the frontal/lateral view classifier.
 
-    python -m models.train_view --chexpert DATA/chexpert_sample \
+    cxr-worker train viewclassifier --chexpert DATA/chexpert_sample \
         --folder DATA/actualmed_partial/labels.csv:DATA/actualmed_partial \
         --out models/weights/view_classifier.json
 
@@ -26,17 +26,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.common import seed_everything, select_device, set_threads
-from models.datasets.chexpert import ViewImage, chexpert_view_images, patient_split
-from models.datasets.folder import folder_view_images, parse_spec
-from models.registry import ModelCard, Normalisation, save_model
-from models.train_classifier import ImageCache, augment
+from models.registry import Normalisation
+from models.training.datasets.chexpert import patient_split
+from models.training.datasets.sources import as_items, read_view_images
+from models.training.images import ImageCache, augment
+from models.training.runs import new_card, save_run, schedule
 from models.view_classifier import ARCHITECTURE, ViewCNN
 
 log = logging.getLogger(__name__)
-
-
-def as_items(images: Sequence[ViewImage]) -> list[tuple[Path, int]]:
-    return [(im.path, int(im.lateral)) for im in images]
 
 
 def _tensors(
@@ -67,7 +64,8 @@ def gamma_jitter(
     x: torch.Tensor, norm: Normalisation, gen: torch.Generator, strength: float
 ) -> torch.Tensor:
     """Random gamma in [1/(1+s), 1+s] per image, applied in the [0, 1] pixel domain: exposure
-    differs a lot between sites, and dark, low-contrast laterals are the classifier's hardest cases."""
+    differs a lot between sites, and dark, low-contrast laterals are the classifier's hardest
+    cases."""
     if strength <= 0:
         return x
     b = x.shape[0]
@@ -118,7 +116,7 @@ def train_view(
                 logits, y[idx].to(device), pos_weight=pos_weight
             )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(idx)
@@ -127,47 +125,15 @@ def train_view(
     return losses
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--chexpert", action="append", metavar="DIR")
-    p.add_argument(
-        "--chexpert-test",
-        action="append",
-        metavar="DIR",
-        help="CheXpert folders whose test_labels.csv images are only evaluated",
-    )
-    p.add_argument("--folder", action="append", metavar="CSV:DIR[:TEMPLATE]")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--val-fraction", type=float, default=0.25)
-    p.add_argument("--gamma", type=float, default=0.5, help="gamma jitter strength (0 = off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--version", default="0.1.0")
-    p.add_argument("--notes", default="")
-    p.add_argument("--no-progress", action="store_true")
-
-
 def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     set_threads(args.threads)
     seed_everything(args.seed)
     device = select_device(args.device)
-    images: list[ViewImage] = []
-    for d in args.chexpert or []:
-        images += chexpert_view_images(Path(d), "train")
-    for spec in args.folder or []:
-        c, d, t = parse_spec(spec)
-        images += folder_view_images(c, d, t)
+    images = read_view_images(chexpert=args.chexpert or [], folder=args.folder or [])
     if not images:
         raise SystemExit("no training data: give --chexpert or --folder")
-    test_images: list[ViewImage] = []
-    for d in args.chexpert_test or []:
-        test_images += chexpert_view_images(Path(d), "test")
+    test_images = read_view_images(chexpert_test=args.chexpert_test or [])
     train, val = patient_split(images, args.val_fraction, args.seed)
     tr_items, va_items, te_items = (as_items(x) for x in (train, val, test_images))
     norm = Normalisation(mean=0.5, std=0.25)
@@ -181,19 +147,7 @@ def run(args: argparse.Namespace) -> int:
         len(te_items),
     )
     net = ViewCNN(width=args.width).to(device)
-    losses = train_view(
-        net,
-        xtr,
-        ytr,
-        device,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        progress=not args.no_progress,
-        norm=norm,
-        gamma=args.gamma,
-    )
+    losses = train_view(net, xtr, ytr, device, **schedule(args), norm=norm, gamma=args.gamma)
     metrics: dict[str, Any] = {
         "train_loss_per_epoch": [round(x, 4) for x in losses],
         "train_seconds": round(time.time() - t0, 1),
@@ -208,12 +162,10 @@ def run(args: argparse.Namespace) -> int:
                 "lateral": int(y.sum()),
                 "accuracy": round(float(np.mean(pred == y.numpy().astype(bool))), 4),
             }
-    card = ModelCard(
+    card = new_card(
+        args,
         name="view_classifier",
-        version=args.version,
         architecture=ARCHITECTURE,
-        weights_file=args.out.with_suffix(".safetensors").name,
-        sha256="0" * 64,
         input_size=args.image_size,
         normalisation=norm,
         labels=["frontal", "lateral"],
@@ -239,18 +191,8 @@ def run(args: argparse.Namespace) -> int:
         metrics=metrics,
         notes=args.notes,
     )
-    card = save_model(card, net.state_dict(), args.out, half=True)
-    args.out.with_suffix(".split.json").write_text(
-        json.dumps(
-            {
-                "seed": args.seed,
-                "val_fraction": args.val_fraction,
-                "held_out_patients": sorted({im.patient for im in val}),
-            },
-            indent=1,
-        )
-        + "\n",
-        encoding="utf-8",
+    card = save_run(
+        card, net.state_dict(), args, {"held_out_patients": sorted({im.patient for im in val})}
     )
     log.info(
         "wrote %s: %s",
@@ -258,20 +200,3 @@ def run(args: argparse.Namespace) -> int:
         json.dumps({k: v for k, v in metrics.items() if k != "train_loss_per_epoch"}),
     )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    p = argparse.ArgumentParser(
-        prog="python -m models.train_view",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

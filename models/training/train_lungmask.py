@@ -4,8 +4,8 @@ Loss (generator) = conditional GAN loss + ``lambda_l1`` * L1 (Isola et al.; L1 i
 range) + ``lambda_seg`` * (BCE + soft Dice). The segmentation term is our addition: with a few
 hundred training images it makes the generator converge in minutes on a CPU; set
 ``--lambda-seg 0`` for the paper's loss. The split is recomputed from the card's seed and
-validation fraction by :func:`models.datasets.masks.split_ids`; the best generator by validation
-Dice is kept and written (float16 safetensors + model card) each time it improves, so an
+validation fraction by :func:`models.training.datasets.masks.split_ids`; the best generator by
+validation Dice is kept and written (float16 safetensors + model card) each time it improves, so an
 interrupted run still leaves usable weights.
 """
 
@@ -15,7 +15,6 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,65 +24,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.common import autocast, seed_everything, select_device, set_threads
-from models.datasets.masks import Augment, LungMaskDataset, find_pairs, split_ids
 from models.pix2pix import PatchDiscriminator, UNetGenerator, init_weights, to_gan_range
-from models.registry import ModelCard, Normalisation, save_model
+from models.registry import ModelCard, Normalisation, read_card, save_model
+from models.training.datasets.masks import Augment, LungMaskDataset, find_pairs, split_ids
+from models.training.eval_lungmask import evaluate_card
+from models.training.metrics import batch_dice
+from models.training.runs import new_card
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "lung_mask.json"
 MODEL_NAME = "lung_mask"
 ARCHITECTURE = "pix2pix-unet256-generator"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data",
-        type=Path,
-        required=True,
-        help="dataset folder (CXR_png/ + masks/, Montgomery ManualMask/, or flat)",
-    )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="model card path to write")
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--ngf", type=int, default=16, help="generator width")
-    parser.add_argument("--ndf", type=int, default=16, help="discriminator width")
-    parser.add_argument("--input-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--lambda-l1", type=float, default=100.0)
-    parser.add_argument(
-        "--lambda-seg",
-        type=float,
-        default=10.0,
-        help="weight of the BCE + soft-Dice term (0 = the paper's cGAN + L1 loss)",
-    )
-    parser.add_argument("--dropout", type=float, default=0.5)
-    parser.add_argument("--val-fraction", type=float, default=0.15)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument(
-        "--threads", type=int, default=0, help="CPU threads for torch (0 = default)"
-    )
-    parser.add_argument(
-        "--max-minutes",
-        type=float,
-        default=0.0,
-        help="stop after this much training time (0 = no limit); best weights kept",
-    )
-    parser.add_argument(
-        "--max-steps", type=int, default=0, help="stop after this many steps (tests)"
-    )
-    parser.add_argument("--version", default="1.0.0", help="model version written to the card")
-    parser.add_argument(
-        "--data-description",
-        default="",
-        help="what the training data is (source, licence), written to the card",
-    )
-    parser.add_argument(
-        "--no-eval",
-        action="store_true",
-        help="skip the full-resolution evaluation written to the card at the end",
-    )
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -91,14 +42,6 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     inter = (p * target).sum(dim=(1, 2, 3))
     denom = p.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
     return (1 - (2 * inter + eps) / (denom + eps)).mean()
-
-
-def batch_dice(pred: torch.Tensor, target: torch.Tensor) -> list[float]:
-    """Per-image Dice of binary tensors (N x 1 x H x W); 1.0 when both are empty."""
-    inter = (pred * target).sum(dim=(1, 2, 3))
-    denom = pred.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
-    d = torch.where(denom > 0, 2 * inter / denom.clamp(min=1), torch.ones_like(denom))
-    return [float(v) for v in d]
 
 
 def train_step(
@@ -128,7 +71,7 @@ def train_step(
         F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
         + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
     )
-    loss_d.backward()
+    torch.autograd.backward(loss_d)
     opt_d.step()
     # generator: fool the discriminator and stay close to the mask
     opt_g.zero_grad(set_to_none=True)
@@ -138,7 +81,7 @@ def train_step(
     l1 = F.l1_loss(fake, y_gan)
     seg = F.binary_cross_entropy_with_logits(logits, y) + dice_loss(logits, y)
     loss_g = g_gan + lambda_l1 * l1 + lambda_seg * seg
-    loss_g.backward()
+    torch.autograd.backward(loss_g)
     opt_g.step()
     return {
         "d": loss_d.item(),
@@ -150,7 +93,11 @@ def train_step(
 
 
 @torch.inference_mode()
-def validate(gen: UNetGenerator, loader: DataLoader, device: torch.device) -> float:
+def validate(
+    gen: UNetGenerator,
+    loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+) -> float:
     gen.eval()
     dices: list[float] = []
     for x, y in loader:
@@ -170,12 +117,10 @@ def make_card(
     metrics: dict[str, Any],
     data_desc: str,
 ) -> ModelCard:
-    return ModelCard(
+    return new_card(
+        args,
         name=MODEL_NAME,
-        version=args.version,
         architecture=ARCHITECTURE,
-        weights_file=args.out.with_suffix(".safetensors").name,
-        sha256="0" * 64,  # replaced by save_model
         input_size=args.input_size,
         normalisation=Normalisation(mean=0.5, std=0.5),
         labels=["lung"],
@@ -199,8 +144,9 @@ def make_card(
         },
         training_data=data_desc,
         split=(
-            f"models.datasets.masks.split_ids(sorted IDs, val_fraction={args.val_fraction}, "
-            f"seed={args.seed}): {n_train} train / {len(val_ids)} validation IDs held out"
+            f"models.training.datasets.masks.split_ids(sorted IDs, "
+            f"val_fraction={args.val_fraction}, seed={args.seed}): "
+            f"{n_train} train / {len(val_ids)} validation IDs held out"
         ),
         metrics=metrics,
         notes="Output: lung probability map; post-processing and crop in models/crop.py. "
@@ -312,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
         history.append(rec)
         elapsed = (time.monotonic() - t0) / 60
         log.info(
-            "epoch %d: D %.3f G_gan %.3f L1 %.4f seg %.3f | val Dice %.4f | %.1f min | next lr %.2e",
+            "epoch %d: D %.3f G_gan %.3f L1 %.4f seg %.3f | val Dice %.4f | %.1f min | "
+            "next lr %.2e",
             epoch + 1,
             rec["d"],
             rec["g_gan"],
@@ -342,11 +289,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("best validation Dice %.4f at epoch %d; card %s", best, best_epoch, args.out)
     if not args.no_eval:
         # measured at the original resolution with the production post-processing
-        from models.eval_lungmask import evaluate_card
-
         report = evaluate_card(args.out, args.data, device=device, ids=val_ids)
-        from models.registry import read_card
-
         card = read_card(args.out)
         metrics = dict(card.metrics) | {
             "train_minutes_total": round((time.monotonic() - t0) / 60, 1)
@@ -359,19 +302,3 @@ def run(args: argparse.Namespace) -> int:
         card = card.model_copy(update={"metrics": metrics})
         args.out.write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m models.train_lungmask", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return run(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

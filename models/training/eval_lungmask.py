@@ -21,47 +21,12 @@ import torch
 
 from models.api import CropBox
 from models.common import select_device, set_threads
-from models.datasets.masks import find_pairs, read_gray, read_mask, split_ids
 from models.lung_mask import LungMasker
 from models.registry import read_card
+from models.training.datasets.masks import find_pairs, read_gray, read_mask, split_ids
+from models.training.metrics import dice_iou
 
 log = logging.getLogger(__name__)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--card",
-        type=Path,
-        default=Path(__file__).resolve().parent / "weights" / "lung_mask.json",
-        help="model card of the lung-mask generator",
-    )
-    parser.add_argument("--data", type=Path, required=True, help="dataset folder (as for training)")
-    parser.add_argument(
-        "--all",
-        action="store_true",
-        help="evaluate every pair in --data instead of the card's validation split",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("var/eval/lungmask"),
-        help="folder for report.json and overlays.png",
-    )
-    parser.add_argument("--margin", type=float, default=0.05, help="crop margin (fraction)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument(
-        "--grid", type=int, default=16, help="images in the overlay grid (0 = none)"
-    )
-
-
-def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """Dice and IoU of two binary masks; both 1.0 when both masks are empty."""
-    p, t = pred.astype(bool), truth.astype(bool)
-    inter = float(np.logical_and(p, t).sum())
-    s = float(p.sum() + t.sum())
-    union = float(np.logical_or(p, t).sum())
-    return (2 * inter / s if s else 1.0), (inter / union if union else 1.0)
 
 
 def validation_ids(card_path: Path, ids: list[str]) -> list[str]:
@@ -81,7 +46,7 @@ def overlay(
 ) -> np.ndarray:
     """RGB tile: ground truth contour green, prediction contour red, crop box yellow."""
     g = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-    tile = cv2.cvtColor(
+    tile: np.ndarray = cv2.cvtColor(
         cv2.resize(g, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2RGB
     )
     if crop is not None:
@@ -186,19 +151,3 @@ def run(args: argparse.Namespace) -> int:
     log.info("lung mask evaluation: %s", summary)
     print(json.dumps(summary, indent=2))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m models.eval_lungmask", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return run(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

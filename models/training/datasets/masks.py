@@ -10,8 +10,9 @@ Recognised layouts (``root`` is the folder passed as ``--data``):
 - flat: ``<ID>.png`` next to ``<ID>_mask.png`` in one folder.
 
 Images are read as grayscale and scaled to float32 [0, 1]; masks are 0/1 (any non-zero pixel is
-lung). Both are resized to the square network input by a plain (anisotropic) resize, which is the
-same mapping :class:`models.lung_mask.LungMasker` uses at inference.
+lung). Both are resized to the square network input by a plain (anisotropic) resize,
+:func:`models.lung_mask.resize_image`, the mapping :class:`models.lung_mask.LungMasker` uses at
+inference.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from models.lung_mask import resize_image
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +91,8 @@ def find_pairs(root: Path) -> list[MaskPair]:
     if not pairs:
         raise MaskDatasetError(
             f"no image/mask pairs found under {root}: expected CXR_png/<ID>.png with "
-            f"masks/<ID>_mask.png, ManualMask/leftMask+rightMask/<ID>.png, or <ID>.png + <ID>_mask.png"
+            f"masks/<ID>_mask.png, ManualMask/leftMask+rightMask/<ID>.png, "
+            f"or <ID>.png + <ID>_mask.png"
         )
     if skipped:
         log.info("lung-mask dataset %s: %d images without a mask skipped", root, skipped)
@@ -137,12 +141,6 @@ def read_mask(pair: MaskPair) -> np.ndarray:
         out = m if out is None else np.maximum(out, m)
     assert out is not None
     return out
-
-
-def resize_image(img: np.ndarray, size: int) -> np.ndarray:
-    """Anisotropic resize to ``size x size`` (area filter when shrinking)."""
-    interp = cv2.INTER_AREA if min(img.shape[:2]) >= size else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interp)
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

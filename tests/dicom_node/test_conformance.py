@@ -1,5 +1,4 @@
-"""Unit tests of the receiver's parts that need no network: UID grammar, status table, dataset
-conformance checks on real files, chest eligibility, atomic storage."""
+"""dicom_node.conformance: dataset checks on real files (and broken copies of them)."""
 
 from __future__ import annotations
 
@@ -14,70 +13,16 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from dicom_node.classify import chest_eligibility
-from dicom_node.conformance import inspect_dataset
-from dicom_node.sink import SinkUnavailable
-from dicom_node.statuses import (
-    DatasetMismatch,
-    InsufficientDiskSpace,
-    UndecodableDataset,
-    status_for,
-)
-from dicom_node.storage import InstanceStorage
-from dicom_node.uids import InvalidUID, is_valid_uid, uid_problem, validate_uid
+from dicom_node.conformance import ReceivedInstance, inspect_dataset
+from dicom_node.statuses import DatasetMismatch, UndecodableDataset
+from dicom_node.uids import InvalidUID
 from tests.conftest import DATA
-from tests.dicom_node.conftest import body_bytes, fresh
+from tests.dicom_net import body_bytes, fresh
 
 ALL_FILES = sorted(p.name for p in DATA.glob("*.dcm"))
 
 
-# ----------------------------------------------------------------------------- UIDs
-
-
-@pytest.mark.parametrize("uid", ["1.2.840.10008.1.2", "0", "1.0.3", "2.25." + "9" * 39, "1" * 64])
-def test_valid_uids(uid: str) -> None:
-    assert is_valid_uid(uid), uid_problem(uid)
-
-
-@pytest.mark.parametrize(
-    ("uid", "why"),
-    [
-        ("../../etc", "characters other than digits"),
-        ("1.2/3", "characters other than digits"),
-        ("", "empty"),
-        ("1..2", "empty component"),
-        (".1.2", "empty component"),
-        ("1.2.", "empty component"),
-        ("1.02.3", "leading zero"),
-        ("1" * 65, "65 characters"),
-        ("1.2 ", "characters other than digits"),
-        (None, "missing"),
-    ],
-)
-def test_invalid_uids_say_why(uid: object, why: str) -> None:
-    assert not is_valid_uid(uid)
-    with pytest.raises(InvalidUID, match=why) as ei:
-        validate_uid(uid, what="StudyInstanceUID")
-    assert "StudyInstanceUID" in str(ei.value)
-
-
-# ----------------------------------------------------------------------------- statuses
-
-
-def test_status_table() -> None:
-    assert status_for(UndecodableDataset("x")) == 0xC210
-    assert status_for(DatasetMismatch("x")) == 0xA900
-    assert status_for(InvalidUID("x")) == 0xA900
-    assert status_for(InsufficientDiskSpace("x")) == 0xA700
-    assert status_for(SinkUnavailable("x")) == 0xA700
-    assert status_for(PermissionError("x")) == 0xC000
-    assert status_for(KeyError("x")) == 0xC000
-
-
-# ----------------------------------------------------------------------------- conformance
-
-
-def _inspect(path: Path, data: bytes | None = None, **kw: str):  # type: ignore[no-untyped-def]
+def _inspect(path: Path, data: bytes | None = None, **kw: str) -> ReceivedInstance:
     meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
     args = {
         "transfer_syntax": str(meta.TransferSyntaxUID),
@@ -222,132 +167,6 @@ def test_undefined_length_sequences_are_walked(tmp_path: Path) -> None:
     with pytest.raises(UndecodableDataset):  # remove the delimiter: the walk must notice
         i = raw.find(struct.pack("<HH", 0xFFFE, 0xE0DD))
         _inspect(path, raw[:i] + raw[i + 8 :])
-
-
-# ----------------------------------------------------------------------------- classification
-
-
-def _header(name: str) -> Dataset:
-    return pydicom.dcmread(DATA / name, stop_before_pixels=True)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "RG1_UNCR.dcm",
-        "RG1_J2KR.dcm",
-        "siim_cr_pa_secondary_capture.dcm",
-        "siim_fake_monochrome1.dcm",
-    ],
-)
-def test_chest_files_are_eligible(name: str) -> None:
-    assert chest_eligibility(_header(name)) == (True, None)
-
-
-def test_extremity_cr_is_not_eligible() -> None:
-    assert chest_eligibility(_header("RG3_UNCR.dcm")) == (
-        False,
-        "BodyPartExamined EXTREMITY is not the chest",
-    )
-
-
-def test_ct_is_not_eligible() -> None:
-    ds = _header("RG1_UNCR.dcm")
-    ds.Modality = "CT"
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    ok, why = chest_eligibility(ds)
-    assert not ok and why == "Modality CT is not a radiograph (CR or DX)"
-
-
-def test_secondary_capture_without_radiograph_modality_is_not_eligible() -> None:
-    ds = _header("siim_cr_pa_secondary_capture.dcm")
-    ds.Modality = "OT"
-    assert chest_eligibility(ds) == (
-        False,
-        "Secondary Capture with Modality OT is not a radiograph (CR or DX)",
-    )
-
-
-@pytest.mark.parametrize(
-    ("study", "series", "protocol", "expected"),
-    [
-        ("THORAX", None, None, True),
-        (None, "RX Torax PA", None, True),
-        (None, None, "CXR portable", True),
-        ("Knee 2 views", "AP", None, False),
-        (None, None, None, False),
-        ("PATCHEST", None, None, False),  # a word, not a substring
-    ],
-)
-def test_descriptions_decide_when_body_part_is_empty(
-    study: str | None, series: str | None, protocol: str | None, expected: bool
-) -> None:
-    ds = _header("RG1_UNCR.dcm")
-    del ds.BodyPartExamined
-    for kw in ("StudyDescription", "SeriesDescription", "ProtocolName"):
-        if kw in ds:
-            delattr(ds, kw)
-    for kw, v in (
-        ("StudyDescription", study),
-        ("SeriesDescription", series),
-        ("ProtocolName", protocol),
-    ):
-        if v is not None:
-            setattr(ds, kw, v)
-    ok, why = chest_eligibility(ds)
-    assert ok is expected
-    assert (why is None) is expected
-
-
-# ----------------------------------------------------------------------------- storage
-
-
-def test_storage_writes_atomically_and_validates_uids(tmp_path: Path) -> None:
-    st = InstanceStorage(tmp_path / "s")
-    st.prepare()
-    out = st.write("1.2.3", "1.2.3.4", [b"abc", memoryview(b"def")])
-    assert out.rel_path == "1.2.3/1.2.3.4.dcm"
-    assert out.path.read_bytes() == b"abcdef" and out.size_bytes == 6
-    assert [p.name for p in (tmp_path / "s" / "1.2.3").iterdir()] == ["1.2.3.4.dcm"]  # no temp left
-    with pytest.raises(InvalidUID):
-        st.write("../../etc", "1.2", [b"x"])
-    with pytest.raises(InvalidUID):
-        st.write("1.2", "../passwd", [b"x"])
-    assert not (tmp_path / "etc").exists() and not (tmp_path / "passwd").exists()
-
-
-def test_failed_write_leaves_no_temp_file(tmp_path: Path) -> None:
-    st = InstanceStorage(tmp_path / "s")
-    st.prepare()
-
-    def chunks():  # type: ignore[no-untyped-def]
-        yield b"partial"
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(OSError, match="No space left"):
-        st.write("1.2.3", "1.2.3.5", chunks())
-    assert list((tmp_path / "s" / "1.2.3").iterdir()) == []
-
-
-def test_free_space_threshold(tmp_path: Path) -> None:
-    st = InstanceStorage(tmp_path, min_free_disk_mb=10**9)
-    with pytest.raises(
-        InsufficientDiskSpace, match=r"below the threshold dicom.min_free_disk_mb=1000000000"
-    ):
-        st.check_free_space()
-    InstanceStorage(tmp_path, min_free_disk_mb=1).check_free_space(1000)
-
-
-def test_stale_temp_files_are_removed(tmp_path: Path) -> None:
-    st = InstanceStorage(tmp_path)
-    (tmp_path / "1.2").mkdir()
-    old = tmp_path / "1.2" / ".1.2.3.dcm.abc.tmp"
-    new = tmp_path / "1.2" / ".1.2.4.dcm.def.tmp"
-    old.write_bytes(b"x")
-    new.write_bytes(b"y")
-    os.utime(old, (0, 0))
-    assert st.remove_stale_temp_files(older_than_s=3600) == 1
-    assert not old.exists() and new.exists()
 
 
 def test_multiframe_and_ybr_422_lengths(tmp_path: Path) -> None:

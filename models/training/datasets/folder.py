@@ -1,9 +1,9 @@
 """A plain folder of images with a CSV of labels, for a site's local data.
 
 The CSV has a file column (``file`` or ``path``; or any column through a file template such as
-``CXR_png/{id}.png``), a label column (``label``, ``labels`` or ``finding``), and optionally ``view``
-(frontal/lateral, AP/PA/LL...) and ``patient`` (for patient-level splits; one patient per row when
-absent) and ``study`` (rows of one study are grouped into frontal + lateral).
+``CXR_png/{id}.png``), a label column (``label``, ``labels`` or ``finding``), and optionally
+``view`` (frontal/lateral, AP/PA/LL...) and ``patient`` (for patient-level splits; one patient
+per row when absent) and ``study`` (rows of one study are grouped into frontal + lateral).
 
 A label cell is one or more findings separated by ``|`` or ``;``. Findings are mapped onto the 14
 CheXpert observations by name (case-insensitive, with a few common aliases). Normal words
@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.datasets.chexpert import (
-    OBSERVATIONS,
-    PATHOLOGIES,
+from models.labels import OBSERVATIONS, PATHOLOGIES
+from models.training.datasets.chexpert import (
     DatasetError,
     StudyRecord,
     ViewImage,
@@ -116,7 +115,7 @@ def _folder_rows(
         rows = []
         for line, r in enumerate(reader, start=2):
             try:
-                rel = file_template.format(**r) if file_template else r[file_col]  # type: ignore[index]
+                rel = file_template.format(**r) if file_template else r[file_col]
             except KeyError as exc:
                 raise DatasetError(
                     f"{csv_path}:{line}: file template names unknown column {exc}"

@@ -22,7 +22,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from tests.conftest import DATA, free_port
-from tests.dicom_node.conftest import UID_ROOT
+from tests.dicom_net import UID_ROOT
 from tests.service import ServiceProcess
 
 pytestmark = [
@@ -76,7 +76,7 @@ def _send_all(port: int, items: list[Dataset], acked: list[str], stop_on_failure
                 acked.append(str(ds.SOPInstanceUID))
             elif stop_on_failure or not assoc.is_established:
                 return
-            time.sleep(0.02)  # see tests/dicom_node/conftest.py:send
+            time.sleep(0.02)  # see tests/dicom_net.py:send
     finally:
         if assoc.is_established:
             assoc.release()

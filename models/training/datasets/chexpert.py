@@ -6,8 +6,8 @@ CheXpert's own coding (1 positive, 0 negative, -1 uncertain, NaN blank / not men
 uncertainty policy (:func:`apply_policy`) turns raw labels into a training target and a loss mask,
 so blank labels never reach the loss.
 
-The observation names are CheXpert's column names: they describe the *data format*; the labels a
-trained model predicts are stored in, and read from, its model card.
+The observation names (:mod:`models.labels`) are CheXpert's column names: they describe the
+*data format*; the labels a trained model predicts are stored in, and read from, its model card.
 """
 
 from __future__ import annotations
@@ -23,39 +23,10 @@ from typing import Protocol, TypeVar
 import cv2
 import numpy as np
 
+from models.labels import OBSERVATIONS, PATHOLOGIES, POLICIES
+
 log = logging.getLogger(__name__)
 
-#: The 14 CheXpert observations, in the order of the CheXpert paper / competition.
-OBSERVATIONS: tuple[str, ...] = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
-#: The 5 observations of the CheXpert competition (mean AUROC is reported over these).
-COMPETITION: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Pleural Effusion",
-)
-#: Observations that make a study "abnormal" for Model 1 (support devices alone do not).
-PATHOLOGIES: tuple[str, ...] = tuple(
-    o for o in OBSERVATIONS if o not in ("No Finding", "Support Devices")
-)
-
-POLICIES: tuple[str, ...] = ("u-ignore", "u-zeros", "u-ones", "lsr-ones", "lsr-zeros")
 # Pham et al. 2019 (arXiv:1911.06475): uncertain labels drawn uniformly from these ranges.
 LSR_ONES_RANGE = (0.55, 0.85)
 LSR_ZEROS_RANGE = (0.0, 0.30)
@@ -187,25 +158,34 @@ def _resolve(root: Path, csv_dir: Path, rel: str) -> Path:
     return root / rel
 
 
+@dataclass
+class _Study:
+    """A study being assembled from its image rows."""
+
+    raw: np.ndarray
+    frontal: Path | None = None
+    lateral: Path | None = None
+
+
 def group_views(
     rows: Iterable[tuple[str, str, Path, str, np.ndarray]], source: str
 ) -> list[StudyRecord]:
     """Group (patient, study, path, view, raw) rows into studies: the first frontal and the first
     lateral of each study. Studies without a frontal image are dropped (the models need one)."""
-    studies: dict[tuple[str, str], dict[str, object]] = {}
+    studies: dict[tuple[str, str], _Study] = {}
     for patient, study, path, view, raw in rows:
-        s = studies.setdefault((patient, study), {"frontal": None, "lateral": None, "raw": raw})
-        slot = "lateral" if is_lateral(view) else "frontal"
-        if s[slot] is None:
-            s[slot] = path
-        if slot == "frontal":
-            s["raw"] = (
-                raw  # the frontal row's labels define the study (CheXpert labels are per study)
-            )
+        s = studies.setdefault((patient, study), _Study(raw=raw))
+        if is_lateral(view):
+            if s.lateral is None:
+                s.lateral = path
+        else:
+            if s.frontal is None:
+                s.frontal = path
+            s.raw = raw  # the frontal row's labels define the study (CheXpert labels are per study)
     out: list[StudyRecord] = []
     dropped = 0
-    for (patient, study), s in sorted(studies.items()):
-        if s["frontal"] is None:
+    for (patient, study), s in sorted(studies.items(), key=lambda kv: kv[0]):
+        if s.frontal is None:
             dropped += 1
             continue
         out.append(
@@ -213,9 +193,9 @@ def group_views(
                 key=f"{source}:{patient}/{study}",
                 patient=f"{source}:{patient}",
                 source=source,
-                frontal=s["frontal"],
-                lateral=s["lateral"],
-                raw=s["raw"],  # type: ignore[arg-type]
+                frontal=s.frontal,
+                lateral=s.lateral,
+                raw=s.raw,
             )
         )
     if dropped:
@@ -310,7 +290,8 @@ def read_mimic(
 ) -> list[StudyRecord]:
     """Read MIMIC-CXR-JPG: the metadata CSV (dicom_id, subject_id, study_id, ViewPosition) joined
     with the CheXpert-labeller CSV on (subject_id, study_id); images at
-    ``files/p{subject[:2]}/p{subject}/s{study}/{dicom_id}.jpg``. Compressed ``.csv.gz`` is accepted."""
+    ``files/p{subject[:2]}/p{subject}/s{study}/{dicom_id}.jpg``. Compressed ``.csv.gz`` is
+    accepted."""
     d = Path(directory)
 
     def _open(name: str) -> tuple[Path, Iterable[dict[str, str]]]:
@@ -368,7 +349,8 @@ P = TypeVar("P", bound=_HasPatient)
 
 
 def patient_split(records: Sequence[P], val_fraction: float, seed: int) -> tuple[list[P], list[P]]:
-    """Split records by patient (no patient in both parts), per source, reproducibly from ``seed``."""
+    """Split records by patient (no patient in both parts), per source, reproducibly from
+    ``seed``."""
     by_source: dict[str, list[str]] = {}
     for r in records:
         pats = by_source.setdefault(r.source, [])

@@ -1,0 +1,324 @@
+"""What every object this node derives from a source image shares (the report and the key image).
+
+- **deterministic UIDs** (:func:`deterministic_uid`, :func:`report_uid`, :func:`report_series_uid`,
+  :func:`key_image_series_uid`): the same analysis always yields the same UIDs, so a resend never
+  creates a second document;
+- a **PHI-safe copy of the source header** (:func:`source_header`) and a repair of the copied
+  values that break their VR (:func:`sanitize_copied_attributes`); neither logs a value;
+- the refusal to mix patients or studies (:func:`check_same_patient_and_study`);
+- the one **atomic write** (:func:`atomic_write`): a reader never sees half a file;
+- the small records both objects are built from: :class:`FindingResult`, :class:`AlgorithmInfo`,
+  :class:`DeviceInfo`, :class:`CropInfo`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from numbers import Integral, Real
+from pathlib import Path
+
+from pydicom import config as pydicom_config
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import validate_value
+
+log = logging.getLogger(__name__)
+
+#: Namespace of this project's name-based UUIDs (a fixed, random UUID; never change it).
+_UID_NAMESPACE = uuid.UUID("8f4c1e0a-3b7d-5c21-9a6e-2f1d0c4b7a93")
+
+#: Type 2 patient/study attributes highdicom reads from a source: present (maybe empty) in a copy.
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+_KEEP_AS_IS = frozenset(
+    {
+        "PatientID",
+        "IssuerOfPatientID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+    }
+)
+
+
+# --- checks shared by the records ---------------------------------------------------------------
+
+
+def require_str(value: object, what: str) -> str:
+    """``value`` when it is a ``str``; else ``TypeError`` naming ``what``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__} {value!r}")
+    return value
+
+
+def require_probability(value: object, what: str) -> float:
+    """``value`` as a float in [0, 1]; ``TypeError`` for a non-number, ``ValueError`` outside."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{what} must be a number in [0, 1], got {type(value).__name__} {value!r}")
+    v = float(value)
+    if math.isnan(v) or not 0.0 <= v <= 1.0:
+        raise ValueError(
+            f"{what} = {value!r} is not a probability in [0, 1]; pass the model's sigmoid output "
+            "(not a logit or a percentage)"
+        )
+    return v
+
+
+def require_number(value: object, what: str) -> float:
+    """``value`` as a float; ``TypeError`` for a non-number or NaN."""
+    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(float(value)):
+        raise TypeError(f"{what} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def require_str_fields(record: object, *attrs: str) -> None:
+    """``TypeError`` naming the first of ``record``'s ``attrs`` that is not a ``str``."""
+    for attr in attrs:
+        require_str(getattr(record, attr), f"{type(record).__name__}.{attr}")
+
+
+def require_int(value: object, what: str, *, minimum: int = 0) -> int:
+    """``value`` as an int of at least ``minimum``; ``TypeError``/``ValueError`` saying which."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{what} must be an integer, got {type(value).__name__} {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{what} = {value!r} must be at least {minimum}")
+    return int(value)
+
+
+# --- shared records -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FindingResult:
+    """One model output: the probability of ``label`` and the model card's threshold for it."""
+
+    label: str
+    probability: float
+    threshold: float
+    threshold_validated: bool = True  # False: the model card's default, not set on held-out data
+
+    def __post_init__(self) -> None:
+        if not require_str(self.label, "FindingResult.label").strip():
+            raise ValueError("FindingResult.label is empty: name the model card's label")
+        require_probability(self.probability, f"{self.label} probability")
+        require_probability(self.threshold, f"{self.label} threshold")
+
+    @property
+    def present(self) -> bool:
+        return self.probability >= self.threshold
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    """A model's identity, for TID 4019 Algorithm Identification."""
+
+    name: str
+    version: str
+    sha256: str
+    architecture: str = ""
+
+    def __post_init__(self) -> None:
+        require_str_fields(self, "name", "version", "sha256", "architecture")
+
+    @property
+    def key(self) -> str:
+        """What identifies the model in derived UIDs: name, version and weights."""
+        return f"{self.name}|{self.version}|{self.sha256}"
+
+
+@dataclass(frozen=True)
+class CropInfo:
+    """The lung crop in frontal-image pixels: rows [y0, y1), columns [x0, x1)."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    def __post_init__(self) -> None:
+        x0, y0, x1, y1 = (
+            require_int(getattr(self, a), f"CropInfo.{a}") for a in "x0 y0 x1 y1".split()
+        )
+        if x1 < x0 or y1 < y0:
+            raise ValueError(
+                f"CropInfo x0={x0} y0={y0} x1={x1} y1={y1}: x1/y1 must not be left of/above x0/y0"
+            )
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The worker as the observer device and equipment of what it derives."""
+
+    name: str = "cxr-pacs-worker"
+    version: str = "0.1.0"
+    ae_title: str = "CXR_WORKER"
+    manufacturer: str = "cxr-pacs-worker project"
+
+    def __post_init__(self) -> None:
+        require_str_fields(self, "name", "version", "ae_title", "manufacturer")
+
+    @property
+    def uid(self) -> str:
+        """A stable Device Observer UID for this worker identity."""
+        return deterministic_uid("cxr-device", self.name, self.ae_title)
+
+
+# --- UIDs ---------------------------------------------------------------------------------------
+
+
+def deterministic_uid(*parts: str) -> str:
+    """A UID that is a function of ``parts``: ``2.25.`` + a name-based (version 5) UUID.
+
+    ``pydicom.uid.generate_uid(prefix=None, entropy_srcs=...)`` ignores its entropy and returns a
+    random UID, and a prefixed one is not a valid ``2.25`` UUID-derived UID; so the UUID is made
+    here, as ISO/IEC 9834-8 describes.
+    """
+    name = "\x1f".join(parts)
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
+
+
+def report_uid(sources: Sequence[Dataset | str], algorithms: Sequence[AlgorithmInfo]) -> str:
+    """The SOP Instance UID of the report on ``sources`` by ``algorithms`` (order-independent)."""
+    uids = sorted({str(s.SOPInstanceUID) if isinstance(s, Dataset) else str(s) for s in sources})
+    algos = sorted(a.key for a in algorithms)
+    return deterministic_uid("cxr-sr-v1", *uids, "--", *algos)
+
+
+def report_series_uid(study_instance_uid: str, device: DeviceInfo) -> str:
+    """One series per study and worker for all its reports, so re-analyses stay together."""
+    return deterministic_uid("cxr-sr-series", study_instance_uid, device.name, device.ae_title)
+
+
+def key_image_series_uid(study_instance_uid: str, device: DeviceInfo) -> str:
+    """One series per study and worker for all its key images."""
+    return deterministic_uid("cxr-key-series", study_instance_uid, device.name, device.ae_title)
+
+
+# --- identity and header copies -----------------------------------------------------------------
+
+
+def check_same_patient_and_study(datasets: Sequence[Dataset]) -> None:
+    """Raise ``ValueError`` unless every dataset has the same Patient ID, issuer and study.
+
+    The message names SOP Instance UIDs and which attribute differs, never the values (PHI).
+    """
+    if not datasets:
+        raise ValueError("no source images: a report needs at least the frontal image")
+    first = datasets[0]
+    for kw in ("PatientID", "StudyInstanceUID"):
+        if not str(first.get(kw, "") or "").strip():
+            raise ValueError(
+                f"source image {first.get('SOPInstanceUID', '?')} has no {kw}: refusing to write a "
+                "report that cannot be filed to a patient and study"
+            )
+    for ds in datasets[1:]:
+        for kw in ("PatientID", "IssuerOfPatientID", "StudyInstanceUID"):
+            a = str(first.get(kw, "") or "").strip()
+            b = str(ds.get(kw, "") or "").strip()
+            if a != b:
+                raise ValueError(
+                    f"source images {first.get('SOPInstanceUID', '?')} and "
+                    f"{ds.get('SOPInstanceUID', '?')} have different {kw}: refusing to write one "
+                    "report over two patients or studies; check the study's instances"
+                )
+
+
+def source_header(ds: Dataset) -> Dataset:
+    """A header-only copy with every type 2 patient/study attribute highdicom reads present."""
+    out = Dataset()
+    for elem in ds:
+        if (
+            elem.keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+            or elem.tag.group == 0x7FE0
+        ):
+            continue
+        out.add(copy.deepcopy(elem))
+    for kw in TYPE2_PATIENT_STUDY:
+        if kw not in out:
+            setattr(out, kw, "")
+    if hasattr(ds, "file_meta"):
+        out.file_meta = copy.deepcopy(ds.file_meta)
+    return out
+
+
+def sanitize_copied_attributes(derived: Dataset) -> None:
+    """Repair or drop copied top-level values that break their VR (a source's ``PatientAge`` of
+    ``62`` instead of ``062Y``), so a sloppy modality cannot make our object invalid.
+
+    Identity attributes are never touched; type 2 attributes are emptied, others removed. The log
+    names the attribute only (the value may be PHI).
+    """
+    for elem in list(derived):
+        if elem.VR == "SQ" or elem.keyword in _KEEP_AS_IS or elem.value in (None, ""):
+            continue
+        values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+        try:
+            for v in values:
+                if isinstance(v, str | bytes):  # numbers and person names were parsed already
+                    validate_value(elem.VR, v, pydicom_config.RAISE)
+            continue
+        except ValueError:
+            pass
+        text = str(elem.value).strip()
+        if elem.VR == "AS" and text.isdigit() and len(text) <= 3:
+            elem.value = f"{int(text):03d}Y"
+            action = "repaired as years"
+        elif elem.keyword in TYPE2_PATIENT_STUDY:
+            elem.value = ""
+            action = "emptied"
+        else:
+            del derived[elem.tag]
+            action = "dropped"
+        log.warning(
+            "report %s: source attribute %s had an invalid %s value; %s",
+            derived.get("SOPInstanceUID", "?"),
+            elem.keyword or elem.tag,
+            elem.VR,
+            action,
+        )
+
+
+@contextmanager
+def no_person_name_warnings() -> Iterator[None]:
+    """Silence highdicom's person-name format warning, which quotes the patient's name (PHI)
+    into warnings and logs. Local to the calls that copy patient data; nothing global."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"The string .* unlikely to represent the intended person name"
+        )
+        yield
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def atomic_write(content: Dataset | bytes, path: str | Path) -> Path:
+    """Write ``content`` to ``path`` through a temporary file and a rename: a reader sees the old
+    file or the whole new one, never half a file. A dataset is written as DICOM Part 10."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(content, Dataset):
+        content.save_as(tmp, enforce_file_format=True)
+    else:
+        tmp.write_bytes(content)
+    tmp.replace(path)
+    return path

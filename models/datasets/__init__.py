@@ -1,1 +1,0 @@
-"""Training and evaluation datasets read from folders given on the command line."""
