@@ -24,7 +24,8 @@ class MaskQuality:
     components: int
     left_right_balance: float  # smaller lung area / larger lung area, 0..1
     ok: bool
-    reason: str = ""  # why the mask was rejected, empty when ok
+    reason: str = ""  # why the mask was rejected, empty when ok (no patient data)
+    rule: str = ""  # the name of the first failing check (e.g. "touches_border"), empty when ok
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,35 @@ class LungMaskResult:
     mask: np.ndarray  # uint8 0/1 at the original resolution
     crop: CropBox  # lungs' bounding box + margin, or the full image when quality.ok is False
     quality: MaskQuality
+
+
+@dataclass(frozen=True)
+class LineSegment:
+    """A segment in frontal-image pixel coordinates (column x, row y), original resolution."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    @property
+    def length(self) -> float:
+        return float(np.hypot(self.x1 - self.x0, self.y1 - self.y0))
+
+
+@dataclass(frozen=True)
+class CardiothoracicRatio:
+    """The cardiothoracic ratio measured on the lung mask: widest cardiac span between the lungs'
+    medial borders (``cardiac``) over the widest inner thoracic span (``thoracic``).
+
+    ``interpretable`` is False where the ratio must not be read (AP films, failed mask quality);
+    ``reason`` then says why (no patient data)."""
+
+    ratio: float
+    cardiac: LineSegment
+    thoracic: LineSegment
+    interpretable: bool = True
+    reason: str = ""
 
 
 class ModelKind(StrEnum):
@@ -83,6 +113,7 @@ class StudyInput:
     key: str  # caller's identifier, echoed back (e.g. the study's queue id)
     frontal: np.ndarray
     lateral: np.ndarray | None = None
+    projection: str | None = None  # the frontal's projection when known: "PA" or "AP"
 
 
 @dataclass
@@ -93,10 +124,10 @@ class StudyAnalysis:
     model2: list[Finding]  # in the model card's label order; labels the model lacks are absent
     models: list[ModelInfo]
     used_lateral: bool
-    heatmaps: dict[str, np.ndarray] = field(
-        default_factory=dict
-    )  # label -> float32 [0,1], frontal res
+    # label -> float32 [0,1], frontal res
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    ctr: CardiothoracicRatio | None = None  # None when the models do not measure it
 
 
 @dataclass(frozen=True)
