@@ -29,9 +29,10 @@ from models.api import (
     StudyInput,
     ViewPrediction,
 )
-from models.classifiers import Classifier, validate_image
+from models.classifiers import NO_FINDING, Classifier, DerivedModel1, load_model1, validate_image
 from models.common import select_device
 from models.config import ModelsConfig
+from models.ctr import measure as measure_ctr
 from models.labels import MODEL1_LABELS
 from models.registry import ModelCard
 from models.view_classifier import ViewClassifier
@@ -109,7 +110,6 @@ class Analyzer(StudyAnalyzer):
 
         dev = select_device(device)
         masker = LungMasker.from_card(cfg.resolve(cfg.lung_mask), dev)
-        model1 = Classifier.from_card(cfg.resolve(cfg.model1), dev)
         model2: ClassifierLike
         if cfg.torchxrayvision_checkpoint is not None:
             from models.xrv_adapter import XrvClassifier
@@ -117,6 +117,7 @@ class Analyzer(StudyAnalyzer):
             model2 = XrvClassifier.from_checkpoint(cfg.torchxrayvision_checkpoint, dev)
         else:
             model2 = Classifier.from_card(cfg.resolve(cfg.model2), dev)
+        model1: ClassifierLike = load_model1(cfg.resolve(cfg.model1), model2, dev)
         view = ViewClassifier.from_card(cfg.resolve(cfg.view_classifier), dev)
         log.info(
             "models loaded on %s: %s",
@@ -150,6 +151,42 @@ class Analyzer(StudyAnalyzer):
 
     def analyse(self, studies: Sequence[StudyInput]) -> list[StudyAnalysis | Exception]:
         """One result per study, in order: its analysis or the exception that stopped it."""
+        results, work, probs = self._classify(studies)
+
+        # 3. findings, Grad-CAM for Model 2's positive findings
+        for w in work:
+            try:
+                results[w.index] = self._finish(w, probs["model1"][id(w)], probs["model2"][id(w)])
+            except Exception as exc:  # noqa: BLE001
+                log.warning(
+                    "study %s: analysis failed: %s: %s", w.study.key, type(exc).__name__, exc
+                )
+                results[w.index] = exc
+        return [r if r is not None else RuntimeError("study was not analysed") for r in results]
+
+    def findings(
+        self, studies: Sequence[StudyInput]
+    ) -> list[tuple[Finding, list[Finding]] | Exception]:
+        """Model 1's and Model 2's findings per study (reconciled, as :meth:`analyse` reports
+        them) without Grad-CAM: the path ``cxr-worker evaluate`` scores, so evaluation and
+        serving share decoding, lung mask, crop, resize, normalisation and calibration."""
+        results, work, probs = self._classify(studies)
+        out: list[tuple[Finding, list[Finding]] | Exception] = []
+        done = {w.index: w for w in work}
+        for i, r in enumerate(results):
+            if i in done:
+                w = done[i]
+                out.append(self._findings(probs["model1"][id(w)], probs["model2"][id(w)]))
+            else:
+                out.append(r if isinstance(r, Exception) else RuntimeError("not analysed"))
+        return out
+
+    def _classify(
+        self, studies: Sequence[StudyInput]
+    ) -> tuple[
+        list[StudyAnalysis | Exception | None], list[_Work], dict[str, dict[int, np.ndarray]]
+    ]:
+        """Steps 1-2: validate, lung mask + crop, Model 2 and Model 1 probabilities."""
         results: list[StudyAnalysis | Exception | None] = [None] * len(studies)
         work: list[_Work] = []
         for i, s in enumerate(studies):
@@ -183,24 +220,22 @@ class Analyzer(StudyAnalyzer):
             w.timings["lung_mask"] = round(ms, 1)
         work = [w for w in work if self._check_crop(w, fail)]
 
-        # 2. Model 1 and Model 2 on the batch
+        # 2. Model 2 and Model 1 on the batch (a Model 1 derived from this Model 2 is computed
+        # from Model 2's probabilities: one network, one decision)
         probs: dict[str, dict[int, np.ndarray]] = {}
-        for name, model in (("model1", self.model1), ("model2", self.model2)):
+        for name, model in (("model2", self.model2), ("model1", self.model1)):
             t0 = time.perf_counter()
-            out = self._batched(work, partial(self._predict, model), fail)
+            if isinstance(model, DerivedModel1) and model.source is self.model2:
+                m2 = probs["model2"]
+                out = {k: model.from_model2(v[None])[0] for k, v in m2.items()}
+            else:
+                out = self._batched(work, partial(self._predict, model), fail)
             ms = _ms(t0) / max(len(work), 1)
             probs[name] = out
             work = [w for w in work if results[w.index] is None]
             for w in work:
                 w.timings[name] = round(ms, 1)
-
-        # 3. findings, Grad-CAM for Model 2's positive findings
-        for w in work:
-            try:
-                results[w.index] = self._finish(w, probs["model1"][id(w)], probs["model2"][id(w)])
-            except Exception as exc:  # noqa: BLE001
-                fail(w, exc)
-        return [r if r is not None else RuntimeError("study was not analysed") for r in results]
+        return results, work, probs
 
     def _predict(self, model: ClassifierLike, ws: list[_Work]) -> list[np.ndarray]:
         """One model's probabilities for a batch, one row per study."""
@@ -262,8 +297,7 @@ class Analyzer(StudyAnalyzer):
                 fail(w, exc)
         return res
 
-    def _finish(self, w: _Work, p1: np.ndarray, p2: np.ndarray) -> StudyAnalysis:
-        assert w.mask is not None and w.crop is not None
+    def _findings(self, p1: np.ndarray, p2: np.ndarray) -> tuple[Finding, list[Finding]]:
         c1 = self.model1.card
         model1 = Finding(
             label=c1.labels[0], probability=float(p1[0]), threshold=c1.threshold(c1.labels[0])
@@ -281,6 +315,11 @@ class Analyzer(StudyAnalyzer):
             )
             for lab, p in zip(c2.labels, p2, strict=True)
         ]
+        return reconcile(model1, model2)
+
+    def _finish(self, w: _Work, p1: np.ndarray, p2: np.ndarray) -> StudyAnalysis:
+        assert w.mask is not None and w.crop is not None
+        model1, model2 = self._findings(p1, p2)
         positives = [f.label for f in model2 if f.present and f.label not in self.heatmap_exclude]
         heatmaps: dict[str, np.ndarray] = {}
         if positives:
@@ -305,4 +344,34 @@ class Analyzer(StudyAnalyzer):
             ),
             heatmaps=heatmaps,
             timings_ms=dict(w.timings),
+            ctr=measure_ctr(w.mask, w.study.projection),
         )
+
+
+def reconcile(model1: Finding, model2: list[Finding]) -> tuple[Finding, list[Finding]]:
+    """Model 1 and Model 2's "No Finding" are one decision (the consistency rule).
+
+    Model 2's "No Finding" is reported as the complement of Model 1: probability
+    1 - P(Abnormal), threshold 1 - t(Abnormal), and it is Present exactly when Model 1 is not
+    Abnormal (at the boundary the No Finding threshold is moved by one float step so that the two
+    never both hold or both fail). With the shipped cards Model 1 *is* 1 - P(No Finding) of
+    Model 2 (:class:`models.classifiers.DerivedModel1`), so this only settles rounding; with a
+    separately trained Model 1 it makes Model 1 the authority. A Model 2 without "No Finding" is
+    returned unchanged."""
+    labels = [f.label for f in model2]
+    if NO_FINDING not in labels:
+        return model1, model2
+    p = float(np.float32(1.0) - np.float32(model1.probability))
+    t = float(np.float32(1.0) - np.float32(model1.threshold))
+    normal = not model1.present
+    if (p >= t) != normal:
+        t = float(np.nextafter(np.float32(p), np.float32(-1 if normal else 2)))
+    j = labels.index(NO_FINDING)
+    nf = Finding(
+        label=NO_FINDING,
+        probability=p,
+        threshold=t,
+        threshold_validated=model2[j].threshold_validated and model1.threshold_validated,
+    )
+    assert nf.present == normal
+    return model1, [*model2[:j], nf, *model2[j + 1 :]]

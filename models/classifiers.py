@@ -1,5 +1,5 @@
-"""Model 1 and Model 2: DenseNet-121 (torchvision, as in CheXNet) on the frontal and optional
-lateral.
+"""Model 1 and Model 2: a torchvision DenseNet (DenseNet-121 by default, as in CheXNet; the card
+sets growth rate, blocks and stem width) on the frontal and optional lateral.
 
 One backbone is shared by both views (the weights stay ~14 MB in float16 per model). Each view is
 pooled to a 1024-d feature; the lateral slot holds either the lateral's features plus a learned
@@ -24,11 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import DenseNet
 
-from models.registry import ModelCard, ModelLoadError, load_state, load_weights
+from models.registry import ModelCard, ModelLoadError, load_state, load_weights, read_card
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURE = "densenet121-shared-backbone-late-fusion"
+ARCHITECTURE = "densenet-shared-backbone-late-fusion"
+#: identifiers earlier cards used for the same code path (then always DenseNet-121 sized)
+ARCHITECTURE_ALIASES = (ARCHITECTURE, "densenet121-shared-backbone-late-fusion")
 DENSENET121 = {"growth_rate": 32, "block_config": [6, 12, 24, 16], "num_init_features": 64}
 
 
@@ -121,7 +123,7 @@ def arch_kwargs(card: ModelCard) -> dict[str, Any]:
 
 def build_classifier(card: ModelCard) -> MultiViewClassifier:
     """An untrained network shaped as ``card`` describes."""
-    if card.architecture != ARCHITECTURE:
+    if card.architecture not in ARCHITECTURE_ALIASES:
         raise ModelLoadError(
             f"model card {card.name}: architecture {card.architecture!r} is not {ARCHITECTURE!r}; "
             f"this card is for a different network"
@@ -129,10 +131,23 @@ def build_classifier(card: ModelCard) -> MultiViewClassifier:
     return MultiViewClassifier(len(card.labels), **arch_kwargs(card))
 
 
+def derived_from(card: ModelCard) -> str | None:
+    """The card file (relative to this card's folder) whose network this card is derived from,
+    or None for a card with its own network (see :class:`DerivedModel1`)."""
+    d = card.hyperparameters.get("derived_from")
+    return str(d["card"]) if isinstance(d, dict) and "card" in d else None
+
+
 def load_classifier(
     card_path: Path, device: torch.device | str = "cpu"
 ) -> tuple[ModelCard, MultiViewClassifier]:
-    """Load a classifier from its card (SHA-256 checked), in eval mode on ``device``."""
+    """Load a classifier from its card (SHA-256 checked), in eval mode on ``device``.
+
+    A derived card (Model 1 = 1 - P(No Finding) of Model 2) has no network of its own: the
+    card and network it is derived from are returned."""
+    src = derived_from(read_card(Path(card_path)))
+    if src is not None:
+        card_path = Path(card_path).parent / src
     card, state = load_weights(Path(card_path))
     model = build_classifier(card)
     load_state(model, state, card_path)
@@ -154,6 +169,26 @@ def to_tensor(images: list[np.ndarray], card: ModelCard) -> torch.Tensor:
     arr = np.stack([resize_square(im, size) for im in images])[:, None]
     t = torch.from_numpy(arr)
     return (t - card.normalisation.mean) / card.normalisation.std
+
+
+def calibration_params(card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label Platt scaling ``(a, b)`` of the card (``sigmoid(a * logit + b)``); identity
+    (a = 1, b = 0) for labels the card does not calibrate."""
+    params = card.hyperparameters.get("calibration", {}).get("params", {})
+    a = np.ones(len(card.labels), dtype=np.float32)
+    b = np.zeros(len(card.labels), dtype=np.float32)
+    for j, lab in enumerate(card.labels):
+        if lab in params:
+            a[j], b[j] = float(params[lab][0]), float(params[lab][1])
+    return a, b
+
+
+def calibrated(logits: torch.Tensor, card: ModelCard) -> np.ndarray:
+    """Calibrated probabilities (studies x labels) from raw logits, as the card says."""
+    a, b = calibration_params(card)
+    z = logits.float().cpu().numpy() * a + b
+    out: np.ndarray = (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+    return out
 
 
 def validate_image(image: np.ndarray, what: str) -> np.ndarray:
@@ -219,7 +254,7 @@ class Classifier:
         f, lat, present = self._inputs(frontals, laterals)
         with autocast(self.device):
             logits = self.net(f, lat, present)
-        return torch.sigmoid(logits.float()).cpu().numpy()
+        return calibrated(logits, self.card)
 
     def heatmaps(
         self, frontal: np.ndarray, lateral: np.ndarray | None, labels: list[str]
@@ -232,3 +267,76 @@ class Classifier:
             self.net.feature_map, lambda fm: self.net.fuse(self.net.pool(fm), lat, present), f, idx
         )
         return dict(zip(labels, cams, strict=True))
+
+
+NO_FINDING = "No Finding"
+
+
+class DerivedModel1:
+    """Model 1 derived from Model 2: P(Abnormal) = 1 - P(No Finding), both calibrated, from the
+    one network; its threshold is 1 - Model 2's No Finding threshold, so the two decisions are
+    one decision (:func:`models.analyzer.reconcile` keeps them equal at the boundary).
+
+    Its card names the Model 2 card (``hyperparameters.derived_from.card``) and carries the same
+    weights file and SHA-256."""
+
+    def __init__(self, card: ModelCard, source: Classifier) -> None:
+        if NO_FINDING not in source.card.labels:
+            raise ModelLoadError(
+                f"Model 1 card {card.name} is derived from {source.card.name}, which has no "
+                f"'{NO_FINDING}' output"
+            )
+        if card.sha256 != source.card.sha256:
+            raise ModelLoadError(
+                f"Model 1 card {card.name} is derived from weights {card.sha256[:12]}, but the "
+                f"loaded Model 2 {source.card.name} has {source.card.sha256[:12]}: install the "
+                f"matching model1.json and model2.json together"
+            )
+        self.card = card
+        self.source = source
+        self.uses_lateral = source.uses_lateral
+        self.index = source.card.labels.index(NO_FINDING)
+
+    @classmethod
+    def from_card(
+        cls, card_path: Path, source: Classifier | None = None, device: torch.device | str = "cpu"
+    ) -> DerivedModel1:
+        card = read_card(Path(card_path))
+        src = derived_from(card)
+        if src is None:
+            raise ModelLoadError(f"model card {card_path} is not derived from another card")
+        if source is None:
+            source = Classifier.from_card(Path(card_path).parent / src, device)
+        return cls(card, source)
+
+    def from_model2(self, p2: np.ndarray) -> np.ndarray:
+        """Model 1's probabilities (studies x 1) from Model 2's (studies x labels)."""
+        out: np.ndarray = (1.0 - np.asarray(p2, dtype=np.float32)[:, [self.index]]).astype(
+            np.float32
+        )
+        return out
+
+    def predict(self, frontals: list[np.ndarray], laterals: list[np.ndarray | None]) -> np.ndarray:
+        return self.from_model2(self.source.predict(frontals, laterals))
+
+    def heatmaps(
+        self, frontal: np.ndarray, lateral: np.ndarray | None, labels: list[str]
+    ) -> dict[str, np.ndarray]:
+        cams = self.source.heatmaps(frontal, lateral, [NO_FINDING])
+        return {lab: cams[NO_FINDING] for lab in labels}
+
+
+def load_model1(
+    card_path: Path, model2: object, device: torch.device | str = "cpu"
+) -> Classifier | DerivedModel1:
+    """Model 1 from its card: derived from ``model2`` (a :class:`Classifier`) when the card says
+    so, else its own network."""
+    card = read_card(Path(card_path))
+    if derived_from(card) is None:
+        return Classifier.from_card(Path(card_path), device)
+    if not isinstance(model2, Classifier):
+        raise ModelLoadError(
+            f"Model 1 card {card_path} is derived from a Model 2 card, but Model 2 is "
+            f"{type(model2).__name__}: use the Model 1 card that matches the configured Model 2"
+        )
+    return DerivedModel1(card, model2)

@@ -49,10 +49,25 @@ def train_lungmask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         type=Path,
+        action="append",
         required=True,
-        help="dataset folder (CXR_png/ + masks/, Montgomery ManualMask/, or flat)",
+        help="dataset folder (CXR_png/ + masks/, Montgomery ManualMask/, OpenIST labels.csv + "
+        "<ID>.jpg/<ID>_mask.png, or flat); repeat for several sites (each split on its own)",
     )
     p.add_argument("--out", type=Path, default=LUNG_MASK_CARD, help="model card path to write")
+    p.add_argument(
+        "--tune-fraction",
+        type=float,
+        default=0.1,
+        help="fraction of each site's non-test cases used to pick the best epoch",
+    )
+    p.add_argument("--init-from", type=Path, metavar="CARD", help="fine-tune this generator")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="checkpoint written after every epoch (default var/train/<out stem>.ckpt)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--ngf", type=int, default=16, help="generator width")
@@ -89,7 +104,7 @@ def train_lungmask_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def train_classifier_arguments(p: argparse.ArgumentParser) -> None:
-    """``train classifier``: see :mod:`models.training.train_classifier`."""
+    """``train classifier``: see :mod:`models.training.train_model2`."""
     p.add_argument("--model", choices=["model1", "model2"], required=True)
     p.add_argument(
         "--chexpert",
@@ -109,6 +124,7 @@ def train_classifier_arguments(p: argparse.ArgumentParser) -> None:
         metavar="CSV:DIR[:TEMPLATE]",
         help="plain folder + label CSV (see models/training/datasets/folder.py); repeatable",
     )
+    _more_sources(p)
     p.add_argument("--uncertainty", choices=POLICIES, default="lsr-ones")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--image-size", type=int, default=224)
@@ -140,6 +156,59 @@ def train_classifier_arguments(p: argparse.ArgumentParser) -> None:
         "(e.g. Model 1 from Model 2: transfer from the 14 observations)",
     )
     p.add_argument("--tiny", action="store_true", help="a tiny DenseNet (tests and smoke runs)")
+    _model2_options(p)
+
+
+def _more_sources(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nih",
+        action="append",
+        metavar="CSV",
+        help="NIH ChestX-ray14 labels (Data_Entry_2017.csv or labels.csv); repeatable",
+    )
+    p.add_argument(
+        "--covid",
+        action="append",
+        metavar="CSV|DIR",
+        help="COVID-19 image data collection metadata.csv (or its folder); repeatable",
+    )
+
+
+def _model2_options(p: argparse.ArgumentParser) -> None:
+    """Options of the three-way Model 2 run (models.training.train_model2)."""
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.0,
+        help="model2: patients held out as the reported test split (> 0 selects the calibrated "
+        "three-way run; --val-fraction is then the calibration/threshold split)",
+    )
+    p.add_argument(
+        "--chexpert-test",
+        action="append",
+        metavar="DIR",
+        help="CheXpert folders whose test_labels.csv/valid.csv studies are only measured",
+    )
+    p.add_argument("--model1-out", type=Path, help="write the derived Model 1 card here")
+    p.add_argument("--growth-rate", type=int, default=16)
+    p.add_argument("--block-config", default="4,8,12,8", help="DenseNet layers per block")
+    p.add_argument("--init-features", type=int, default=32)
+    p.add_argument("--gamma", type=float, default=0.3, help="gamma jitter strength (0 = off)")
+    p.add_argument(
+        "--specificity",
+        type=float,
+        default=0.9,
+        help="operating point: pathology thresholds at this specificity on validation negatives",
+    )
+    p.add_argument("--no-calibration", action="store_true")
+    p.add_argument("--max-train-studies", type=int, default=0, help="subsample training studies")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this many minutes")
+    p.add_argument("--cache", type=Path, help="image cache file (.npz), built once and reused")
+    p.add_argument(
+        "--crop-boxes", type=Path, help="lung crop boxes file (.json), reused across sizes"
+    )
+    p.add_argument("--checkpoint", type=Path, help="checkpoint file: saved each epoch, resumed")
+    p.add_argument("--log-file", type=Path, help="also log progress to this file")
 
 
 def train_view_arguments(p: argparse.ArgumentParser) -> None:
@@ -152,6 +221,21 @@ def train_view_arguments(p: argparse.ArgumentParser) -> None:
         help="CheXpert folders whose test_labels.csv images are only evaluated",
     )
     p.add_argument("--folder", action="append", metavar="CSV:DIR[:TEMPLATE]")
+    p.add_argument(
+        "--covid", action="append", metavar="CSV", help="COVID-19 collection metadata.csv"
+    )
+    p.add_argument("--nih", action="append", metavar="CSV", help="NIH labels.csv (frontals)")
+    p.add_argument(
+        "--max-patients-per-source",
+        type=int,
+        default=0,
+        help="cap the patients of each source without laterals (0 = all)",
+    )
+    p.add_argument("--init-from", type=Path, metavar="CARD", help="fine-tune this view card")
+    p.add_argument(
+        "--crop-boxes", type=Path, help="lung crop boxes file (.json), reused across sizes"
+    )
+    p.add_argument("--checkpoint", type=Path, help="checkpoint file: saved each epoch, resumed")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--width", type=int, default=16)
@@ -183,6 +267,12 @@ def evaluate_lungmask_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--margin", type=float, default=0.05, help="crop margin (fraction)")
     _run_options(p, threads=0)
     p.add_argument("--grid", type=int, default=16, help="images in the overlay grid (0 = none)")
+    p.add_argument(
+        "--qc-calibration",
+        action="store_true",
+        help="print the range of each mask-quality feature over the ground-truth masks of the "
+        "card's training cases (what models.crop.QualityLimits was calibrated on) and exit",
+    )
 
 
 def evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -201,10 +291,48 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--split", help="split file (default: beside the card)")
     p.add_argument("--frontal-only", action="store_true", help="ignore laterals (classifier)")
+    _more_sources(p)
+    p.add_argument(
+        "--lung-mask",
+        type=Path,
+        metavar="CARD",
+        help="lung-mask card the served path crops with (default: the bundled one)",
+    )
+    p.add_argument("--crop-margin", type=float, default=0.05, help="as models.crop_margin_fraction")
+    p.add_argument(
+        "--probabilities", type=Path, metavar="CSV", help="write per-study probabilities (CSV)"
+    )
+    p.add_argument(
+        "--card-metrics",
+        metavar="NAME",
+        help="also store the report in the card's metrics as served_NAME",
+    )
     _run_options(p, device="cpu", threads=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON report")
     p.add_argument("--roc", type=Path, help="ROC curves PNG (classifier)")
+
+
+def evaluate_ctr_arguments(p: argparse.ArgumentParser) -> None:
+    """``evaluate ctr``: see :mod:`models.training.eval_ctr`."""
+    p.add_argument("--card", type=Path, default=LUNG_MASK_CARD, help="lung-mask model card")
+    p.add_argument(
+        "--chexpert", action="append", metavar="DIR", help="folder with CheXpert-v1.0(-small)/"
+    )
+    p.add_argument(
+        "--nih", action="append", metavar="DIR", help="NIH folder with labels.csv + images/"
+    )
+    p.add_argument(
+        "--held-out",
+        type=Path,
+        metavar="SPLIT",
+        help="keep only the CheXpert studies in this split file's held_out_keys",
+    )
+    p.add_argument("--margin", type=float, default=0.05, help="crop margin (fraction)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--out", type=Path, help="JSON report")
+    p.add_argument("--per-image", type=Path, help="CSV of every image's ratio and label")
+    _run_options(p, threads=0)
 
 
 Arguments = Callable[[argparse.ArgumentParser], None]
@@ -213,13 +341,14 @@ Arguments = Callable[[argparse.ArgumentParser], None]
 COMMANDS: dict[str, dict[str, tuple[Arguments, str]]] = {
     "train": {
         "lungmask": (train_lungmask_arguments, "models.training.train_lungmask"),
-        "classifier": (train_classifier_arguments, "models.training.train_classifier"),
+        "classifier": (train_classifier_arguments, "models.training.train_model2"),
         "viewclassifier": (train_view_arguments, "models.training.train_view"),
     },
     "evaluate": {
         "lungmask": (evaluate_lungmask_arguments, "models.training.eval_lungmask"),
         "classifier": (evaluate_arguments, "models.training.evaluate"),
         "viewclassifier": (evaluate_arguments, "models.training.evaluate"),
+        "ctr": (evaluate_ctr_arguments, "models.training.eval_ctr"),
     },
 }
 

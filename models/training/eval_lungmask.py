@@ -21,12 +21,41 @@ import torch
 
 from models.api import CropBox
 from models.common import select_device, set_threads
+from models.crop import lung_geometry
 from models.lung_mask import LungMasker
 from models.registry import read_card
-from models.training.datasets.masks import find_pairs, read_gray, read_mask, split_ids
+from models.training.datasets.masks import (
+    find_pairs,
+    read_gray,
+    read_mask,
+    resize_mask,
+    split_ids,
+)
 from models.training.metrics import dice_iou
 
 log = logging.getLogger(__name__)
+
+
+def mean_ci(
+    values: list[float], *, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """95% bootstrap CI (2.5/97.5 percentiles) of the mean of ``values``; None when empty."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    return round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)
+
+
+def p05_ci(values: list[float], *, n_boot: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """95% bootstrap CI of the 5th percentile of ``values``; None when empty."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    boots = np.percentile(v[rng.integers(0, v.size, size=(n_boot, v.size))], 5, axis=1)
+    return round(float(np.percentile(boots, 2.5)), 4), round(float(np.percentile(boots, 97.5)), 4)
 
 
 def validation_ids(card_path: Path, ids: list[str]) -> list[str]:
@@ -134,8 +163,41 @@ def evaluate_card(
     return report
 
 
+def qc_feature_ranges(masks: list[np.ndarray], size: int = 256) -> dict[str, list[float]]:
+    """[min, max] of each geometric quality feature (:func:`models.crop.lung_geometry`) over
+    ground-truth masks resized to the network's ``size``: what the limits in
+    :class:`models.crop.QualityLimits` were calibrated on."""
+    feats: dict[str, list[float]] = {}
+    for m in masks:
+        g = lung_geometry(resize_mask(m, size))
+        if g is None:
+            continue
+        row = {
+            "lung_height": min(g.height_a, g.height_b),
+            "lung_height_max": max(g.height_a, g.height_b),
+            "lung_width": min(g.width_a, g.width_b),
+            "lung_width_max": max(g.width_a, g.width_b),
+            "height_ratio": g.height_ratio,
+            "width_ratio": g.width_ratio,
+            "apex_offset": abs(g.edge_gaps["top"][0] - g.edge_gaps["top"][1]),
+            "cardiac_gap": g.cardiac_gap,
+            "midline_crossing": g.midline_crossing,
+            "border_contact": max(g.border_contact.values()),
+            "top_gap": min(g.edge_gaps["top"]),
+        }
+        for k, v in row.items():
+            feats.setdefault(k, []).append(float(v))
+    return {k: [round(min(v), 4), round(max(v), 4)] for k, v in feats.items()}
+
+
 def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
+    if args.qc_calibration:
+        pairs = find_pairs(args.data)
+        test = set(validation_ids(args.card, [p.id for p in pairs]))
+        masks = [read_mask(p) for p in pairs if p.id not in test]
+        print(json.dumps({"masks": len(masks)} | qc_feature_ranges(masks), indent=2))
+        return 0
     device = select_device(args.device)
     ids = [p.id for p in find_pairs(args.data)] if args.all else None
     report = evaluate_card(

@@ -15,24 +15,28 @@ tens of studies they are wide, and the report says how many positives and negati
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 
-from models.classifiers import load_classifier
+from models.analyzer import Analyzer
+from models.api import StudyInput
+from models.classifiers import NO_FINDING, Classifier, DerivedModel1, derived_from
 from models.common import set_threads
 from models.labels import MODEL1_LABELS
-from models.registry import read_card
+from models.registry import ModelLoadError, read_card
+from models.training.calibration import per_source, report
 from models.training.datasets.chexpert import StudyRecord, load_image
 from models.training.datasets.sources import as_items, read_studies, read_view_images
-from models.training.images import ImageCache
-from models.training.metrics import auroc_report, per_source_auroc, rounded
-from models.training.studies import StudyDataset, predict, record_raw
+from models.training.metrics import rounded
+from models.training.studies import record_raw
 from models.view_classifier import ARCHITECTURE as VIEW_ARCHITECTURE
 from models.view_classifier import ViewClassifier
 
@@ -67,6 +71,84 @@ def roc_figure(
     plt.close(fig)
 
 
+def served_analyzer(
+    card_path: Path, *, lung_mask: Path, margin: float, device: str = "cpu"
+) -> tuple[Analyzer, str]:
+    """The Analyzer that serves ``card_path`` (with its Model 1 / Model 2 partner) and which of
+    its outputs the card is: ``model1`` or ``model2``."""
+    from models.lung_mask import LungMasker
+
+    dev = torch.device(device)
+    card = read_card(card_path)
+    masker = LungMasker.from_card(lung_mask, dev)
+    src = derived_from(card)
+    if src is not None:
+        model2 = Classifier.from_card(card_path.parent / src, dev)
+        return Analyzer(masker, DerivedModel1(card, model2), model2, None, margin=margin), "model1"
+    model = Classifier.from_card(card_path, dev)
+    if card.labels == list(MODEL1_LABELS):  # a Model 1 with its own network
+        return Analyzer(masker, model, model, None, margin=margin), "model1"
+    if NO_FINDING not in card.labels:
+        raise ValueError(f"{card_path}: a Model 2 card without '{NO_FINDING}' cannot be served")
+    t_nf = card.threshold(NO_FINDING)
+    card1 = card.model_copy(
+        update={
+            "name": "model1",
+            "labels": list(MODEL1_LABELS),
+            "thresholds": {"Abnormal": 1 - t_nf},
+        }
+    )
+    return Analyzer(masker, DerivedModel1(card1, model), model, None, margin=margin), "model2"
+
+
+def served_probabilities(
+    analyzer: Analyzer, records: Sequence[StudyRecord], *, batch_size: int = 8
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Model 1 (studies,) and Model 2 (studies x labels) probabilities exactly as the service
+    reports them (:meth:`models.analyzer.Analyzer.findings`), and the keys of studies that
+    failed (their rows are NaN)."""
+    n2 = len(analyzer.model2.card.labels)
+    p1 = np.full(len(records), np.nan, dtype=np.float32)
+    p2 = np.full((len(records), n2), np.nan, dtype=np.float32)
+    failed: list[str] = []
+    for s in range(0, len(records), batch_size):
+        batch = records[s : s + batch_size]
+        studies = [
+            StudyInput(
+                key=r.key,
+                frontal=load_image(r.frontal),
+                lateral=load_image(r.lateral) if r.lateral is not None else None,
+            )
+            for r in batch
+        ]
+        for i, res in enumerate(analyzer.findings(studies)):
+            if isinstance(res, Exception):
+                failed.append(batch[i].key)
+                continue
+            m1, m2 = res
+            p1[s + i] = m1.probability
+            p2[s + i] = [f.probability for f in m2]
+        if (s // batch_size) % 25 == 0:
+            log.info("evaluated %d/%d studies", min(s + batch_size, len(records)), len(records))
+    return p1, p2, failed
+
+
+def write_probabilities(
+    path: Path,
+    records: Sequence[StudyRecord],
+    labels: Sequence[str],
+    p1: np.ndarray,
+    p2: np.ndarray,
+) -> None:
+    """Per-study probabilities as CSV: key, source, Model 1's Abnormal, then Model 2's labels."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", "source", "Abnormal", *labels])
+        for r, a, row in zip(records, p1, p2, strict=True):
+            w.writerow([r.key, r.source, f"{a:.6f}", *(f"{v:.6f}" for v in row)])
+
+
 def evaluate_classifier(
     card_path: Path,
     records: Sequence[StudyRecord],
@@ -76,41 +158,64 @@ def evaluate_classifier(
     seed: int = 0,
     roc_png: Path | None = None,
     use_lateral: bool = True,
+    lung_mask: Path | None = None,
+    margin: float = 0.05,
+    probabilities: Path | None = None,
 ) -> dict[str, Any]:
-    card, model = load_classifier(card_path, device)
-    kind = "model1" if card.labels == list(MODEL1_LABELS) else "model2"
+    """Score a Model 1 or Model 2 card through the serving path: each study's images are
+    decoded, masked, cropped, resized, normalised and calibrated by :class:`Analyzer`, as the
+    worker does."""
+    from models.config import BUNDLED_WEIGHTS
+
+    analyzer, kind = served_analyzer(
+        card_path,
+        lung_mask=lung_mask or BUNDLED_WEIGHTS / "lung_mask.json",
+        margin=margin,
+        device=device,
+    )
+    card = read_card(card_path)
     recs = [r for r in records if not np.all(np.isnan(record_raw(r, kind)))]
     if not recs:
         raise ValueError("no labelled studies to evaluate")
-    ds = StudyDataset(recs, kind, "u-ignore", ImageCache(card.input_size), card.normalisation, seed)
-    probs = predict(model, ds, torch.device(device), batch_size, use_lateral=use_lateral)
+    if not use_lateral:
+        recs = [replace(r, lateral=None) for r in recs]
+    p1, p2, failed = served_probabilities(analyzer, recs, batch_size=batch_size)
+    labels2 = analyzer.model2.card.labels
+    if probabilities is not None:
+        write_probabilities(probabilities, recs, labels2, p1, p2)
+    ok = ~np.isnan(p1)
+    recs = [r for r, k in zip(recs, ok, strict=True) if k]
+    p1, p2 = p1[ok], p2[ok]
+    labels = card.labels
     raw = np.stack([record_raw(r, kind) for r in recs])
-    rep = auroc_report(card.labels, raw, probs, seed=seed)
-    acc = {}
-    for j, lab in enumerate(card.labels):
-        keep = (raw[:, j] == 0) | (raw[:, j] == 1)
-        if keep.any():
-            pred = probs[keep, j] >= card.threshold(lab)
-            acc[lab] = rounded(float(np.mean(pred == raw[keep, j].astype(bool))))
+    probs = p1[:, None] if kind == "model1" else p2
+    thresholds = {lab: card.threshold(lab) for lab in labels}
+    rep = report(labels, raw, probs, thresholds, seed=seed)
+    if kind == "model1" and analyzer.model2.card.labels != labels:
+        full = np.stack([r.raw for r in recs])
+        m2 = report(labels2, full, p2, analyzer.model2.card.thresholds, seed=seed)
+        rep["present_on_no_finding"] = m2.get("present_on_no_finding")
     rep.update(
         {
             "model": card.name,
             "version": card.version,
             "sha256": card.sha256,
+            "served_through": "models.analyzer.Analyzer.findings (lung mask, crop, resize, "
+            f"normalisation, calibration); lung mask {analyzer.masker.card.name} "
+            f"{analyzer.masker.card.version} sha256 {analyzer.masker.card.sha256[:12]}",
             "studies": len(recs),
+            "failed": len(failed),
             "with_lateral": sum(r.lateral is not None for r in recs),
             "used_lateral": use_lateral,
-            "accuracy_at_card_thresholds": acc,
             "sources": sorted({r.source for r in recs}),
         }
     )
-    per_source = per_source_auroc(card.labels, raw, probs, [r.source for r in recs], seed=seed)
-    if per_source is not None:
-        rep["per_source"] = per_source
-    if roc_png is not None:
-        roc_figure(
-            card.labels, raw, probs, roc_png, f"{card.name} {card.version} ({len(recs)} studies)"
+    if len({r.source for r in recs}) > 1:
+        rep["per_source"] = per_source(
+            labels, raw, probs, thresholds, [r.source for r in recs], seed=seed
         )
+    if roc_png is not None:
+        roc_figure(labels, raw, probs, roc_png, f"{card.name} {card.version} ({len(recs)} studies)")
     return rep
 
 
@@ -161,6 +266,8 @@ def _records(args: argparse.Namespace) -> list[StudyRecord]:
         chexpert_test=args.chexpert_test or [],
         chexpert=args.chexpert or [],
         mimic=args.mimic or [],
+        nih=args.nih or [],
+        covid=args.covid or [],
         folder=args.folder or [],
     )
     return _held_out(args, recs, "held_out_keys", lambda r: r.key)
@@ -189,7 +296,22 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             roc_png=args.roc,
             use_lateral=not args.frontal_only,
+            lung_mask=args.lung_mask,
+            margin=args.crop_margin,
+            probabilities=args.probabilities,
         )
+        if args.card_metrics:
+            key = f"served_{args.card_metrics}"
+            record_in_card(args.card, key, rep)
+            for sibling in sorted(Path(args.card).parent.glob("*.json")):
+                if sibling.name.endswith(".split.json") or sibling == Path(args.card):
+                    continue
+                try:
+                    if derived_from(read_card(sibling)) == Path(args.card).name and "model1" in rep:
+                        keep = ("model1", "present_on_no_finding", "studies", "served_through")
+                        record_in_card(sibling, key, {k: rep[k] for k in keep if k in rep})
+                except ModelLoadError:  # other JSON files beside the cards
+                    continue
     else:
         rep = evaluate_view(args.card, _view_images(args), device=args.device)
     text = json.dumps(rep, indent=2)
@@ -198,3 +320,11 @@ def run(args: argparse.Namespace) -> int:
         args.out.write_text(text + "\n", encoding="utf-8")
     print(text)  # CLI entry point: the report is the output
     return 0
+
+
+def record_in_card(card_path: Path, key: str, rep: dict[str, Any]) -> None:
+    """Store ``rep`` under ``metrics[key]`` of the card (the weights and their hash are not
+    touched)."""
+    data = json.loads(card_path.read_text(encoding="utf-8"))
+    data.setdefault("metrics", {})[key] = rep
+    card_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -84,6 +84,20 @@ def predict(
     use_lateral: bool = True,
 ) -> np.ndarray:
     """Sigmoid probabilities (studies x labels) of ``model`` on every study of ``ds``, in order."""
+    logits = predict_logits(model, ds, device, batch_size, use_lateral)
+    out: np.ndarray = 1.0 / (1.0 + np.exp(-logits))
+    return out
+
+
+@torch.no_grad()
+def predict_logits(
+    model: MultiViewClassifier,
+    ds: StudyDataset,
+    device: torch.device,
+    batch_size: int,
+    use_lateral: bool = True,
+) -> np.ndarray:
+    """Raw logits (studies x labels) of ``model`` on every study of ``ds``, in order."""
     model.eval()
     out = []
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
@@ -94,5 +108,5 @@ def predict(
                 lat.to(device) if use_lateral else None,
                 p.to(device) if use_lateral else None,
             )
-        out.append(torch.sigmoid(logits.float()).cpu().numpy())
+        out.append(logits.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)

@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,8 +59,16 @@ def train_loop(
     lateral_dropout: float = 0.3,
     do_augment: bool = True,
     progress: bool = True,
+    gamma: float = 0.0,
+    checkpoint: Path | None = None,
+    max_minutes: float = 0.0,
 ) -> list[float]:
-    """Train in place; returns the mean loss of each epoch."""
+    """Train in place; returns the mean loss of each epoch.
+
+    With ``checkpoint``, the model, optimiser, schedule and random state are saved after every
+    epoch and a run started again with the same file resumes after the last finished epoch.
+    ``max_minutes`` > 0 stops after the first epoch that ends past that much training time (the
+    schedule is not shortened: set ``epochs`` to what fits)."""
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         ds,
@@ -72,14 +81,27 @@ def train_loop(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = max(1, epochs * len(loader))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    losses = []
-    for epoch in range(epochs):
+    losses: list[float] = []
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        gen.set_state(ck["gen"])
+        start, losses = int(ck["epoch"]), list(ck["losses"])
+        log.info("resumed from %s after epoch %d", checkpoint, start)
+    t_start = time.time()
+    for epoch in range(start, epochs):
+        t_epoch = time.time()
         model.train()
         total, n = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for f, lat, p, t, m in bar:
             if do_augment:
-                f, lat = augment(f, gen), augment(lat, gen)
+                norm = ds.norm
+                f = augment(f, gen, gamma=gamma, norm=norm)
+                lat = augment(lat, gen, gamma=gamma, norm=norm)
             if lateral_dropout > 0:
                 p = p & (torch.rand(p.shape[0], generator=gen) >= lateral_dropout)
             f, lat, p, t, m = (x.to(device) for x in (f, lat, p, t, m))
@@ -94,7 +116,33 @@ def train_loop(
             n += f.shape[0]
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         losses.append(total / max(n, 1))
-        log.info("epoch %d/%d: mean loss %.4f", epoch + 1, epochs, losses[-1])
+        log.info(
+            "epoch %d/%d: mean loss %.4f (%.0f s)",
+            epoch + 1,
+            epochs,
+            losses[-1],
+            time.time() - t_epoch,
+        )
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "gen": gen.get_state(),
+                    "epoch": epoch + 1,
+                    "losses": losses,
+                },
+                tmp,
+            )
+            tmp.replace(checkpoint)
+        if max_minutes > 0 and (time.time() - t_start) > max_minutes * 60:
+            log.warning(
+                "stopping after epoch %d: --max-minutes %.0f reached", epoch + 1, max_minutes
+            )
+            break
     return losses
 
 
@@ -129,6 +177,9 @@ def held_out_metrics(
 
 
 def run(args: argparse.Namespace) -> int:
+    """The two-way (train / held-out) run of one card: Model 1 on its own, or Model 2 without a
+    test split (``--test-fraction 0``); ``cxr-worker train classifier`` reaches it through
+    :func:`models.training.train_model2.run`."""
     t0 = time.time()
     set_threads(args.threads)
     seed_everything(args.seed)
@@ -138,7 +189,11 @@ def run(args: argparse.Namespace) -> int:
     # Model 2 trained with the same seed hold out the same patients of a shared source (Model 1
     # initialised from Model 2 must not be evaluated on Model 2's training patients)
     everything = read_studies(
-        chexpert=args.chexpert or [], mimic=args.mimic or [], folder=args.folder or []
+        chexpert=args.chexpert or [],
+        mimic=args.mimic or [],
+        nih=args.nih or [],
+        covid=args.covid or [],
+        folder=args.folder or [],
     )
     if not everything:
         raise SystemExit("no training data: give --chexpert, --mimic or --folder")

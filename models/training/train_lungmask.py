@@ -1,4 +1,12 @@
-"""Train the Pix2Pix lung-mask generator: ``cxr-worker train lungmask --data DIR``.
+"""Train the Pix2Pix lung-mask generator: ``cxr-worker train lungmask --data DIR [--data DIR2]``.
+
+Several sites (``--data`` repeated, e.g. JSRT and OpenIST) are split **per site** and by case
+(each JSRT/OpenIST case is one patient's film): ``split_ids(site IDs, val_fraction, seed)`` holds
+out the test cases of each site (reported, never used for choosing anything); the rest is split
+again with ``--tune-fraction`` into training and a tuning set whose mean per-site Dice picks the
+best epoch. ``--init-from CARD`` fine-tunes from an earlier generator; a checkpoint (generator,
+discriminator, optimisers, epoch, history) is written after every epoch and ``--resume`` continues
+a stopped run from it.
 
 Loss (generator) = conditional GAN loss + ``lambda_l1`` * L1 (Isola et al.; L1 in Pix2Pix's [-1, 1]
 range) + ``lambda_seg`` * (BCE + soft Dice). The segmentation term is our addition: with a few
@@ -13,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,9 +35,15 @@ from tqdm import tqdm
 
 from models.common import autocast, seed_everything, select_device, set_threads
 from models.pix2pix import PatchDiscriminator, UNetGenerator, init_weights, to_gan_range
-from models.registry import ModelCard, Normalisation, read_card, save_model
-from models.training.datasets.masks import Augment, LungMaskDataset, find_pairs, split_ids
-from models.training.eval_lungmask import evaluate_card
+from models.registry import ModelCard, Normalisation, load_weights, read_card, save_model, to_float
+from models.training.datasets.masks import (
+    Augment,
+    LungMaskDataset,
+    MaskPair,
+    find_pairs,
+    split_ids,
+)
+from models.training.eval_lungmask import evaluate_card, mean_ci, p05_ci
 from models.training.metrics import batch_dice
 from models.training.runs import new_card
 
@@ -109,14 +125,32 @@ def validate(
     return float(np.mean(dices)) if dices else float("nan")
 
 
+def site_split(
+    ids: list[str], val_fraction: float, tune_fraction: float, seed: int
+) -> dict[str, list[str]]:
+    """One site's ``train`` / ``tune`` / ``test`` IDs. ``test`` is ``split_ids(ids, val_fraction,
+    seed)``'s held-out part, the same cases as the single-site card's validation split (and what
+    ``cxr-worker evaluate lungmask`` recomputes from the card)."""
+    rest, test = split_ids(ids, val_fraction, seed)
+    if tune_fraction > 0:
+        train, tune = split_ids(rest, tune_fraction, seed + 1)
+    else:
+        train, tune = rest, []
+    return {"train": train, "tune": tune, "test": test}
+
+
 def make_card(
     args: argparse.Namespace,
     *,
-    n_train: int,
-    val_ids: list[str],
+    splits: dict[str, dict[str, list[str]]],
     metrics: dict[str, Any],
     data_desc: str,
 ) -> ModelCard:
+    split_text = "; ".join(
+        f"{site}: {len(s['train'])} train / {len(s['tune'])} tuning (best epoch) / "
+        f"{len(s['test'])} held-out test"
+        for site, s in splits.items()
+    )
     return new_card(
         args,
         name=MODEL_NAME,
@@ -137,6 +171,9 @@ def make_card(
             "lambda_seg": args.lambda_seg,
             "seed": args.seed,
             "val_fraction": args.val_fraction,
+            "tune_fraction": args.tune_fraction,
+            "init_from": str(args.init_from) if args.init_from else None,
+            "sites": list(splits),
             "optimizer": "Adam(beta1=0.5, beta2=0.999)",
             "loss": "cGAN (BCE, PatchGAN 70x70) + lambda_l1 * L1 + lambda_seg * (BCE + soft Dice)",
             "resize": "anisotropic resize of the whole image to input_size x input_size",
@@ -144,9 +181,10 @@ def make_card(
         },
         training_data=data_desc,
         split=(
-            f"models.training.datasets.masks.split_ids(sorted IDs, "
-            f"val_fraction={args.val_fraction}, seed={args.seed}): "
-            f"{n_train} train / {len(val_ids)} validation IDs held out"
+            "per site, by case (one film per patient): test = models.training.datasets.masks."
+            f"split_ids(site IDs, val_fraction={args.val_fraction}, seed={args.seed})[1]; "
+            f"tuning = split_ids(rest, {args.tune_fraction}, seed={args.seed + 1})[1]. "
+            + split_text
         ),
         metrics=metrics,
         notes="Output: lung probability map; post-processing and crop in models/crop.py. "
@@ -162,24 +200,48 @@ def _depth(size: int) -> int:
     return depth
 
 
+def _checkpoint_path(args: argparse.Namespace) -> Path:
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    return Path("var/train") / (Path(args.out).stem + ".ckpt")
+
+
 def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     seed_everything(args.seed)
     device = select_device(args.device)
-    pairs = find_pairs(args.data)
-    train_ids, val_ids = split_ids([p.id for p in pairs], args.val_fraction, args.seed)
-    by_id = {p.id: p for p in pairs}
-    log.info(
-        "lung-mask training on %s: %d train, %d validation images, device %s",
-        args.data,
-        len(train_ids),
-        len(val_ids),
-        device,
-    )
-    train_ds = LungMaskDataset(
-        [by_id[i] for i in train_ids], args.input_size, augment=Augment(), seed=args.seed
-    )
-    val_ds = LungMaskDataset([by_id[i] for i in val_ids], args.input_size)
+    data_dirs: list[Path] = list(args.data)
+    sites: dict[str, list[MaskPair]] = {}
+    for d in data_dirs:
+        name = d.resolve().name
+        if name in sites:
+            raise ValueError(f"two --data folders are both named {name}: rename one")
+        sites[name] = find_pairs(d)
+    splits = {
+        site: site_split([p.id for p in pairs], args.val_fraction, args.tune_fraction, args.seed)
+        for site, pairs in sites.items()
+    }
+    by_id = {(site, p.id): p for site, pairs in sites.items() for p in pairs}
+    for site, s in splits.items():
+        log.info(
+            "site %s: %d train, %d tuning, %d held-out test cases",
+            site,
+            len(s["train"]),
+            len(s["tune"]),
+            len(s["test"]),
+        )
+    train_pairs = [by_id[(site, i)] for site, s in splits.items() for i in s["train"]]
+    train_ds = LungMaskDataset(train_pairs, args.input_size, augment=Augment(), seed=args.seed)
+    tune_dls = {
+        site: DataLoader(
+            LungMaskDataset([by_id[(site, i)] for i in s["tune"]], args.input_size),
+            batch_size=args.batch_size,
+            shuffle=False,
+            num_workers=0,
+        )
+        for site, s in splits.items()
+        if s["tune"]
+    }
     gen_t = torch.Generator().manual_seed(args.seed)
     train_dl = DataLoader(
         train_ds,
@@ -189,13 +251,16 @@ def run(args: argparse.Namespace) -> int:
         generator=gen_t,
         num_workers=0,
     )
-    val_dl = DataLoader(val_ds, batch_size=args.batch_size, shuffle=False, num_workers=0)
 
     depth = _depth(args.input_size)
     gen = UNetGenerator(ngf=args.ngf, depth=depth, dropout=args.dropout).to(device)
     disc = PatchDiscriminator(ndf=args.ndf).to(device)
     init_weights(gen)
     init_weights(disc)
+    if args.init_from:
+        _, state = load_weights(Path(args.init_from))
+        gen.load_state_dict(to_float(state))
+        log.info("generator initialised from %s", args.init_from)
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.999))
 
@@ -208,14 +273,31 @@ def run(args: argparse.Namespace) -> int:
             progress = max(progress, minutes / args.max_minutes)
         return 1.0 if progress < 0.5 else max(0.02, 2.0 * (1.0 - progress))
 
-    data_desc = f"{len(pairs)} image/mask pairs from {args.data.name}/"
+    data_desc = "; ".join(f"{len(p)} image/mask pairs from {s}/" for s, p in sites.items())
     if args.data_description:
         data_desc += f": {args.data_description}"
-    best, best_epoch, step = -1.0, -1, 0
+    # the best generator is staged beside the checkpoint and copied to --out at the end, so a
+    # card being trained never replaces the served one half-way
+    ckpt = _checkpoint_path(args)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    stage = ckpt.with_name(ckpt.stem + ".best.json")
+    best, best_epoch, step, start_epoch = -1.0, -1, 0, 0
     history: list[dict[str, float]] = []
-    t0 = time.monotonic()
+    minutes_before = 0.0
+    if args.resume and ckpt.is_file():
+        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        gen.load_state_dict(saved["gen"])
+        disc.load_state_dict(saved["disc"])
+        opt_g.load_state_dict(saved["opt_g"])
+        opt_d.load_state_dict(saved["opt_d"])
+        start_epoch, best, best_epoch = saved["epoch"], saved["best"], saved["best_epoch"]
+        history, minutes_before, step = saved["history"], saved["minutes"], saved["step"]
+        gen_t.manual_seed(args.seed + start_epoch)
+        train_ds.rng = np.random.default_rng(args.seed + start_epoch)
+        log.info("resumed from %s after epoch %d (best %.4f)", ckpt, start_epoch, best)
+    t0 = time.monotonic() - minutes_before * 60
     stop = False
-    for epoch in range(args.epochs):
+    for epoch in range(start_epoch, args.epochs):
         sums = {"d": 0.0, "g_gan": 0.0, "l1": 0.0, "seg": 0.0}
         n = 0
         bar = tqdm(
@@ -250,55 +332,87 @@ def run(args: argparse.Namespace) -> int:
         for opt in (opt_g, opt_d):
             for group in opt.param_groups:
                 group["lr"] = args.lr * factor
-        val_dice = validate(gen, val_dl, device)
+        site_dice = {site: validate(gen, dl, device) for site, dl in tune_dls.items()}
+        tune_dice = float(np.mean(list(site_dice.values()))) if site_dice else float("nan")
         rec = {k: v / max(1, n) for k, v in sums.items()} | {
             "epoch": epoch + 1,
-            "val_dice": val_dice,
+            "tune_dice": tune_dice,
         }
+        rec |= {f"tune_dice_{site}": d for site, d in site_dice.items()}
         history.append(rec)
         elapsed = (time.monotonic() - t0) / 60
         log.info(
-            "epoch %d: D %.3f G_gan %.3f L1 %.4f seg %.3f | val Dice %.4f | %.1f min | "
-            "next lr %.2e",
+            "epoch %d: D %.3f G_gan %.3f L1 %.4f seg %.3f | tuning Dice %s mean %.4f | "
+            "%.1f min | next lr %.2e",
             epoch + 1,
             rec["d"],
             rec["g_gan"],
             rec["l1"],
             rec["seg"],
-            val_dice,
+            " ".join(f"{s} {d:.4f}" for s, d in site_dice.items()),
+            tune_dice,
             elapsed,
             args.lr * factor,
         )
-        if val_dice > best:
-            best, best_epoch = val_dice, epoch + 1
+        if tune_dice > best or not tune_dls:
+            best, best_epoch = tune_dice, epoch + 1
             metrics = {
-                "val_dice_network_res": round(best, 4),
+                "tune_dice_network_res": round(best, 4),
                 "best_epoch": best_epoch,
                 "train_minutes": round(elapsed, 1),
                 "device": str(device),
             }
-            card = make_card(
-                args, n_train=len(train_ids), val_ids=val_ids, metrics=metrics, data_desc=data_desc
-            )
-            save_model(card, gen.state_dict(), args.out, half=True)
+            card = make_card(args, splits=splits, metrics=metrics, data_desc=data_desc)
+            card = card.model_copy(update={"weights_file": stage.with_suffix(".safetensors").name})
+            save_model(card, gen.state_dict(), stage, half=True)
+        torch.save(
+            {
+                "gen": gen.state_dict(),
+                "disc": disc.state_dict(),
+                "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(),
+                "epoch": epoch + 1,
+                "best": best,
+                "best_epoch": best_epoch,
+                "history": history,
+                "minutes": elapsed,
+                "step": step,
+            },
+            ckpt,
+        )
         if stop or (args.max_minutes and elapsed >= args.max_minutes):
             log.info(
                 "stopping after epoch %d (%s)", epoch + 1, "max steps" if stop else "time budget"
             )
             break
-    log.info("best validation Dice %.4f at epoch %d; card %s", best, best_epoch, args.out)
+    log.info("best tuning Dice %.4f at epoch %d; staged card %s", best, best_epoch, stage)
+    staged = read_card(stage)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(stage.with_suffix(".safetensors"), args.out.with_suffix(".safetensors"))
+    final = staged.model_copy(update={"weights_file": args.out.with_suffix(".safetensors").name})
+    args.out.write_text(final.model_dump_json(indent=2) + "\n", encoding="utf-8")
     if not args.no_eval:
-        # measured at the original resolution with the production post-processing
-        report = evaluate_card(args.out, args.data, device=device, ids=val_ids)
-        card = read_card(args.out)
-        metrics = dict(card.metrics) | {
+        # measured at the original resolution with the production post-processing, per site
+        metrics = dict(final.metrics) | {
             "train_minutes_total": round((time.monotonic() - t0) / 60, 1)
         }
-        metrics |= {
-            k: report[k]
-            for k in ("n", "dice_mean", "dice_p05", "iou_mean", "iou_p05", "quality_ok_fraction")
-            if k in report
-        }
-        card = card.model_copy(update={"metrics": metrics})
-        args.out.write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        for site, d in zip(sites, data_dirs, strict=True):
+            report = evaluate_card(args.out, d, device=device, ids=splits[site]["test"])
+            dice = [r["dice"] for r in report["per_image"]]
+            metrics[site] = {
+                k: report[k]
+                for k in (
+                    "n",
+                    "dice_mean",
+                    "dice_p05",
+                    "iou_mean",
+                    "iou_p05",
+                    "quality_ok_fraction",
+                )
+            } | {
+                "dice_mean_ci95": mean_ci(dice, seed=args.seed),
+                "dice_p05_ci95": p05_ci(dice, seed=args.seed),
+            }
+        final = final.model_copy(update={"metrics": metrics})
+        args.out.write_text(final.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return 0

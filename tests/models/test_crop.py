@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
 
 from models.api import CropBox
 from models.crop import (
+    DEFAULT_LIMITS,
     QualityLimits,
     assess,
     bounding_box,
     fill_holes,
     keep_largest_components,
+    lung_geometry,
     mask_and_crop,
     postprocess,
     to_original,
 )
+
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def two_lungs(size: int = 256, *, right_scale: float = 1.0) -> np.ndarray:
@@ -150,3 +156,131 @@ def test_area_fraction_limit() -> None:
 def test_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="2-D"):
         postprocess(np.zeros((2, 3, 4), np.float32))
+
+
+def lungs_mask(
+    a: tuple[float, float, float, float] = (0.30, 0.50, 0.13, 0.30),
+    b: tuple[float, float, float, float] = (0.70, 0.50, 0.13, 0.30),
+    size: int = 256,
+) -> np.ndarray:
+    """A 0/1 mask with two elliptical lungs, each (centre x, centre y, half width, half height)
+    as fractions of the side."""
+    m = np.zeros((size, size), np.uint8)
+    for cx, cy, rx, ry in (a, b):
+        centre = (int(round(cx * size)), int(round(cy * size)))
+        axes = (int(round(rx * size)), int(round(ry * size)))
+        cv2.ellipse(m, centre, axes, 0, 0, 360, 1, -1)
+    return m
+
+
+def test_plausible_lungs_pass_every_geometric_rule() -> None:
+    m = lungs_mask()
+    geo = lung_geometry(m)
+    assert geo is not None
+    assert geo.height_a == pytest.approx(0.6, abs=0.01) and geo.width_b == pytest.approx(
+        0.26, abs=0.01
+    )
+    # medial edges at 0.43 and 0.57 of the width, thorax 0.17..0.83: gap 0.14 / 0.66
+    assert geo.cardiac_gap == pytest.approx(0.14 / 0.66, abs=0.02)
+    assert geo.midline_crossing < 0
+    q = assess(m)
+    assert q.ok and q.rule == "" and q.reason == "", q.reason
+
+
+def test_nema_film_mask_of_the_first_generator_is_flagged_touches_border() -> None:
+    """The mask the 1.0.0 generator drew on the bundled NEMA film (tests/data/RG1_UNCR.dcm, at the
+    network's 256 x 256): one lung leaks into the bright band at the top edge. Its QC used to read
+    'acceptable'."""
+    m = (cv2.imread(str(DATA / "RG1_UNCR_lungmask_v1.png"), cv2.IMREAD_GRAYSCALE) > 127).astype(
+        np.uint8
+    )
+    q = assess(m)
+    assert not q.ok
+    assert q.rule == "touches_border"
+    assert "top image border" in q.reason
+    # what the old rules alone said
+    old = QualityLimits(flag_top_edge=False, max_edge_offset=1.0, max_border_contact=1.0)
+    assert assess(m, old).ok
+
+
+def test_apices_cut_by_the_top_edge_are_flagged_but_cut_costophrenic_angles_are_not() -> None:
+    m = lungs_mask((0.30, 0.40, 0.13, 0.42), (0.70, 0.40, 0.13, 0.42))  # both cut at the top
+    geo = lung_geometry(m)
+    assert geo is not None and geo.border_gap["top"] == 0.0
+    q = assess(m)
+    assert q.rule == "touches_border" and "both lungs reach the top image border" in q.reason
+    # both costophrenic recesses cut by the bottom edge (common on tightly cropped films): fine
+    m = lungs_mask((0.30, 0.60, 0.13, 0.42), (0.70, 0.60, 0.13, 0.42))
+    geo = lung_geometry(m)
+    assert geo is not None and geo.border_gap["bottom"] == 0.0
+    assert assess(m).ok, assess(m).reason
+    # one lung down to the bottom edge while the other ends 20% higher: a leak
+    m = lungs_mask((0.30, 0.60, 0.13, 0.42), (0.70, 0.45, 0.13, 0.35))
+    q = assess(m)
+    assert "one lung reaches the bottom image border" in q.reason, q.reason
+
+
+def test_one_lung_leaking_to_the_top_edge_is_flagged() -> None:
+    m = lungs_mask()
+    m[0:60, 175:185] = 1  # a tongue from the right-hand lung up to the top edge
+    q = assess(m)
+    assert q.rule == "touches_border" and "top image border" in q.reason
+    res = mask_and_crop(m.astype(np.float32), (512, 512))
+    assert not res.quality.ok and res.crop == CropBox(0, 0, 512, 512)
+
+
+def test_mask_running_along_a_side_is_flagged() -> None:
+    m = lungs_mask((0.15, 0.5, 0.15, 0.40), (0.70, 0.5, 0.13, 0.30))
+    m[20:236, 0:5] = 1
+    q = assess(m)
+    assert "touches_border" in q.reason and "left image border" in q.reason
+
+
+def test_medial_borders_meeting_over_the_heart_are_flagged() -> None:
+    # the lungs' lower medial parts sweep inwards and almost meet (2% of the width apart)
+    m = lungs_mask()
+    cv2.ellipse(m, (105, 170), (20, 30), 0, 0, 360, 1, -1)
+    cv2.ellipse(m, (150, 170), (20, 30), 0, 0, 360, 1, -1)
+    geo = lung_geometry(m)
+    assert geo is not None and geo.cardiac_gap < DEFAULT_LIMITS.min_cardiac_gap
+    q = assess(m)
+    assert not q.ok and "cardiac_gap" in q.reason, q.reason
+
+
+def test_lung_crossing_the_midline_is_flagged() -> None:
+    m = lungs_mask((0.38, 0.45, 0.22, 0.30), (0.78, 0.55, 0.10, 0.30))
+    geo = lung_geometry(m)
+    assert geo is not None and geo.midline_crossing > DEFAULT_LIMITS.max_midline_crossing
+    q = assess(m)
+    assert not q.ok and "crosses_midline" in q.reason, q.reason
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "rule"),
+    [
+        ((0.30, 0.5, 0.13, 0.15), (0.70, 0.5, 0.13, 0.15), "lung_height"),  # 30% tall
+        ((0.30, 0.5, 0.06, 0.30), (0.70, 0.5, 0.06, 0.30), "lung_width"),  # 12% wide
+        ((0.30, 0.5, 0.13, 0.36), (0.70, 0.4, 0.13, 0.19), "lung_proportions"),  # half as tall
+    ],
+)
+def test_implausible_lung_height_or_width_is_flagged(
+    a: tuple[float, float, float, float], b: tuple[float, float, float, float], rule: str
+) -> None:
+    q = assess(lungs_mask(a, b))
+    assert not q.ok
+    assert rule in q.reason, q.reason
+    assert q.rule in {"area", "balance", rule}  # an older rule may name the same failure first
+
+
+def test_rule_names_the_first_failure_and_reason_lists_all() -> None:
+    q = assess(np.zeros((64, 64), np.uint8))
+    assert q.rule == "components" and q.reason.startswith("components: 0 lung regions")
+    assert "area:" in q.reason
+
+
+def test_lungs_whose_apices_lie_far_apart_are_flagged() -> None:
+    # a "lung" found on the arm beside the chest: it starts a quarter of the image lower
+    m = lungs_mask((0.20, 0.70, 0.10, 0.22), (0.70, 0.50, 0.13, 0.36))
+    q = assess(m)
+    assert not q.ok and "apex_level" in q.reason, q.reason
+    assert "apex_level" not in assess(lungs_mask()).reason

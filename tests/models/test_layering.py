@@ -88,4 +88,4 @@ def test_cli_parser_is_built_without_torch() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    assert out.stdout.split() == ["models.training.train_classifier", "classifier", "False"]
+    assert out.stdout.split() == ["models.training.train_model2", "classifier", "False"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -21,12 +22,15 @@ from models.training.datasets.masks import (
     Augment,
     LungMaskDataset,
     MaskDatasetError,
+    find_openist_pairs,
     find_pairs,
+    read_gray,
+    read_mask,
     split_ids,
 )
 from models.training.eval_lungmask import evaluate_card
 from models.training.metrics import dice_iou
-from models.training.train_lungmask import run, train_step
+from models.training.train_lungmask import run, site_split, train_step
 
 CPU = torch.device("cpu")
 
@@ -123,6 +127,19 @@ def write_kaggle_layout(root: Path, n: int, size: int = 64, seed: int = 0) -> No
         img, mask = synthetic_pair(rng, size)
         cv2.imwrite(str(root / "CXR_png" / f"CASE{i:03d}.png"), (img * 255).astype(np.uint8))
         cv2.imwrite(str(root / "masks" / f"CASE{i:03d}_mask.png"), mask * 255)
+
+
+def write_openist_layout(root: Path, n: int, size: int = 64, seed: int = 1) -> None:
+    """``labels.csv`` + ``<ID>.jpg`` + ``<ID>_mask.png`` in one folder, as in openist_normals."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    lines = ["id,finding,original_file"]
+    for i in range(n):
+        img, mask = synthetic_pair(rng, size)
+        cv2.imwrite(str(root / f"OPENIST{i:04d}.jpg"), (img * 255).astype(np.uint8))
+        cv2.imwrite(str(root / f"OPENIST{i:04d}_mask.png"), mask * 255)
+        lines.append(f"OPENIST{i:04d},none,orig-{i}.jpg")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def make_card(tmp_path: Path, *, ngf: int = 4, size: int = 64, seed: int = 0) -> Path:
@@ -243,6 +260,57 @@ def test_find_pairs_layouts(tmp_path: Path) -> None:
         find_pairs(tmp_path / "empty")
 
 
+def test_openist_layout_pairs_jpg_images_with_png_masks(tmp_path: Path) -> None:
+    root = tmp_path / "openist_normals"
+    write_openist_layout(root, 4)
+    pairs = find_pairs(root)  # detected from labels.csv with an id column, no CXR_png/
+    assert [p.id for p in pairs] == [f"OPENIST{i:04d}" for i in range(4)]
+    assert pairs[0].image.suffix == ".jpg" and pairs[0].masks[0].name == "OPENIST0000_mask.png"
+    img, mask = read_gray(pairs[1].image), read_mask(pairs[1])
+    assert img.shape == mask.shape == (64, 64) and set(np.unique(mask)) == {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: (r / "OPENIST0002_mask.png").unlink(), r"labels.csv:4: mask .*OPENIST0002_mask"),
+        (lambda r: (r / "OPENIST0001.jpg").unlink(), r"labels.csv:3: image .*OPENIST0001"),
+        (
+            lambda r: r.joinpath("labels.csv").write_text(
+                "id,finding,original_file\nOPENIST0000,none,a.jpg\n,none,b.jpg\n"
+            ),
+            r"labels.csv:3: empty or invalid id",
+        ),
+        (
+            lambda r: r.joinpath("labels.csv").write_text(
+                "id,finding,original_file\nOPENIST0000,none,a.jpg\nOPENIST0000,none,b.jpg\n"
+            ),
+            r"labels.csv:3: id OPENIST0000 repeats line 2",
+        ),
+        (
+            lambda r: r.joinpath("labels.csv").write_text(
+                "id,finding,original_file\nOPENIST0000,none\n"
+            ),
+            r"labels.csv:2: wrong number of fields",
+        ),
+        (
+            lambda r: r.joinpath("labels.csv").write_text(
+                "id,finding,original_file\n../x,none,a.jpg\n"
+            ),
+            r"labels.csv:2: empty or invalid id",
+        ),
+    ],
+)
+def test_openist_bad_row_or_missing_file_names_file_and_line(
+    tmp_path: Path, edit: Callable[[Path], object], message: str
+) -> None:
+    root = tmp_path / "openist"
+    write_openist_layout(root, 3)
+    edit(root)
+    with pytest.raises(MaskDatasetError, match=message):
+        find_openist_pairs(root)
+
+
 def test_split_ids_is_deterministic_and_disjoint() -> None:
     ids = [f"ID{i:03d}" for i in range(197)]
     train, val = split_ids(ids, 0.15, 7)
@@ -290,54 +358,82 @@ def test_tiny_training_run_loss_falls() -> None:
     assert np.mean([h["seg"] for h in hist[-5:]]) < np.mean([h["seg"] for h in hist[:5]])
 
 
-def test_training_cli_writes_card_that_loads(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    write_kaggle_layout(data, 12)
+def test_training_cli_two_sites_writes_card_that_loads_and_resumes(tmp_path: Path) -> None:
+    jsrt, openist = tmp_path / "jsrt", tmp_path / "openist"
+    write_kaggle_layout(jsrt, 12)
+    write_openist_layout(openist, 8)
     parser = argparse.ArgumentParser()
     train_lungmask_arguments(parser)
     out = tmp_path / "w" / "lung_mask.json"
-    args = parser.parse_args(
-        [
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--epochs",
-            "2",
-            "--batch-size",
-            "4",
-            "--ngf",
-            "4",
-            "--ndf",
-            "4",
-            "--input-size",
-            "64",
-            "--val-fraction",
-            "0.25",
-            "--seed",
-            "5",
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-        ]
-    )
-    assert run(args) == 0
+    ckpt = tmp_path / "ck" / "lung_mask.ckpt"
+    argv = [
+        "--data",
+        str(jsrt),
+        "--data",
+        str(openist),
+        "--out",
+        str(out),
+        "--checkpoint",
+        str(ckpt),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--ngf",
+        "4",
+        "--ndf",
+        "4",
+        "--input-size",
+        "64",
+        "--val-fraction",
+        "0.25",
+        "--tune-fraction",
+        "0.2",
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
+    assert run(parser.parse_args(argv)) == 0
     card = read_card(out)
     assert card.input_size == 64 and card.labels == ["lung"] and card.thresholds == {"lung": 0.5}
     assert card.hyperparameters["ngf"] == 4 and card.hyperparameters["seed"] == 5
+    assert card.hyperparameters["sites"] == ["jsrt", "openist"]
     assert "NOT FOR DIAGNOSTIC USE" in card.intended_use
-    assert "3 validation" in card.split
-    assert card.metrics["n"] == 3 and 0.0 <= card.metrics["dice_mean"] <= 1.0
+    # per site, by case: 12 -> 3 test, 9 -> 2 tuning + 7 train; 8 -> 2 test, 6 -> 1 + 5
+    assert "jsrt: 7 train / 2 tuning (best epoch) / 3 held-out test" in card.split
+    assert "openist: 5 train / 1 tuning (best epoch) / 2 held-out test" in card.split
+    for site, n in (("jsrt", 3), ("openist", 2)):
+        m = card.metrics[site]
+        assert m["n"] == n and 0.0 <= m["dice_mean"] <= 1.0
+        lo, hi = m["dice_mean_ci95"]
+        assert lo <= m["dice_mean"] <= hi
+    split = site_split([f"CASE{i:03d}" for i in range(12)], 0.25, 0.2, 5)
+    assert not set(split["test"]) & (set(split["train"]) | set(split["tune"]))
     n_params = sum(p.numel() for p in UNetGenerator(ngf=4, depth=6).state_dict().values())
     size = (out.parent / card.weights_file).stat().st_size
     assert 2 * n_params < size < 2 * n_params + 20_000  # float16 storage + safetensors header
     # the evaluation recomputes the same held-out IDs from the card
-    report = evaluate_card(out, data, device=CPU)
-    assert [r["id"] for r in report["per_image"]] == split_ids(
-        [f"CASE{i:03d}" for i in range(12)], 0.25, 5
-    )[1]
+    report = evaluate_card(out, jsrt, device=CPU)
+    assert [r["id"] for r in report["per_image"]] == split["test"]
+    assert report["dice_mean"] == card.metrics["jsrt"]["dice_mean"]
     LungMasker.from_card(out, CPU)
+    # a stopped run resumes from its checkpoint: epochs 1-2 are not trained again
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["epoch"] == 2 and len(saved["history"]) == 2
+    argv[argv.index("--epochs") + 1] = "3"
+    assert run(parser.parse_args([*argv, "--resume", "--no-eval"])) == 0
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["epoch"] == 3 and [h["epoch"] for h in saved["history"]] == [1, 2, 3]
+    # fine-tuning starts from another card's generator
+    tuned = tmp_path / "w2" / "lung_mask.json"
+    args = parser.parse_args(
+        [*argv, "--init-from", str(out), "--out", str(tuned), "--checkpoint", str(ckpt) + "2"]
+    )
+    assert run(args) == 0
+    assert read_card(tuned).hyperparameters["init_from"] == str(out)
 
 
 def test_dice_iou() -> None:
@@ -347,3 +443,15 @@ def test_dice_iou() -> None:
     assert dice_iou(a, b) == pytest.approx((0.5, 1 / 3))
     assert dice_iou(a, a) == (1.0, 1.0)
     assert dice_iou(np.zeros_like(a), np.zeros_like(a)) == (1.0, 1.0)
+
+
+def test_qc_feature_ranges_cover_the_calibration_masks() -> None:
+    from models.training.eval_lungmask import qc_feature_ranges
+
+    rng = np.random.default_rng(3)
+    masks = [synthetic_pair(rng, 128)[1] for _ in range(5)]
+    ranges = qc_feature_ranges(masks)
+    lo, hi = ranges["lung_height"]
+    assert 0.4 < lo <= hi < 0.7  # ellipses 0.48-0.60 of the height
+    assert ranges["border_contact"] == [0.0, 0.0]
+    assert ranges["cardiac_gap"][0] > 0

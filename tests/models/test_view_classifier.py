@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from models.registry import ModelLoadError
 from models.view_classifier import ViewClassifier
@@ -99,3 +100,78 @@ def test_train_view_cli_learns_synthetic_views(tmp_path: Path) -> None:
     losses = card["metrics"]["train_loss_per_epoch"]
     assert losses[-1] < 0.5 * losses[0]
     assert card["metrics"]["held_out"]["accuracy"] >= 0.8
+
+
+def test_covid_metadata_views_and_bad_rows(tmp_path: Path) -> None:
+    from models.training.datasets.chexpert import DatasetError
+    from models.training.train_view import covid_view_images
+
+    (tmp_path / "images").mkdir()
+    for i in range(5):
+        cv2.imwrite(str(tmp_path / "images" / f"{i}.jpg"), np.full((8, 8), 100, np.uint8))
+    rows = [
+        "filename,view,finding,patientid,file",
+        "a.jpeg,PA,COVID-19,1,images/0.jpg",
+        "b.jpeg,L,COVID-19,1,images/1.jpg",
+        "c.jpeg,AP Supine,ARDS,2,images/2.jpg",
+        "d.jpeg,?,todo,3,images/3.jpg",
+        "e.jpeg,,todo,3,images/4.jpg",
+    ]
+    (tmp_path / "metadata.csv").write_text("\n".join(rows) + "\n")
+    ims = covid_view_images(tmp_path / "metadata.csv")
+    assert [(im.path.name, im.lateral, im.patient) for im in ims] == [
+        ("0.jpg", False, "covid:1"),
+        ("1.jpg", True, "covid:1"),
+        ("2.jpg", False, "covid:2"),
+    ]
+    (tmp_path / "metadata.csv").write_text(
+        "\n".join([*rows[:2], "x.jpeg,Oblique,x,4,images/4.jpg"])
+    )
+    with pytest.raises(DatasetError, match=r"metadata.csv:3: unknown view 'Oblique'"):
+        covid_view_images(tmp_path)
+    (tmp_path / "metadata.csv").write_text("\n".join([rows[0], "x.jpeg,L,x,4,images/9.jpg"]))
+    with pytest.raises(DatasetError, match=r"metadata.csv:2: image .*9.jpg not found"):
+        covid_view_images(tmp_path / "metadata.csv")
+
+
+def test_cap_patients_keeps_sources_with_laterals_and_is_deterministic() -> None:
+    from models.training.datasets.chexpert import ViewImage
+    from models.training.train_view import cap_patients
+
+    ims = [ViewImage(Path(f"n{i}.png"), f"nih:{i}", "nih", False) for i in range(50)]
+    ims += [ViewImage(Path(f"c{i}.png"), f"cx:{i // 2}", "cx", i % 2 == 1) for i in range(20)]
+    capped = cap_patients(ims, 10, seed=0)
+    assert len({im.patient for im in capped if im.source == "nih"}) == 10
+    assert sum(im.source == "cx" for im in capped) == 20
+    assert cap_patients(ims, 10, seed=0) == capped and cap_patients(ims, 10, seed=1) != capped
+    assert cap_patients(ims, 0, seed=0) == ims
+
+
+def test_wilson_interval() -> None:
+    from models.training.train_view import wilson
+
+    lo, hi = wilson(199, 200)
+    assert lo == pytest.approx(0.9724, abs=1e-3) and hi == pytest.approx(0.9991, abs=1e-3)
+    lo, hi = wilson(50, 50)
+    assert hi == 1.0 and 0.92 < lo < 0.94
+
+
+def test_train_view_checkpoint_resumes(tmp_path: Path) -> None:
+    from models.training.train_view import train_view
+    from models.view_classifier import ViewCNN
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 1, 32, 32), torch.tensor([0.0, 1.0] * 6)
+    ck = tmp_path / "v.ckpt"
+    net = ViewCNN(width=4, blocks=3)
+    cpu = torch.device("cpu")
+
+    def fit() -> list[float]:
+        return train_view(
+            net, x, y, cpu, epochs=2, batch_size=4, lr=1e-2, seed=0, progress=False, checkpoint=ck
+        )
+
+    first = fit()
+    assert len(first) == 2 and torch.load(ck, weights_only=False)["epoch"] == 2
+    more = fit()
+    assert more == first  # nothing left to train: the checkpoint already holds both epochs

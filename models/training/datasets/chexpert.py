@@ -138,21 +138,42 @@ def apply_policy(
     return target, mask
 
 
-def _chexpert_root(directory: Path) -> Path:
-    """The folder that contains ``CheXpert-v1.0`` (CSV paths are relative to it)."""
+#: the release folder names a CheXpert CSV's paths start with (full and "small" releases)
+CHEXPERT_DIRS = ("CheXpert-v1.0", "CheXpert-v1.0-small")
+#: CSV of each split; ``test`` falls back to ``valid.csv`` (the official small release's
+#: radiologist-labelled validation set) when ``test_labels.csv`` is absent
+SPLIT_CSVS = {
+    "train": ("train.csv",),
+    "valid": ("valid.csv",),
+    "test": ("test_labels.csv", "valid.csv"),
+}
+
+
+def _chexpert_base(directory: Path) -> tuple[Path, Path]:
+    """(root, release folder): the release folder is ``CheXpert-v1.0`` or ``CheXpert-v1.0-small``
+    (CSV paths are relative to the root that holds it, or to the release folder itself)."""
     d = Path(directory)
-    if (d / "CheXpert-v1.0").is_dir():
-        return d
+    for name in CHEXPERT_DIRS:
+        if (d / name).is_dir():
+            return d, d / name
     if d.name.startswith("CheXpert") and d.is_dir():
-        return d.parent
+        return d.parent, d
     raise DatasetError(
-        f"{d} is not a CheXpert folder: expected {d}/CheXpert-v1.0/train.csv (give the folder that "
-        f"holds CheXpert-v1.0, or CheXpert-v1.0 itself)"
+        f"{d} is not a CheXpert folder: expected {d}/CheXpert-v1.0/train.csv or "
+        f"{d}/CheXpert-v1.0-small/train.csv (give the folder that holds the release folder, or "
+        f"the release folder itself)"
     )
 
 
+def _chexpert_root(directory: Path) -> Path:
+    """The folder that contains the release folder (CSV paths are relative to it)."""
+    return _chexpert_base(directory)[0]
+
+
 def _resolve(root: Path, csv_dir: Path, rel: str) -> Path:
-    for cand in (root / rel, csv_dir / rel):
+    parts = Path(rel).parts
+    tail = Path(*parts[1:]) if len(parts) > 1 and parts[0] in CHEXPERT_DIRS else Path(rel)
+    for cand in (root / rel, csv_dir / rel, csv_dir / tail):
         if cand.exists():
             return cand
     return root / rel
@@ -230,14 +251,13 @@ def view_images(
 def _chexpert_rows(
     directory: Path, split: str
 ) -> tuple[list[tuple[str, str, Path, str, np.ndarray]], str]:
-    root = _chexpert_root(directory)
-    base = root / "CheXpert-v1.0"
-    name = {"train": "train.csv", "valid": "valid.csv", "test": "test_labels.csv"}.get(split)
-    if name is None:
+    root, base = _chexpert_base(directory)
+    names = SPLIT_CSVS.get(split)
+    if names is None:
         raise ValueError(f"CheXpert split {split!r} is not one of train, valid, test")
-    csv_path = base / name
+    csv_path = next((base / n for n in names if (base / n).exists()), base / names[0])
     if not csv_path.exists():
-        raise DatasetError(f"CheXpert CSV {csv_path} not found")
+        raise DatasetError(f"CheXpert CSV {csv_path} not found (looked for {', '.join(names)})")
     rows = []
     with open(csv_path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
@@ -264,7 +284,10 @@ def _chexpert_rows(
                 )
             except DatasetError as exc:
                 raise DatasetError(f"{csv_path}:{line}: {exc}") from None
-            rows.append((patient, study, _resolve(root, base, rel), r["Frontal/Lateral"], raw))
+            path = _resolve(root, base, rel)
+            if not path.is_file():
+                raise DatasetError(f"{csv_path}:{line}: image {rel!r} not found (looked in {root})")
+            rows.append((patient, study, path, r["Frontal/Lateral"], raw))
     return rows, (f"chexpert-{split}" if split != "train" else "chexpert")
 
 

@@ -121,6 +121,8 @@ def _folder_rows(
                     f"{csv_path}:{line}: file template names unknown column {exc}"
                 ) from None
             path = image_dir / rel
+            if not path.is_file():
+                raise DatasetError(f"{csv_path}:{line}: image {path} not found")
             name = Path(rel).stem
             patient = (r.get("patient") or "").strip() or name
             study = (r.get("study") or "").strip() or name

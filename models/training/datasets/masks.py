@@ -7,6 +7,10 @@ Recognised layouts (``root`` is the folder passed as ``--data``):
   (Montgomery naming in the Kaggle set);
 - Montgomery County original: ``CXR_png/<ID>.png`` with ``ManualMask/leftMask/<ID>.png`` and
   ``ManualMask/rightMask/<ID>.png`` (the two are combined);
+- OpenIST (``shared/data/openist_normals``): ``labels.csv`` (``id,finding,original_file``) listing
+  every case, ``<ID>.jpg`` beside ``<ID>_mask.png`` in the same folder
+  (:func:`find_openist_pairs`; strict: a bad row or a missing file is an error naming the file and
+  line). Chosen whenever the folder has no ``CXR_png/`` but a ``labels.csv`` with an ``id`` column;
 - flat: ``<ID>.png`` next to ``<ID>_mask.png`` in one folder.
 
 Images are read as grayscale and scaled to float32 [0, 1]; masks are 0/1 (any non-zero pixel is
@@ -17,6 +21,7 @@ inference.
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 from dataclasses import dataclass
@@ -60,12 +65,70 @@ def _find_mask(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _is_openist(root: Path) -> bool:
+    labels = root / "labels.csv"
+    if (root / "CXR_png").is_dir() or not labels.is_file():
+        return False
+    with labels.open(newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), [])
+    return "id" in [h.strip() for h in header]
+
+
+def find_openist_pairs(root: Path) -> list[MaskPair]:
+    """Pairs of the OpenIST layout: every row of ``labels.csv`` (``id`` column, one case per
+    row) must name an ``<ID>.jpg`` (or another image suffix) with ``<ID>_mask.png`` beside it.
+    Raises :class:`MaskDatasetError` naming the file and line of a bad row, a duplicate ID or a
+    missing image/mask."""
+    root = Path(root)
+    labels = root / "labels.csv"
+    if not labels.is_file():
+        raise MaskDatasetError(f"{labels}: missing (the OpenIST layout lists its cases there)")
+    pairs: list[MaskPair] = []
+    seen: dict[str, int] = {}
+    with labels.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "id" not in [f.strip() for f in reader.fieldnames]:
+            raise MaskDatasetError(f"{labels}:1: header has no 'id' column: {reader.fieldnames}")
+        for row in reader:
+            line = reader.line_num
+            if None in row or any(v is None for v in row.values()):
+                raise MaskDatasetError(f"{labels}:{line}: wrong number of fields")
+            case = (row.get("id") or row.get(" id") or "").strip()
+            if not case or "/" in case or "\\" in case or case.startswith("."):
+                raise MaskDatasetError(f"{labels}:{line}: empty or invalid id {case!r}")
+            if case in seen:
+                raise MaskDatasetError(
+                    f"{labels}:{line}: id {case} repeats line {seen[case]} (one row per case)"
+                )
+            seen[case] = line
+            image = next(
+                (
+                    root / f"{case}{suf}"
+                    for suf in IMAGE_SUFFIXES
+                    if (root / f"{case}{suf}").is_file()
+                ),
+                None,
+            )
+            if image is None:
+                raise MaskDatasetError(f"{labels}:{line}: image {root / case}.jpg is missing")
+            mask = root / f"{case}_mask.png"
+            if not mask.is_file():
+                raise MaskDatasetError(f"{labels}:{line}: mask {mask} is missing")
+            pairs.append(MaskPair(case, image, (mask,)))
+    if not pairs:
+        raise MaskDatasetError(f"{labels}: lists no cases")
+    return sorted(pairs, key=lambda p: p.id)
+
+
 def find_pairs(root: Path) -> list[MaskPair]:
     """Return the image/mask pairs under ``root`` sorted by ID; images without a mask are skipped
-    (and counted in the log). Raises :class:`MaskDatasetError` when no pair is found."""
+    (and counted in the log), except in the OpenIST layout where every listed case must be
+    complete. Raises :class:`MaskDatasetError` when no pair is found."""
     root = Path(root)
     if not root.is_dir():
         raise MaskDatasetError(f"lung-mask dataset folder {root} does not exist")
+    if _is_openist(root):
+        return find_openist_pairs(root)
     pairs: list[MaskPair] = []
     skipped = 0
     img_dir = root / "CXR_png" if (root / "CXR_png").is_dir() else root
