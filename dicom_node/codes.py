@@ -54,6 +54,17 @@ LUNG_MASK_QUALITY = Code("CXRPW003", LOCAL_SCHEME, "Lung mask quality")
 DECISION_THRESHOLD = Code("CXRPW004", LOCAL_SCHEME, "Decision threshold")
 LUNG_MASK_AREA_FRACTION = Code("CXRPW006", LOCAL_SCHEME, "Lung mask area fraction")
 LUNG_MASK_BALANCE = Code("CXRPW007", LOCAL_SCHEME, "Lung mask left/right balance")
+LUNG_MASK_COMPONENTS = Code("CXRPW011", LOCAL_SCHEME, "Lung mask connected components")
+LUNG_MASK_FAILED_CHECK = Code("CXRPW012", LOCAL_SCHEME, "Lung mask failed check")
+#: the cardiothoracic ratio and the two widths it is measured from (no standard code found for
+#: the chest radiograph's transverse ratio; LOINC 59076-0 is the cardiothoracic *area* ratio)
+CARDIOTHORACIC_RATIO = Code("CXRPW008", LOCAL_SCHEME, "Cardiothoracic ratio")
+CARDIAC_WIDTH = Code("CXRPW009", LOCAL_SCHEME, "Cardiac width")
+THORACIC_WIDTH = Code("CXRPW010", LOCAL_SCHEME, "Thoracic width")
+SUMMARY = Code("121111", "DCM", "Summary")
+UNIT_RATIO_ANNOTATED = Code("{ratio}", "UCUM", "ratio")
+UNIT_MM = Code("mm", "UCUM", "millimeter")
+UNIT_PIXELS = Code("{pixels}", "UCUM", "pixels")
 
 # --- findings -----------------------------------------------------------------------------------
 #: Model 1 result: the study is abnormal (not "No Finding").
@@ -163,13 +174,16 @@ def code_table() -> list[CodeRow]:
     rows = [
         CodeRow("procedure reported (frontal + lateral)", PROCEDURE_CHEST_XR_2_VIEWS),
         CodeRow("procedure reported (frontal only)", PROCEDURE_CHEST_XR_1_VIEW),
-        CodeRow("numeric measurement name", PROBABILITY),
-        CodeRow("unit of probability", UNIT_PROBABILITY),
+        CodeRow(
+            "unit of a finding's probability (the NUM is named by the finding's code)",
+            UNIT_PROBABILITY,
+        ),
         CodeRow("qualitative value", PRESENT),
         CodeRow("qualitative value", ABSENT),
         CodeRow("algorithm family", ARTIFICIAL_INTELLIGENCE),
         CodeRow("free-text container", QUALITATIVE_EVALUATIONS),
         CodeRow("free-text item", COMMENT),
+        CodeRow("summary text (first item of the qualitative evaluations)", SUMMARY),
         CodeRow("finding site", LUNG),
         CodeRow("measurement name", DECISION_THRESHOLD),
         CodeRow("QC evaluation name", LUNG_MASK_QUALITY),
@@ -177,6 +191,14 @@ def code_table() -> list[CodeRow]:
         CodeRow("QC value", LUNG_MASK_REJECTED),
         CodeRow("QC measurement", LUNG_MASK_AREA_FRACTION),
         CodeRow("QC measurement", LUNG_MASK_BALANCE),
+        CodeRow("QC measurement", LUNG_MASK_COMPONENTS),
+        CodeRow("QC text: the first failing check", LUNG_MASK_FAILED_CHECK),
+        CodeRow("measurement: cardiothoracic ratio", CARDIOTHORACIC_RATIO),
+        CodeRow("measurement: widest cardiac span (line)", CARDIAC_WIDTH),
+        CodeRow("measurement: widest inner thoracic span (line)", THORACIC_WIDTH),
+        CodeRow("unit of the cardiothoracic ratio", UNIT_RATIO_ANNOTATED),
+        CodeRow("unit of a width with known pixel spacing", UNIT_MM),
+        CodeRow("unit of a width without pixel spacing", UNIT_PIXELS),
     ]
     rows += [CodeRow(f"finding: {label}", code) for label, code in FINDING_CODES.items()]
     return rows

@@ -8,7 +8,9 @@
 - the refusal to mix patients or studies (:func:`check_same_patient_and_study`);
 - the one **atomic write** (:func:`atomic_write`): a reader never sees half a file;
 - the small records both objects are built from: :class:`FindingResult`, :class:`AlgorithmInfo`,
-  :class:`DeviceInfo`, :class:`CropInfo`.
+  :class:`DeviceInfo`, :class:`CropInfo`, :class:`MaskQualityInfo`, :class:`CtrInfo`;
+- the one definition of a finding's **hot region** (:func:`hot_region`): the box around the
+  strongest area of its heat map, which the report marks and the key image outlines.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
 
+import cv2
+import numpy as np
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -164,6 +168,85 @@ class CropInfo:
 
 
 @dataclass(frozen=True)
+class MaskQualityInfo:
+    """Plausibility of the lung mask; ``ok`` False means the full image was analysed.
+
+    ``rule`` names the first check that failed (e.g. ``touches_border``), ``reason`` says it in
+    words; both are empty when the mask is acceptable and never hold patient data."""
+
+    area_fraction: float
+    components: int
+    left_right_balance: float
+    ok: bool
+    reason: str = ""
+    rule: str = ""
+
+    def __post_init__(self) -> None:
+        require_number(self.area_fraction, "MaskQualityInfo.area_fraction")
+        require_number(self.left_right_balance, "MaskQualityInfo.left_right_balance")
+        require_int(self.components, "MaskQualityInfo.components")
+        require_str_fields(self, "reason", "rule")
+
+    @property
+    def state(self) -> str:
+        """``acceptable`` or ``REJECTED (<rule>: <reason>)``, as the report and key image say it."""
+        if self.ok:
+            return "acceptable"
+        rule, reason = self.rule.strip(), self.reason.strip()
+        if rule and reason.startswith(rule):  # the reason already names its check
+            rule = ""
+        why = ": ".join(x for x in (rule, reason) if x) or "no reason given"
+        return f"REJECTED ({why})"
+
+
+@dataclass(frozen=True)
+class LineInfo:
+    """A segment in frontal-image pixel coordinates (column x, row y)."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def __post_init__(self) -> None:
+        for a in ("x0", "y0", "x1", "y1"):
+            if not math.isfinite(require_number(getattr(self, a), f"LineInfo.{a}")):
+                raise ValueError(f"LineInfo.{a} = {getattr(self, a)!r} is not finite")
+
+    @property
+    def length(self) -> float:
+        return float(math.hypot(self.x1 - self.x0, self.y1 - self.y0))
+
+
+@dataclass(frozen=True)
+class CtrInfo:
+    """The cardiothoracic ratio and the two widths it was measured from.
+
+    ``interpretable`` False (AP film, rejected lung mask) means the ratio must not be read: the
+    report and key image then say ``reason`` instead of drawing the lines."""
+
+    ratio: float
+    cardiac: LineInfo
+    thoracic: LineInfo
+    interpretable: bool = True
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        r = require_number(self.ratio, "CtrInfo.ratio")
+        if not (math.isfinite(r) and r >= 0):
+            raise ValueError(f"CtrInfo.ratio = {self.ratio!r} is not a ratio (>= 0)")
+        for a in ("cardiac", "thoracic"):
+            if not isinstance(getattr(self, a), LineInfo):
+                raise TypeError(f"CtrInfo.{a} must be a LineInfo, got {type(getattr(self, a))}")
+        require_str_fields(self, "reason")
+
+    @property
+    def shown(self) -> bool:
+        """Whether the lines and the ratio are reported (the measurement is interpretable)."""
+        return bool(self.interpretable) and self.thoracic.length > 0
+
+
+@dataclass(frozen=True)
 class DeviceInfo:
     """The worker as the observer device and equipment of what it derives."""
 
@@ -179,6 +262,37 @@ class DeviceInfo:
     def uid(self) -> str:
         """A stable Device Observer UID for this worker identity."""
         return deterministic_uid("cxr-device", self.name, self.ae_title)
+
+
+#: a heat map's hot region: where it reaches this fraction of its maximum
+HOT_LEVEL = 0.8
+
+
+def hot_region(
+    heatmap: np.ndarray, shape: tuple[int, int], level: float = HOT_LEVEL
+) -> CropInfo | None:
+    """The box, in pixels of an image of ``shape`` (rows, columns), around the largest connected
+    area where ``heatmap`` (any resolution, values >= 0) reaches ``level`` of its maximum.
+
+    ``None`` when the map is empty, flat or not finite: the caller falls back to the lung box.
+    """
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.ndim != 2 or heat.size == 0 or not np.isfinite(heat).all():
+        return None
+    top, low = float(heat.max()), float(heat.min())
+    if top <= 0 or top - low < 1e-6:
+        return None
+    hot = (heat >= low + level * (top - low)).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(hot, connectivity=8)
+    if count < 2:
+        return None
+    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x, y, w, h = (int(v) for v in stats[best, :4])
+    rows, cols = shape
+    sy, sx = rows / heat.shape[0], cols / heat.shape[1]
+    x0, y0 = int(math.floor(x * sx)), int(math.floor(y * sy))
+    x1, y1 = int(math.ceil((x + w) * sx)), int(math.ceil((y + h) * sy))
+    return CropInfo(max(0, x0), max(0, y0), min(cols, max(x1, x0 + 1)), min(rows, max(y1, y0 + 1)))
 
 
 # --- UIDs ---------------------------------------------------------------------------------------
@@ -215,8 +329,58 @@ def key_image_series_uid(study_instance_uid: str, device: DeviceInfo) -> str:
 # --- identity and header copies -----------------------------------------------------------------
 
 
+#: The attributes a report's images must agree on (after :func:`patient_identity`'s
+#: normalisation) before one report may weigh them together.
+IDENTITY_KEYWORDS = (
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+)
+
+
+class IdentityUnreadable(ValueError):
+    """An identity attribute cannot be decoded (wrong VR, bad bytes); the message names the
+    keyword, never the value."""
+
+
+def _norm(keyword: str, value: object) -> str:
+    text = str(value if value is not None else "")
+    if keyword == "PatientName":
+        # case, runs of spaces and trailing "^" padding do not make another person
+        groups = []
+        for group in text.split("="):
+            parts = [" ".join(p.split()).upper() for p in group.split("^")]
+            while parts and not parts[-1]:
+                parts.pop()
+            groups.append("^".join(parts))
+        while groups and not groups[-1]:
+            groups.pop()
+        return "=".join(groups)
+    return " ".join(text.split()).upper()
+
+
+def patient_identity(ds: Dataset) -> tuple[str, ...]:
+    """The normalised values of :data:`IDENTITY_KEYWORDS`, in that order; raises
+    :class:`IdentityUnreadable` naming the attribute that cannot be decoded."""
+    out = []
+    for kw in IDENTITY_KEYWORDS:
+        try:
+            value = ds.get(kw, "")
+            if value is not None and not isinstance(value, (str, bytes)) and kw != "PatientName":
+                raise TypeError(type(value).__name__)
+            out.append(_norm(kw, value))
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types; never show text
+            raise IdentityUnreadable(
+                f"{kw} cannot be decoded ({type(exc).__name__}); the image is not analysed"
+            ) from None
+    return tuple(out)
+
+
 def check_same_patient_and_study(datasets: Sequence[Dataset]) -> None:
-    """Raise ``ValueError`` unless every dataset has the same Patient ID, issuer and study.
+    """Raise ``ValueError`` unless every dataset has the same patient identity
+    (:data:`IDENTITY_KEYWORDS`, normalised) and study: the last line before a report is built.
 
     The message names SOP Instance UIDs and which attribute differs, never the values (PHI).
     """
@@ -229,16 +393,25 @@ def check_same_patient_and_study(datasets: Sequence[Dataset]) -> None:
                 f"source image {first.get('SOPInstanceUID', '?')} has no {kw}: refusing to write a "
                 "report that cannot be filed to a patient and study"
             )
+    ref = patient_identity(first)
     for ds in datasets[1:]:
-        for kw in ("PatientID", "IssuerOfPatientID", "StudyInstanceUID"):
-            a = str(first.get(kw, "") or "").strip()
-            b = str(ds.get(kw, "") or "").strip()
+        other = patient_identity(ds)
+        for kw, a, b in zip(IDENTITY_KEYWORDS, ref, other, strict=True):
             if a != b:
                 raise ValueError(
                     f"source images {first.get('SOPInstanceUID', '?')} and "
                     f"{ds.get('SOPInstanceUID', '?')} have different {kw}: refusing to write one "
-                    "report over two patients or studies; check the study's instances"
+                    "report over two patients; check the study's instances"
                 )
+        if (
+            str(first.get("StudyInstanceUID", "")).strip()
+            != str(ds.get("StudyInstanceUID", "")).strip()
+        ):
+            raise ValueError(
+                f"source images {first.get('SOPInstanceUID', '?')} and "
+                f"{ds.get('SOPInstanceUID', '?')} have different StudyInstanceUID: refusing to "
+                "write one report over two studies; check the study's instances"
+            )
 
 
 def source_header(ds: Dataset) -> Dataset:

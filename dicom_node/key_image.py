@@ -1,20 +1,32 @@
-"""A Secondary Capture "key image" for viewers that do not render Structured Reports.
+"""A Secondary Capture "key image" that tells the same story as the Structured Report.
 
-:func:`build_key_image` draws, on the windowed frontal image: the lung outline (green), the crop
-box (yellow), the heatmaps of the strongest present findings (up to three, each in its own colour,
-blended where the heatmap exceeds :data:`HEATMAP_FLOOR`), a banner "NOT FOR DIAGNOSTIC USE" and a
-legend with Model 1's result and the findings shown. It returns the RGB picture, its PNG bytes and
-an SC Image dataset in the same patient and study as the frontal image, in a series of its own,
-with Burned In Annotation YES and a deterministic SOP Instance UID (same inputs, same UID).
+For viewers that do not render Structured Reports. :func:`build_key_image` draws, from the same
+records the report is built from (:mod:`worker.results` fills both), three parts:
 
-No patient identifier is drawn into the pixels.
+- the **windowed frontal image** with the lung outline (green), the lung crop box (thin yellow),
+  the cardiothoracic-ratio lines when interpretable (cyan: cardiac, magenta: thoracic) and, for
+  each **Present** finding, the box the report marks it on, numbered and in its own colour. No
+  colour wash covers the anatomy;
+- a **text panel**: "NOT FOR DIAGNOSTIC USE", Model 1's decision with probability and threshold,
+  **every** Present Model 2 finding with probability and threshold (numbered as on the image),
+  the Absent ones summarised, the cardiothoracic ratio (or why it is not reported) and the lung
+  mask's QC state with the check it failed;
+- a **small-multiples strip**: one thumbnail per Present finding with a heat map, each showing
+  that finding's heat map alone, so maps never stack.
+
+It returns the RGB picture, its PNG bytes and an SC Image dataset in the same patient and study as
+the frontal image, in a series of its own, with Burned In Annotation YES and a deterministic SOP
+Instance UID (that of its report when given). Its Image Comments repeat the panel's findings as
+text (:func:`listed_present` reads them back), so a test or a person can check that the key
+image and the report say the same. No patient identifier is drawn into the pixels.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,38 +36,55 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node import derived
-from dicom_node.derived import AlgorithmInfo, CropInfo, DeviceInfo, FindingResult
+from dicom_node.derived import (
+    AlgorithmInfo,
+    CropInfo,
+    CtrInfo,
+    DeviceInfo,
+    FindingResult,
+    MaskQualityInfo,
+)
 
 log = logging.getLogger(__name__)
 
 BANNER = "NOT FOR DIAGNOSTIC USE"
 DEFAULT_SERIES_NUMBER = 9902
 SERIES_DESCRIPTION = "CXR AI key image - NOT FOR DIAGNOSTIC USE"
-HEATMAP_FLOOR = 0.4
-MAX_HEATMAPS = 3
+HEATMAP_FLOOR = 0.4  # a thumbnail colours its heat map only above this
 # BGR colours (OpenCV order)
 _LUNG = (0, 200, 0)
 _CROP = (0, 220, 255)
-_HEAT = [(0, 0, 255), (255, 0, 255), (255, 160, 0)]
-
-
-@dataclass(frozen=True)
-class ShownFinding:
-    """A finding as the picture needs it, when the caller has no threshold at hand."""
-
-    label: str
-    probability: float
-    present: bool
-
-    def __post_init__(self) -> None:
-        derived.require_str(self.label, "ShownFinding.label")
-        derived.require_probability(self.probability, f"{self.label} probability")
+_CARDIAC = (255, 255, 0)
+_THORACIC = (255, 0, 255)
+_WHITE, _GREY, _RED, _ORANGE, _GREEN = (
+    (255, 255, 255),
+    (170, 170, 170),
+    (40, 40, 255),
+    (0, 165, 255),
+    (80, 220, 80),
+)
+#: one colour per Present finding, in report order (distinct from the outline colours)
+PALETTE = [
+    (40, 40, 255),
+    (255, 140, 40),
+    (60, 200, 255),
+    (200, 90, 255),
+    (80, 255, 160),
+    (255, 90, 160),
+    (0, 128, 255),
+    (180, 255, 60),
+    (255, 200, 120),
+    (120, 120, 255),
+]
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
 @dataclass
 class KeyImageInput:
     """What the key image shows. ``image`` is :attr:`dicom_node.pixels.DecodedImage.pixels`.
 
+    ``findings`` are Model 2's results with their thresholds, ``regions`` the boxes the report
+    marks Present findings on (a Present finding without one is numbered on the lung crop box).
     The SOP Instance UID derives from ``report_uid`` when given (the key image belongs to that
     report), else from the frontal image and ``algorithms``.
     """
@@ -63,15 +92,19 @@ class KeyImageInput:
     frontal: Dataset  # the source frontal image (header suffices)
     image: np.ndarray  # float32 (rows, cols) in [0, 1], 0 = black
     model1: FindingResult | None
-    findings: Sequence[FindingResult | ShownFinding]
+    findings: Sequence[FindingResult]
     algorithms: list[AlgorithmInfo] = field(default_factory=list)
     report_uid: str | None = None
     lung_mask: np.ndarray | None = None  # 0/1 at the image's resolution
     crop: CropInfo | None = None
     heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # label -> [0, 1], any size
+    regions: Mapping[str, CropInfo] = field(default_factory=dict)  # label -> box, frontal pixels
+    mask_quality: MaskQualityInfo | None = None
+    ctr: CtrInfo | None = None
     device: DeviceInfo = field(default_factory=DeviceInfo)
     max_side: int = 1024  # the picture is downscaled so its longer side is at most this
     series_number: int = DEFAULT_SERIES_NUMBER
+    instance_number: int = 1
     content_datetime: _dt.datetime | None = None
 
     def __post_init__(self) -> None:
@@ -86,13 +119,25 @@ class KeyImageInput:
                 f"got {type(self.model1).__name__}"
             )
         for i, f in enumerate(self.findings):
-            if not isinstance(f, FindingResult | ShownFinding):
+            if not isinstance(f, FindingResult):
                 raise TypeError(
-                    f"KeyImageInput.findings[{i}] must be a FindingResult or ShownFinding, "
-                    f"got {type(f).__name__}"
+                    f"KeyImageInput.findings[{i}] must be a FindingResult, got {type(f).__name__}"
+                )
+        for name, kind in (("mask_quality", MaskQualityInfo), ("ctr", CtrInfo)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(
+                    f"KeyImageInput.{name} must be a {kind.__name__} or None, "
+                    f"got {type(value).__name__}"
                 )
         derived.require_int(self.max_side, "KeyImageInput.max_side", minimum=1)
         derived.require_int(self.series_number, "KeyImageInput.series_number", minimum=1)
+        derived.require_int(self.instance_number, "KeyImageInput.instance_number", minimum=1)
+
+    @property
+    def present(self) -> list[FindingResult]:
+        """The Present Model 2 findings, in report order: every one is listed and numbered."""
+        return [f for f in self.findings if f.present]
 
 
 @dataclass(frozen=True)
@@ -100,7 +145,8 @@ class KeyImage:
     dataset: Dataset  # Secondary Capture Image Storage, RGB, 8 bit
     rgb: np.ndarray  # uint8 (rows, cols, 3)
     png: bytes
-    shown: list[str]  # labels whose heatmaps are drawn, strongest first
+    listed: list[FindingResult]  # the Present findings the panel lists, numbered 1..n
+    shown: list[str]  # labels whose heat maps the strip shows
 
 
 def key_image_uid(
@@ -116,46 +162,54 @@ def key_image_uid(
     return derived.deterministic_uid("cxr-key-image-v1", derived.report_uid([frontal], algorithms))
 
 
-def _strongest(inp: KeyImageInput) -> list[FindingResult | ShownFinding]:
-    present = [
-        f for f in inp.findings if f.present and f.label in inp.heatmaps and f.label != "No Finding"
-    ]
-    return sorted(present, key=lambda f: (-f.probability, f.label))[:MAX_HEATMAPS]
+# --- drawing ------------------------------------------------------------------------------------
 
 
 def _text(
-    img: np.ndarray, text: str, org: tuple[int, int], scale: float, color: tuple[int, int, int]
+    img: np.ndarray,
+    text: str,
+    org: tuple[int, int],
+    scale: float,
+    color: tuple[int, int, int],
+    *,
+    outline: bool = True,
 ) -> None:
-    thickness = max(1, int(round(scale * 2)))
-    cv2.putText(
-        img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA
-    )
-    cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thickness, cv2.LINE_AA)
+    """``text`` at ``org``; ``outline`` (for text over the image) adds a black halo."""
+    thickness = max(1, int(round(scale * 1.6)))
+    if outline:
+        cv2.putText(img, text, org, _FONT, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+    cv2.putText(img, text, org, _FONT, scale, color, thickness, cv2.LINE_AA)
 
 
-def render(inp: KeyImageInput) -> tuple[np.ndarray, list[str]]:
-    """The annotated picture as RGB uint8, and the labels whose heatmaps it shows."""
-    image = np.asarray(inp.image, dtype=np.float32)
-    if image.ndim != 2 or min(image.shape) < 8:
-        raise ValueError(f"key image: expected a 2-D image, got shape {image.shape}")
-    h0, w0 = image.shape
-    scale = min(1.0, inp.max_side / max(h0, w0))
-    h, w = max(1, int(round(h0 * scale))), max(1, int(round(w0 * scale)))
+def _wrap(text: str, width: int, scale: float) -> list[str]:
+    """``text`` in lines that fit ``width`` pixels at font ``scale`` (continuations indented)."""
+    thickness = max(1, int(round(scale * 1.6)))
+    lines: list[str] = []
+    line = ""
+    for word in text.split(" "):
+        trial = f"{line} {word}" if line else word
+        if line and cv2.getTextSize(trial, _FONT, scale, thickness)[0][0] > width:
+            lines.append(line)
+            line = "    " + word
+        else:
+            line = trial
+    if line:
+        lines.append(line)
+    return lines
+
+
+def _color(i: int) -> tuple[int, int, int]:
+    return PALETTE[i % len(PALETTE)]
+
+
+def _grey(image: np.ndarray, w: int, h: int) -> np.ndarray:
     gray = cv2.resize(np.clip(image, 0, 1), (w, h), interpolation=cv2.INTER_AREA)
-    canvas = cv2.cvtColor((gray * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    return np.asarray(cv2.cvtColor((gray * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR))
 
-    shown = _strongest(inp)
-    for color, finding in zip(_HEAT, shown, strict=False):
-        heat = cv2.resize(
-            np.clip(np.asarray(inp.heatmaps[finding.label], dtype=np.float32), 0, 1), (w, h)
-        )
-        alpha = np.clip((heat - HEATMAP_FLOOR) / (1 - HEATMAP_FLOOR), 0, 1)[..., None] * 0.45
-        canvas = (canvas * (1 - alpha) + np.array(color, dtype=np.float32) * alpha).astype(np.uint8)
-        level = ((heat >= 0.6) * 255).astype(np.uint8)
-        contours, _ = cv2.findContours(level, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(canvas, contours, -1, color, max(1, w // 500))
 
-    line = max(2, w // 300)
+def _main(inp: KeyImageInput, w: int, h: int, scale: float) -> np.ndarray:
+    canvas = _grey(np.asarray(inp.image, dtype=np.float32), w, h)
+    line = max(2, w // 400)
     if inp.lung_mask is not None:
         mask = cv2.resize(
             (np.asarray(inp.lung_mask) > 0).astype(np.uint8),
@@ -164,37 +218,228 @@ def render(inp: KeyImageInput) -> tuple[np.ndarray, list[str]]:
         )
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(canvas, contours, -1, _LUNG, line)
-    if inp.crop is not None:
-        c = inp.crop
-        p0 = (int(c.x0 * scale), int(c.y0 * scale))
-        p1 = (int(max(c.x1 - 1, c.x0) * scale), int(max(c.y1 - 1, c.y0) * scale))
-        cv2.rectangle(canvas, p0, p1, _CROP, line)
+    lung = inp.crop
+    if lung is not None:
+        cv2.rectangle(
+            canvas,
+            (int(lung.x0 * scale), int(lung.y0 * scale)),
+            (int(max(lung.x1 - 1, lung.x0) * scale), int(max(lung.y1 - 1, lung.y0) * scale)),
+            _CROP,
+            max(1, line // 2),
+        )
+    if inp.ctr is not None and inp.ctr.shown:
+        for seg, color in ((inp.ctr.thoracic, _THORACIC), (inp.ctr.cardiac, _CARDIAC)):
+            p0 = (int(seg.x0 * scale), int(seg.y0 * scale))
+            p1 = (int(seg.x1 * scale), int(seg.y1 * scale))
+            cv2.line(canvas, p0, p1, color, line, cv2.LINE_AA)
+            for p in (p0, p1):
+                cv2.line(canvas, (p[0], p[1] - 3 * line), (p[0], p[1] + 3 * line), color, line)
+        c = inp.ctr.cardiac
+        _text(
+            canvas,
+            f"CTR {inp.ctr.ratio:.2f}",
+            (int(min(c.x0, c.x1) * scale), int(c.y0 * scale) - 4 * line),
+            max(0.5, w / 1800),
+            _CARDIAC,
+        )
+    tags_at: dict[CropInfo, int] = {}
+    for i, f in enumerate(inp.present):
+        box = _region(inp, f.label)
+        if box is None:
+            continue
+        color = _color(i)
+        inset = 2 * i  # findings sharing a box stay distinguishable
+        p0 = (int(box.x0 * scale) + inset, int(box.y0 * scale) + inset)
+        p1 = (
+            int(max(box.x1 - 1, box.x0) * scale) - inset,
+            int(max(box.y1 - 1, box.y0) * scale) - inset,
+        )
+        cv2.rectangle(canvas, p0, p1, color, max(1, line - 1))
+        tag = str(i + 1)
+        fs = max(0.55, w / 1500)
+        (tw, th), _ = cv2.getTextSize(tag, _FONT, fs, 2)
+        shift = tags_at.get(box, 0)  # tags of findings sharing a box sit side by side
+        tags_at[box] = shift + 1
+        x = min(max(p0[0] + shift * (tw + 10), 0), w - tw - 6)
+        y = min(max(p0[1], th + 6), h - 4)
+        cv2.rectangle(canvas, (x, y - th - 6), (x + tw + 6, y), color, -1)
+        cv2.putText(canvas, tag, (x + 3, y - 3), _FONT, fs, (0, 0, 0), 2, cv2.LINE_AA)
+    return canvas
 
-    # banner and legend in bands added above and below, so nothing covers the anatomy
-    font = max(0.5, w / 1400)
-    band = int(40 * font) + 10
-    top = np.zeros((band, w, 3), np.uint8)
-    _text(top, BANNER, (10, band - 12), font * 1.2, (0, 0, 255))
-    rows: list[str] = []
-    colors: list[tuple[int, int, int]] = []
+
+def _region(inp: KeyImageInput, label: str) -> CropInfo | None:
+    """Where a Present finding is numbered: the report's box for it, else the box around its
+    heat map's hot area (the same rule the worker uses for the report), else the lung box."""
+    box = inp.regions.get(label)
+    if box is None and label in inp.heatmaps:
+        rows, cols = np.asarray(inp.image).shape[:2]
+        box = derived.hot_region(inp.heatmaps[label], (int(rows), int(cols)))
+    return box or inp.crop
+
+
+def _panel_lines(inp: KeyImageInput) -> list[tuple[str, tuple[int, int, int]]]:
+    rows: list[tuple[str, tuple[int, int, int]]] = [(BANNER, _RED)]
     if inp.model1 is not None:
         m1 = inp.model1
+        verdict = "ABNORMAL" if m1.present else "no abnormality detected"
         rows.append(
-            f"Model 1: {'ABNORMAL' if m1.present else 'no abnormality'} "
-            f"(p={m1.probability:.2f}, threshold {m1.threshold:.2f})"
+            (
+                f"Model 1: {verdict}  p={m1.probability:.2f} (threshold {m1.threshold:.2f})",
+                _ORANGE if m1.present else _GREEN,
+            )
         )
-        colors.append((255, 255, 255))
-    for color, f in zip(_HEAT, shown, strict=False):
-        rows.append(f"{f.label}: p={f.probability:.2f}")
-        colors.append(color)
-    rows.append("green: lung outline   yellow: crop box")
-    colors.append((200, 200, 200))
-    step = int(30 * font) + 6
-    bottom = np.zeros((step * len(rows) + 10, w, 3), np.uint8)
-    for i, (text, color) in enumerate(zip(rows, colors, strict=True)):
-        _text(bottom, text, (10, step * (i + 1)), font, color)
-    canvas = np.vstack([top, canvas, bottom])
-    return cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB), [f.label for f in shown]
+    present = inp.present
+    rows.append(
+        (
+            f"Model 2: {len(present)} of {len(inp.findings)} findings Present (p >= threshold)",
+            _WHITE,
+        )
+    )
+    for i, f in enumerate(present):
+        rows.append(
+            (f"{i + 1}  {f.label}  p={f.probability:.2f} (threshold {f.threshold:.2f})", _color(i))
+        )
+    absent = [f for f in inp.findings if not f.present]
+    if absent:
+        rows.append((f"Absent: {', '.join(f.label for f in absent)}", _GREY))
+    if inp.ctr is not None:
+        if inp.ctr.shown:
+            rows.append(
+                (
+                    f"Cardiothoracic ratio {inp.ctr.ratio:.2f} (cyan: cardiac, magenta: thoracic)",
+                    _CARDIAC,
+                )
+            )
+        else:
+            why = inp.ctr.reason or "not interpretable on this image"
+            rows.append((f"Cardiothoracic ratio not reported: {why}", _GREY))
+    if inp.mask_quality is not None:
+        q = inp.mask_quality
+        rows.append(
+            (
+                f"Lung mask QC: {q.state}" + ("" if q.ok else "; full image analysed"),
+                _GREEN if q.ok else _ORANGE,
+            )
+        )
+    rows.append(
+        ("green: lung outline   yellow: lung crop box   numbered boxes: Present findings", _GREY)
+    )
+    return rows
+
+
+def _panel(inp: KeyImageInput, width: int, height: int) -> np.ndarray:
+    scale = max(0.5, min(0.75, width / 900))
+    step = int(34 * scale) + 6
+    lines: list[tuple[str, tuple[int, int, int]]] = []
+    for text, color in _panel_lines(inp):
+        lines += [(part, color) for part in _wrap(text, width - 24, scale)]
+    height = max(height, step * (len(lines) + 1))
+    panel = np.full((height, width, 3), 24, np.uint8)
+    for i, (text, color) in enumerate(lines):
+        size = scale * (1.2 if i == 0 else 1.0)
+        _text(panel, text, (12, step * (i + 1)), size, color, outline=False)
+    return panel
+
+
+def _strip(inp: KeyImageInput, width: int) -> tuple[np.ndarray | None, list[str]]:
+    """One thumbnail per Present finding with a heat map, that map alone over the image."""
+    items = [(i, f) for i, f in enumerate(inp.present) if f.label in inp.heatmaps]
+    if not items:
+        return None, []
+    image = np.asarray(inp.image, dtype=np.float32)
+    h0, w0 = image.shape
+    per_row = max(1, min(len(items), width // 220))
+    tw = min(width // per_row, 320)
+    th = max(1, int(round(tw * h0 / w0)))
+    label_h = 30
+    rows = (len(items) + per_row - 1) // per_row
+    strip = np.full((rows * (th + label_h), width, 3), 24, np.uint8)
+    base = _grey(image, tw, th)
+    for k, (i, f) in enumerate(items):
+        heat = cv2.resize(
+            np.clip(np.asarray(inp.heatmaps[f.label], dtype=np.float32), 0, 1), (tw, th)
+        )
+        colored = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
+        alpha = (np.clip((heat - HEATMAP_FLOOR) / (1 - HEATMAP_FLOOR), 0, 1) * 0.5)[..., None]
+        thumb = (base * (1 - alpha) + colored * alpha).astype(np.uint8)
+        r, c = divmod(k, per_row)
+        y, x = r * (th + label_h), c * tw
+        strip[y : y + th, x : x + tw] = thumb
+        cv2.rectangle(strip, (x, y), (x + tw - 1, y + th - 1), _color(i), 2)
+        _text(strip, f"{i + 1} {f.label}"[:30], (x + 4, y + th + 21), 0.5, _color(i), outline=False)
+    return strip, [f.label for _, f in items]
+
+
+def render(inp: KeyImageInput) -> tuple[np.ndarray, list[str]]:
+    """The annotated picture as RGB uint8, and the labels whose heat maps the strip shows."""
+    image = np.asarray(inp.image, dtype=np.float32)
+    if image.ndim != 2 or min(image.shape) < 8:
+        raise ValueError(f"key image: expected a 2-D image, got shape {image.shape}")
+    h0, w0 = image.shape
+    scale = min(1.0, inp.max_side / max(h0, w0))
+    w, h = max(1, int(round(w0 * scale))), max(1, int(round(h0 * scale)))
+    main = _main(inp, w, h, scale)
+    panel = _panel(inp, max(560, int(w * 0.6)), h)
+    if panel.shape[0] > h:  # a long list: pad the image below instead of cutting the text
+        main = np.vstack([main, np.full((panel.shape[0] - h, w, 3), 24, np.uint8)])
+    top = np.hstack([main, panel])
+    band = np.zeros((44, top.shape[1], 3), np.uint8)
+    _text(band, BANNER, (10, 32), 0.9, _RED, outline=False)
+    parts = [band, top]
+    strip, shown = _strip(inp, top.shape[1])
+    if strip is not None:
+        parts.append(strip)
+    canvas = np.vstack(parts)
+    return cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB), shown
+
+
+# --- the DICOM object ---------------------------------------------------------------------------
+
+
+def comments(inp: KeyImageInput) -> str:
+    """The Image Comments: the findings the picture lists, as text."""
+    parts = [f"{BANNER}. Annotated copy of the frontal image."]
+    if inp.model1 is not None:
+        m1 = inp.model1
+        parts.append(
+            f"Model 1: {'ABNORMAL' if m1.present else 'no abnormality detected'} "
+            f"p={m1.probability:.2f} (threshold {m1.threshold:.2f})."
+        )
+    present = inp.present
+    parts.append(
+        "Present: "
+        + (
+            "; ".join(
+                f"{f.label} p={f.probability:.2f} (threshold {f.threshold:.2f})" for f in present
+            )
+            if present
+            else "none"
+        )
+        + "."
+    )
+    absent = [f.label for f in inp.findings if not f.present]
+    if absent:
+        parts.append(f"Absent: {', '.join(absent)}.")
+    if inp.mask_quality is not None:
+        parts.append(f"Lung mask QC: {inp.mask_quality.state}.")
+    if inp.ctr is not None:
+        parts.append(
+            f"Cardiothoracic ratio: {inp.ctr.ratio:.2f}."
+            if inp.ctr.shown
+            else f"Cardiothoracic ratio not reported: {inp.ctr.reason or 'not interpretable'}."
+        )
+    return " ".join(parts)[:10240]
+
+
+_PRESENT = re.compile(r"Present: (.*?)\.(?: [A-Z]|$)")
+
+
+def listed_present(ds: Dataset) -> list[str]:
+    """The labels of the Present findings a key image lists (from its Image Comments)."""
+    m = _PRESENT.search(str(ds.get("ImageComments", "")))
+    if m is None or m.group(1) == "none":
+        return []
+    return [part.split(" p=")[0] for part in m.group(1).split("; ")]
 
 
 def build_key_image(inp: KeyImageInput) -> KeyImage:
@@ -210,12 +455,12 @@ def build_key_image(inp: KeyImageInput) -> KeyImage:
         sc = _sc_image(inp, header, rgb, sop_uid, series_uid, orientation if known else None)
     if not known:
         sc.PatientOrientation = ""  # type: ignore[assignment]  # type 2: present, empty when the source did not say
-    _describe(sc, inp, header, shown)
+    _describe(sc, inp, header)
     derived.sanitize_copied_attributes(sc)
     ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:  # pragma: no cover - OpenCV failure
         raise ValueError(f"key image {sop_uid}: PNG encoding failed")
-    return KeyImage(dataset=sc, rgb=rgb, png=png.tobytes(), shown=shown)
+    return KeyImage(dataset=sc, rgb=rgb, png=png.tobytes(), listed=inp.present, shown=shown)
 
 
 def _sc_image(
@@ -235,7 +480,7 @@ def _sc_image(
         series_instance_uid=series_uid,
         series_number=inp.series_number,
         sop_instance_uid=sop_uid,
-        instance_number=1,
+        instance_number=inp.instance_number,
         manufacturer=inp.device.manufacturer,
         # highdicom insists on a value; an unknown one is emptied by the caller
         patient_orientation=(
@@ -244,7 +489,7 @@ def _sc_image(
     )
 
 
-def _describe(sc: Dataset, inp: KeyImageInput, header: Dataset, shown: list[str]) -> None:
+def _describe(sc: Dataset, inp: KeyImageInput, header: Dataset) -> None:
     # Laterality is type 2C (paired body parts only): naming the body part lets validators see
     # that a chest needs none; when the source does not name it, say it is unknown (empty)
     if header.get("BodyPartExamined"):
@@ -255,11 +500,10 @@ def _describe(sc: Dataset, inp: KeyImageInput, header: Dataset, shown: list[str]
     sc.RecognizableVisualFeatures = "NO"
     sc.LossyImageCompression = "00"
     sc.SeriesDescription = SERIES_DESCRIPTION
-    sc.ImageComments = f"{BANNER}. Annotated copy of the frontal image; findings: " + (
-        ", ".join(shown) if shown else "none shown"
-    )
+    sc.ImageComments = comments(inp)
     sc.DerivationDescription = "Downscaled, windowed frontal radiograph with model annotations"
     sc.ImageType = ["DERIVED", "SECONDARY"]
+    # the product and its version, never the host or process name
     sc.ManufacturerModelName = inp.device.name[:64]
     sc.SoftwareVersions = inp.device.version[:64]
     ref = Dataset()
@@ -269,6 +513,7 @@ def _describe(sc: Dataset, inp: KeyImageInput, header: Dataset, shown: list[str]
     when = inp.content_datetime or _dt.datetime.now()
     sc.ContentDate = when.strftime("%Y%m%d")
     sc.ContentTime = when.strftime("%H%M%S")
+    sc.SeriesDate, sc.SeriesTime = sc.ContentDate, sc.ContentTime
     sc.InstanceCreationDate, sc.InstanceCreationTime = sc.ContentDate, sc.ContentTime
 
 

@@ -1,39 +1,55 @@
-"""The findings of one study as a DICOM TID 1500 Measurement Report (Comprehensive 3D SR).
+"""The findings of one study as a DICOM TID 1500 Measurement Report (Enhanced SR).
 
 :func:`build_report` turns a :class:`ReportInput` (the source images' headers, the model outputs
-and the device's identity) into a :class:`highdicom.sr.Comprehensive3DSR`:
+and the device's identity) into a :class:`highdicom.sr.EnhancedSR`: Enhanced SR because everything
+in it is 2-D image coordinates (no SCOORD3D, no by-reference relationships); OHIF's SR handler,
+dcmtk and highdicom all read it. The document:
 
 - the **same patient and study** as the source images (their Patient and General Study modules
   are copied), in a series of its own. It refuses, with ``ValueError``, images that disagree on
   Patient ID, Issuer of Patient ID or Study Instance UID: never a report for the wrong patient;
-- **observer context**: a device observer (the worker's name, version and AE title, TID 1004);
+- **observer context**: a device observer (the product's name and version, the AE title,
+  TID 1004);
 - **procedure reported**: LOINC 36643-5 "XR Chest 2 Views" (frontal + lateral) or 36554-4 "XR Chest
   Single view";
+- **qualitative evaluations** (TID 1500 rows 12-14) placed right after the procedure, so that a
+  text reader (dsrdump, a text-only viewer) meets it first: a **summary** text (Model 1's
+  decision, the Present findings with probability and threshold, the Absent ones, the
+  cardiothoracic ratio, the lung-mask QC state and failing check, "NOT FOR DIAGNOSTIC USE", the
+  report it replaces), then each **Absent** Model 2 finding as ``<finding> = Absent`` inferred
+  from its probability and threshold, the lung-mask QC as ``acceptable``/``rejected`` inferred
+  from its measurements, and the notes (crop box, each model's weights hash, once);
 - **image library** (TID 1600) listing the frontal and, when present, the lateral image;
-- per finding a **measurement group** (TID 1501): tracking identifier, finding type, Algorithm
-  Identification (TID 4019: model name, version, weight SHA-256 and architecture as parameters),
-  the probability (DCM 122157, unit ``{probability}``), the decision threshold, and a qualitative
-  evaluation Present/Absent at the model card's threshold. Model 1 ("Abnormal") comes first,
-  then Model 2's observations, then a lung-mask quality group (area fraction, left/right
-  balance, acceptable/rejected);
-- a root **Qualitative Evaluations** container (TID 1500 row 12) with free text: "NOT FOR
-  DIAGNOSTIC USE", the crop box and the lung-mask quality flags;
+- **imaging measurements**, every group marked on the frontal image so a viewer can show it:
+  Model 1's decision (TID 1410, region: the lung crop box, else the whole image), one TID 1410
+  group per **Present** Model 2 finding (region: the box around its Grad-CAM hot area, else the
+  lung box), each with the probability (a NUM named by the finding's code, unit
+  ``{probability}``, with the decision threshold as its property) and ``<finding> = Present``;
+  and, when the models
+  measured an interpretable one, the **cardiothoracic ratio** (TID 1501) with the cardiac and
+  thoracic widths each inferred from its line;
 - a **deterministic SOP Instance UID** (:func:`~dicom_node.derived.report_uid`) from the source SOP
   Instance UIDs and the model names, versions and weight hashes: sending the same analysis twice
   never creates two documents; a re-analysis after late images has other sources, so a new UID,
-  and lists the report it replaces in the Predecessor Documents Sequence.
+  a higher Instance Number, and lists the report it replaces in the Predecessor Documents
+  Sequence and the summary.
 
-:func:`read_report` and :func:`read_findings` read a written report back. UIDs, the PHI-safe header
-copy and the atomic write live in :mod:`dicom_node.derived` (shared with the key image); the names
-the worker uses (``FindingResult``, ``AlgorithmInfo``, ``DeviceInfo``, ``CropInfo``,
-``report_series_uid``) are re-exported here. See :mod:`dicom_node.codes` for every code used.
+Why that shape: OHIF (3.13) throws on a measurement group with no image coordinates and labels
+each drawn measurement with its NUMs' names and values, so every group has coordinates and the
+probability NUM carries the finding's name; Absent findings stay structured (and readable back)
+without cluttering the image.
+
+:func:`~dicom_node.sr_read.read_report` and :func:`~dicom_node.sr_read.read_findings` read a
+written report back (re-exported here). UIDs, the PHI-safe header copy and the atomic write live
+in :mod:`dicom_node.derived` (shared with the key image); the content items in
+:mod:`dicom_node.sr_content`. See :mod:`dicom_node.codes` for every code used.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,30 +62,44 @@ from dicom_node import codes
 from dicom_node.derived import (
     AlgorithmInfo,
     CropInfo,
+    CtrInfo,
     DeviceInfo,
     FindingResult,
+    LineInfo,
+    MaskQualityInfo,
     atomic_write,
     check_same_patient_and_study,
-    deterministic_uid,
     no_person_name_warnings,
     report_series_uid,
     report_uid,
     require_int,
-    require_number,
     require_str,
-    require_str_fields,
     sanitize_copied_attributes,
     source_header,
 )
+from dicom_node.sr_content import (
+    MODEL1,
+    MODEL2,
+    NOT_FOR_DIAGNOSTIC_USE,
+    ctr_group,
+    finding_group,
+    qualitative_evaluations,
+)
+from dicom_node.sr_read import ReportedFinding, read_findings, read_report
 
 __all__ = [
     "DEFAULT_SERIES_NUMBER",
+    "MODEL1",
+    "MODEL2",
     "NOT_FOR_DIAGNOSTIC_USE",
     "SERIES_DESCRIPTION",
+    "SR_SOP_CLASS",
     "AlgorithmInfo",
     "CropInfo",
+    "CtrInfo",
     "DeviceInfo",
     "FindingResult",
+    "LineInfo",
     "MaskQualityInfo",
     "PreviousReport",
     "ReportInput",
@@ -84,34 +114,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-NOT_FOR_DIAGNOSTIC_USE = (
-    "NOT FOR DIAGNOSTIC USE. Research-grade model outputs produced without radiologist review."
-)
 DEFAULT_SERIES_NUMBER = 9901
 SERIES_DESCRIPTION = "CXR AI findings - NOT FOR DIAGNOSTIC USE"
 #: Model 1's one label: the study is abnormal (its finding type is :data:`codes.ABNORMAL`).
 MODEL1_LABEL = "Abnormal"
-MODEL1, MODEL2 = "Model 1", "Model 2"
+SR_SOP_CLASS = pydicom.uid.EnhancedSRStorage
 
 
 # --- inputs (the worker converts the models' outputs into these) -------------------------------
-
-
-@dataclass(frozen=True)
-class MaskQualityInfo:
-    """Plausibility of the lung mask; ``ok`` False means the full image was analysed."""
-
-    area_fraction: float
-    components: int
-    left_right_balance: float
-    ok: bool
-    reason: str = ""
-
-    def __post_init__(self) -> None:
-        require_number(self.area_fraction, "MaskQualityInfo.area_fraction")
-        require_number(self.left_right_balance, "MaskQualityInfo.left_right_balance")
-        require_int(self.components, "MaskQualityInfo.components")
-        require_str_fields(self, "reason")
 
 
 @dataclass(frozen=True)
@@ -121,7 +131,7 @@ class PreviousReport:
     study_instance_uid: str
     series_instance_uid: str
     sop_instance_uid: str
-    sop_class_uid: str = pydicom.uid.Comprehensive3DSRStorage
+    sop_class_uid: str = SR_SOP_CLASS
 
     def __post_init__(self) -> None:
         for attr in ("study_instance_uid", "series_instance_uid", "sop_instance_uid"):
@@ -146,7 +156,10 @@ class ReportInput:
     """Everything one report (TID 1500) says; checked when built, so a bad value names itself.
 
     ``frontal``/``lateral`` are the source images (headers suffice). ``model1`` is Model 1's
-    result, labelled ``"Abnormal"``; ``findings`` are Model 2's, each label once.
+    result, labelled ``"Abnormal"``; ``findings`` are Model 2's, each label once. ``regions``
+    maps a finding's label to the box (frontal pixels) around its heat map's hot area
+    (:func:`~dicom_node.derived.hot_region`); a Present finding without one is marked on the
+    lung crop box. ``ctr`` is drawn only when interpretable.
     """
 
     frontal: Dataset
@@ -165,6 +178,12 @@ class ReportInput:
     #: SOP Instance UIDs of every image the analysis weighed
     considered_instances: Sequence[str] = ()
     content_datetime: _dt.datetime | None = None  # defaults to now
+    #: InstanceNumber of the report (and its key image): 1, then one more per re-analysis
+    instance_number: int = 1
+    #: why this report replaces ``previous`` (e.g. "a late image arrived"); no patient data
+    supersedes_reason: str = ""
+    regions: Mapping[str, CropInfo] = field(default_factory=dict)
+    ctr: CtrInfo | None = None
 
     def __post_init__(self) -> None:
         _require_instance(self.frontal, Dataset, "frontal")
@@ -203,6 +222,13 @@ class ReportInput:
         for i, uid in enumerate(self.considered_instances):
             require_str(uid, f"ReportInput.considered_instances[{i}]")
         _require_instance(self.content_datetime, (_dt.datetime, type(None)), "content_datetime")
+        require_int(self.instance_number, "ReportInput.instance_number", minimum=1)
+        require_str(self.supersedes_reason, "ReportInput.supersedes_reason")
+        for label, box in self.regions.items():
+            _require_instance(box, CropInfo, f"regions[{label!r}]")
+            if label not in seen:
+                raise ValueError(f"ReportInput.regions names {label!r}, which is not a finding")
+        _require_instance(self.ctr, (CtrInfo, type(None)), "ctr")
 
     @property
     def sources(self) -> list[Dataset]:
@@ -214,6 +240,18 @@ class ReportInput:
         if self.lung_mask_algorithm is not None:
             algos.append(self.lung_mask_algorithm)
         return algos
+
+    @property
+    def lung_box(self) -> CropInfo:
+        """Where the study-level decision is marked: the lung crop box, else the whole image."""
+        if self.crop is not None and self.crop.x1 > self.crop.x0 and self.crop.y1 > self.crop.y0:
+            return self.crop
+        return CropInfo(0, 0, int(self.frontal.Columns), int(self.frontal.Rows))
+
+    def region(self, label: str) -> CropInfo:
+        """The box a Present finding is marked on."""
+        box = self.regions.get(label)
+        return box if box is not None and box.x1 > box.x0 and box.y1 > box.y0 else self.lung_box
 
 
 # --- content ------------------------------------------------------------------------------------
@@ -261,140 +299,6 @@ def _library_stub(ds: Dataset) -> Dataset:
     return stub
 
 
-def _algorithm_id(a: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
-    params = [f"weights_sha256={a.sha256}"]
-    if a.architecture:
-        params.append(f"architecture={a.architecture}")
-    return hd.sr.AlgorithmIdentification(
-        name=a.name[:64] or "unnamed",
-        version=a.version[:64] or "unknown",
-        parameters=params,
-        family=codes.ARTIFICIAL_INTELLIGENCE,
-    )
-
-
-def _tracking(report_sop_uid: str, label: str, text: str) -> hd.sr.TrackingIdentifier:
-    return hd.sr.TrackingIdentifier(
-        uid=deterministic_uid(report_sop_uid, "tracking", label),
-        identifier=text[:64],
-    )
-
-
-def _finding_group(
-    f: FindingResult,
-    algo: AlgorithmInfo,
-    sop_uid: str,
-    title: str,
-    sources: list[hd.sr.SourceImageForMeasurementGroup],
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    code = codes.finding_code(f.label)
-    p, t = float(f.probability), float(f.threshold)  # in [0, 1]: FindingResult checked them
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(sop_uid, f.label, f"{title}: {f.label}"),
-        finding_type=code,
-        algorithm_id=_algorithm_id(algo),
-        measurements=[
-            hd.sr.Measurement(
-                name=codes.PROBABILITY, value=round(p, 6), unit=codes.UNIT_PROBABILITY
-            ),
-            hd.sr.Measurement(
-                name=codes.DECISION_THRESHOLD, value=round(t, 6), unit=codes.UNIT_PROBABILITY
-            ),
-        ],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=code, value=codes.PRESENT if p >= t else codes.ABSENT)
-        ],
-        source_images=sources,
-    )
-
-
-def _mask_group(
-    inp: ReportInput, sop_uid: str
-) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
-    q = inp.mask_quality
-    if q is None:
-        return None
-    measurements = [
-        hd.sr.Measurement(
-            name=codes.LUNG_MASK_AREA_FRACTION,
-            value=round(float(q.area_fraction), 6),
-            unit=codes.UNIT_RATIO,
-        ),
-        hd.sr.Measurement(
-            name=codes.LUNG_MASK_BALANCE,
-            value=round(float(q.left_right_balance), 6),
-            unit=codes.UNIT_RATIO,
-        ),
-    ]
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(sop_uid, "lung-mask", "Lung mask quality"),
-        finding_type=codes.LUNG_MASK_QUALITY,
-        algorithm_id=_algorithm_id(inp.lung_mask_algorithm) if inp.lung_mask_algorithm else None,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.LUNG)],
-        measurements=measurements,
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(
-                name=codes.LUNG_MASK_QUALITY,
-                value=codes.LUNG_MASK_ACCEPTABLE if q.ok else codes.LUNG_MASK_REJECTED,
-            )
-        ],
-        source_images=[
-            hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=str(inp.frontal.SOPClassUID),
-                referenced_sop_instance_uid=str(inp.frontal.SOPInstanceUID),
-            )
-        ],
-    )
-
-
-def _free_text(inp: ReportInput) -> list[str]:
-    lines = [NOT_FOR_DIAGNOSTIC_USE]
-    if inp.crop is not None:
-        c = inp.crop
-        lines.append(
-            f"Lung crop box on the frontal image (pixels): x0={c.x0} y0={c.y0} x1={c.x1} y1={c.y1}"
-        )
-    if inp.mask_quality is not None:
-        q = inp.mask_quality
-        state = (
-            "acceptable"
-            if q.ok
-            else f"REJECTED ({q.reason or 'no reason given'}); the full image was analysed"
-        )
-        lines.append(
-            f"Lung mask {state}: area fraction {q.area_fraction:.3f}, components {q.components}, "
-            f"left/right balance {q.left_right_balance:.3f}"
-        )
-    lines.append(
-        "Views analysed: frontal"
-        + (" and lateral" if inp.used_lateral and inp.lateral is not None else " only")
-    )
-    unvalidated = [f.label for f in inp.findings if not f.threshold_validated]
-    if unvalidated:
-        lines.append(
-            "Decision thresholds not validated on held-out data (model card default): "
-            + ", ".join(unvalidated)
-        )
-    return lines
-
-
-def _qualitative_container(lines: list[str]) -> hd.sr.ContainerContentItem:
-    container = hd.sr.ContainerContentItem(
-        name=codes.QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-    )
-    container.ContentSequence = hd.sr.ContentSequence(
-        [
-            hd.sr.TextContentItem(
-                name=codes.COMMENT,
-                value=text[:1024],
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-            for text in lines
-        ]
-    )
-    return container
-
-
 def _previous(
     items: Sequence[PreviousReport | Dataset], study_uid: str, own_uid: str
 ) -> list[Dataset]:
@@ -419,13 +323,33 @@ def _previous(
     return out
 
 
-def build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
+def build_report(inp: ReportInput) -> hd.sr.EnhancedSR:
     """Build the TID 1500 report for ``inp``; raises ``ValueError`` on inconsistent input."""
     with no_person_name_warnings():
         return _build_report(inp)
 
 
-def _build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
+Group = (
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+)
+
+
+def _groups(inp: ReportInput, sop_uid: str) -> list[Group]:
+    groups: list[Group] = [
+        finding_group(inp.model1, inp.model1_algorithm, MODEL1, sop_uid, inp.frontal, inp.lung_box)
+    ]
+    groups += [
+        finding_group(f, inp.model2_algorithm, MODEL2, sop_uid, inp.frontal, inp.region(f.label))
+        for f in inp.findings  # each label once: ReportInput checked it
+        if f.present
+    ]
+    if inp.ctr is not None and inp.ctr.shown:
+        groups.append(ctr_group(inp.ctr, inp.lung_mask_algorithm, sop_uid, inp.frontal))
+    return groups
+
+
+def _build_report(inp: ReportInput) -> hd.sr.EnhancedSR:
     sources = inp.sources
     check_same_patient_and_study(sources)
     if not inp.findings:
@@ -436,6 +360,7 @@ def _build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
     # report (that names this one as predecessor), the same images and models the same report
     sop_uid = report_uid([*sources, *inp.considered_instances], inp.algorithms)
     series_uid = report_series_uid(study_uid, inp.device)
+    previous = _previous(inp.previous, study_uid, sop_uid)
 
     device = hd.sr.ObserverContext(
         observer_type=_codes.cid270.Device,
@@ -446,52 +371,38 @@ def _build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
             model_name=f"{inp.device.name} {inp.device.version}"[:64],
         ),
     )
-    observation = hd.sr.ObservationContext(observer_device_context=device)
-
-    analysed = [inp.frontal] + (
-        [inp.lateral] if inp.used_lateral and inp.lateral is not None else []
-    )
-    group_sources = [
-        hd.sr.SourceImageForMeasurementGroup(
-            referenced_sop_class_uid=str(ds.SOPClassUID),
-            referenced_sop_instance_uid=str(ds.SOPInstanceUID),
-        )
-        for ds in analysed
-    ]
-    groups = [_finding_group(inp.model1, inp.model1_algorithm, sop_uid, MODEL1, group_sources)]
-    groups += [
-        _finding_group(f, inp.model2_algorithm, sop_uid, MODEL2, group_sources)
-        for f in inp.findings  # each label once: ReportInput checked it
-    ]
-    mask_group = _mask_group(inp, sop_uid)
-    if mask_group is not None:
-        groups.append(mask_group)
-
     procedure = (
         codes.PROCEDURE_CHEST_XR_2_VIEWS
         if inp.lateral is not None
         else codes.PROCEDURE_CHEST_XR_1_VIEW
     )
     report = hd.sr.MeasurementReport(
-        observation_context=observation,
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=procedure,
-        imaging_measurements=groups,
+        imaging_measurements=_groups(inp, sop_uid),
         referenced_images=[_library_stub(h) for h in headers],
     )
-    report[0].ContentSequence.append(_qualitative_container(_free_text(inp)))
+    # the summary container goes right after the procedure reported (before the image library)
+    root = report[0].ContentSequence
+    after = 1 + max(
+        i
+        for i, item in enumerate(root)
+        if item.ConceptNameCodeSequence[0].CodeValue == "121058"  # Procedure reported
+    )
+    root.insert(after, qualitative_evaluations(inp, [str(p.SOPInstanceUID) for p in previous]))
 
-    sr = hd.sr.Comprehensive3DSR(
+    sr = hd.sr.EnhancedSR(
         evidence=headers,
         content=report,
         series_instance_uid=series_uid,
         series_number=inp.series_number,
         sop_instance_uid=sop_uid,
-        instance_number=1,
+        instance_number=inp.instance_number,
         manufacturer=inp.device.manufacturer,
         is_complete=True,
         is_final=False,
         is_verified=False,
-        previous_versions=_previous(inp.previous, study_uid, sop_uid) or None,
+        previous_versions=previous or None,
         performed_procedure_codes=[procedure],
     )
     sanitize_copied_attributes(sr)
@@ -502,12 +413,14 @@ def _build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
     scheme.CodingSchemeResponsibleOrganization = inp.device.manufacturer[:64]
     sr.CodingSchemeIdentificationSequence = [scheme]
     sr.SeriesDescription = SERIES_DESCRIPTION
+    # the product and its version, never the host or process name
     sr.ManufacturerModelName = inp.device.name[:64]
     sr.SoftwareVersions = inp.device.version[:64]
     sr.StationName = inp.device.ae_title[:16]
     when = inp.content_datetime or _dt.datetime.now()
     sr.ContentDate = when.strftime("%Y%m%d")  # type: ignore[assignment]
     sr.ContentTime = when.strftime("%H%M%S")  # type: ignore[assignment]
+    sr.SeriesDate, sr.SeriesTime = sr.ContentDate, sr.ContentTime
     sr.InstanceCreationDate = sr.ContentDate
     sr.InstanceCreationTime = sr.ContentTime
     return sr
@@ -516,60 +429,3 @@ def _build_report(inp: ReportInput) -> hd.sr.Comprehensive3DSR:
 def write_report(sr: Dataset, path: str | Path) -> Path:
     """Write ``sr`` as a DICOM Part 10 file (atomically: a reader never sees half a file)."""
     return atomic_write(sr, path)
-
-
-def read_report(path: str | Path) -> hd.sr.Comprehensive3DSR:
-    """Read a report written by :func:`write_report` back as a highdicom object."""
-    return hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(str(path)))
-
-
-@dataclass(frozen=True)
-class ReportedFinding:
-    """One measurement group read back from a report."""
-
-    model: str  # "Model 1" or "Model 2"
-    label: str
-    code: tuple[str, str]  # (scheme designator, code value) of the finding type
-    probability: float
-    threshold: float
-    present: bool
-
-
-def read_findings(sr: Dataset | str | Path) -> list[ReportedFinding]:
-    """The Model 1 and Model 2 findings of a report built by :func:`build_report`, in order.
-
-    The label comes from each group's coded finding type (:func:`codes.finding_label`), the model
-    from whether that code is Model 1's :data:`codes.ABNORMAL`; other groups (the lung-mask
-    quality) are skipped. The tracking identifier's free text is not parsed.
-    """
-    if isinstance(sr, hd.sr.Comprehensive3DSR):
-        doc = sr
-    else:
-        ds = sr if isinstance(sr, Dataset) else pydicom.dcmread(str(sr))
-        doc = hd.sr.Comprehensive3DSR.from_dataset(ds)
-    content = doc.content
-    if not isinstance(content, hd.sr.MeasurementReport):
-        raise ValueError(f"SR {doc.SOPInstanceUID} is not a TID 1500 Measurement Report")
-    out = []
-    for group in content.get_image_measurement_groups():
-        finding_type = group.finding_type
-        label = None if finding_type is None else codes.finding_label(finding_type)
-        if finding_type is None or label is None:
-            continue
-        values = {m.name.value: float(m.value) for m in group.get_measurements()}
-        present = [
-            q.value.value == codes.PRESENT.value
-            for q in group.get_qualitative_evaluations()
-            if q.name.value == finding_type.value and isinstance(q.value, hd.sr.CodedConcept)
-        ]
-        out.append(
-            ReportedFinding(
-                model=MODEL1 if codes.same_code(finding_type, codes.ABNORMAL) else MODEL2,
-                label=label,
-                code=(finding_type.scheme_designator, finding_type.value),
-                probability=values[codes.PROBABILITY.value],
-                threshold=values[codes.DECISION_THRESHOLD.value],
-                present=bool(present and present[0]),
-            )
-        )
-    return out

@@ -9,7 +9,8 @@ The SR and the key image therefore read the same findings, thresholds and crop.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ from db.queue import ClaimedStudy
 from db.records import NewDelivery
 from dicom_node import sr as srmod
 from dicom_node.config import DestinationConfig
+from dicom_node.derived import hot_region
 from dicom_node.key_image import KeyImageInput
 from dicom_node.views import ViewGuess
-from models.api import Finding, ModelInfo, ModelKind, StudyAnalysis
+from models.api import Finding, LineSegment, ModelInfo, ModelKind, StudyAnalysis
 
 
 class MissingModel(ValueError):
@@ -91,6 +93,40 @@ class StudyResult:
         c = self.analysis.lung_mask.crop
         return srmod.CropInfo(c.x0, c.y0, c.x1, c.y1)
 
+    @property
+    def mask_quality(self) -> srmod.MaskQualityInfo:
+        q = self.analysis.lung_mask.quality
+        return srmod.MaskQualityInfo(
+            q.area_fraction, q.components, q.left_right_balance, q.ok, q.reason, q.rule
+        )
+
+    @cached_property
+    def regions(self) -> dict[str, srmod.CropInfo]:
+        """Where each Present finding is marked: the box around its heat map's hot area (one
+        definition, :func:`dicom_node.derived.hot_region`, for the report and the key image)."""
+        shape = self.prepared.frontal_pixels.shape[:2]
+        out = {}
+        for f in self.analysis.model2:
+            heat = self.analysis.heatmaps.get(f.label)
+            if f.present and heat is not None:
+                box = hot_region(heat, (int(shape[0]), int(shape[1])))
+                if box is not None:
+                    out[f.label] = box
+        return out
+
+    @property
+    def ctr(self) -> srmod.CtrInfo | None:
+        c = self.analysis.ctr
+        if c is None:
+            return None
+
+        def line(seg: LineSegment) -> srmod.LineInfo:
+            return srmod.LineInfo(float(seg.x0), float(seg.y0), float(seg.x1), float(seg.y1))
+
+        return srmod.CtrInfo(
+            float(c.ratio), line(c.cardiac), line(c.thoracic), bool(c.interpretable), c.reason
+        )
+
     def report_input(self) -> srmod.ReportInput:
         """The Structured Report's input; raises :class:`MissingModel` without Model 1 and 2."""
         p, out = self.prepared, self.analysis
@@ -108,8 +144,7 @@ class StudyResult:
                     sop_instance_uid=p.claimed.previous_report_uid,
                 )
             )
-        q = out.lung_mask.quality
-        return srmod.ReportInput(
+        inp = srmod.ReportInput(
             frontal=p.frontal_ds,
             lateral=p.lateral_ds,
             used_lateral=bool(out.used_lateral),
@@ -119,16 +154,18 @@ class StudyResult:
             model2_algorithm=algorithm_info(m2),
             lung_mask_algorithm=algorithm_info(lung) if lung is not None else None,
             crop=self.crop,
-            mask_quality=srmod.MaskQualityInfo(
-                q.area_fraction, q.components, q.left_right_balance, q.ok, q.reason
-            ),
+            mask_quality=self.mask_quality,
+            regions=self.regions,
+            ctr=self.ctr,
             device=self.device,
             previous=previous,
             considered_instances=[i.sop_instance_uid for i in p.claimed.instances if i.eligible],
         )
+        return _numbered(inp, p.claimed)
 
-    def key_image_input(self, report_uid: str) -> KeyImageInput:
-        """The key image's input: the same findings and crop as the report ``report_uid``."""
+    def key_image_input(self, report_uid: str, instance_number: int = 1) -> KeyImageInput:
+        """The key image's input: the same findings, thresholds, regions, crop, QC and
+        cardiothoracic ratio as the report ``report_uid`` (numbered like it)."""
         out = self.analysis
         return KeyImageInput(
             frontal=self.prepared.frontal_ds,
@@ -139,7 +176,11 @@ class StudyResult:
             lung_mask=out.lung_mask.mask,
             crop=self.crop,
             heatmaps=dict(out.heatmaps),
+            regions=self.regions,
+            mask_quality=self.mask_quality,
+            ctr=self.ctr,
             device=self.device,
+            instance_number=instance_number,
         )
 
     def payload(self, report_path: Path, key_png: Path | None) -> dict[str, Any]:
@@ -169,11 +210,40 @@ class StudyResult:
                 "left_right_balance": float(q.left_right_balance),
                 "ok": bool(q.ok),
                 "reason": q.reason,
+                "rule": q.rule,
             },
+            "ctr": _ctr_json(self.ctr),
+            "regions": {k: [b.x0, b.y0, b.x1, b.y1] for k, b in self.regions.items()},
             "timings_ms": p.timings_ms,
             "report_path": str(report_path),
             "key_image_png": str(key_png) if key_png else None,
         }
+
+
+def _numbered(inp: srmod.ReportInput, claimed: ClaimedStudy) -> srmod.ReportInput:
+    """``inp`` with its place in the study's reports (InstanceNumber) and, when it replaces one,
+    why (from the queue: e.g. "a late lateral (LL) arrived after report 1"). The same images and
+    models give the same report UID (see :func:`dicom_node.sr.build_report`): that report keeps
+    its number and replaces nothing."""
+    uid = srmod.report_uid([*inp.sources, *inp.considered_instances], inp.algorithms)
+    earlier = list(claimed.earlier_reports)
+    if uid in earlier:
+        return replace(inp, instance_number=earlier.index(uid) + 1, supersedes_reason="")
+    return replace(
+        inp, instance_number=len(earlier) + 1, supersedes_reason=claimed.reanalysis_reason
+    )
+
+
+def _ctr_json(ctr: srmod.CtrInfo | None) -> dict[str, Any] | None:
+    if ctr is None:
+        return None
+    return {
+        "ratio": float(ctr.ratio),
+        "interpretable": bool(ctr.interpretable),
+        "reason": ctr.reason,
+        "cardiac": [ctr.cardiac.x0, ctr.cardiac.y0, ctr.cardiac.x1, ctr.cardiac.y1],
+        "thoracic": [ctr.thoracic.x0, ctr.thoracic.y0, ctr.thoracic.x1, ctr.thoracic.y1],
+    }
 
 
 def _finding_json(f: Finding, *, validated: bool) -> dict[str, Any]:

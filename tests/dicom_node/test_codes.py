@@ -53,3 +53,13 @@ def test_view_rules_accept_retired_snomed_rt_under_both_designators() -> None:
     assert codes.VIEW_CODE_RULES[("SCT", "399198007")] == ("lateral", "RL")
     assert ("SNM3", "399198007") not in codes.VIEW_CODE_RULES
     assert len(codes.VIEW_CODE_RULES) == 18
+
+
+def test_code_table_lists_the_report_codes() -> None:
+    table = codes.code_table_markdown()
+    wanted = [codes.SUMMARY, codes.CARDIOTHORACIC_RATIO, codes.CARDIAC_WIDTH]
+    wanted += [codes.THORACIC_WIDTH, codes.LUNG_MASK_FAILED_CHECK, codes.UNIT_PROBABILITY]
+    for code in wanted:
+        assert f"| `{code.value}` | {code.scheme_designator} | {code.meaning} |" in table
+    local = [row.code.value for row in codes.code_table() if not row.standard]
+    assert len(local) == len(set(local))  # no local code used twice

@@ -132,3 +132,62 @@ def test_atomic_write_dataset_and_bytes(tmp_path: Path, data_dir: Path) -> None:
     derived.atomic_write(b"new", png)  # replaces
     assert png.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["x.dcm", "x.png"]
+
+
+def test_hot_region_is_the_largest_hot_area_in_image_pixels() -> None:
+    heat = np.zeros((64, 64), np.float32)
+    heat[10:20, 5:15] = 1.0  # the larger hot spot
+    heat[40:44, 50:54] = 0.9  # a smaller one, also above the level
+    box = derived.hot_region(heat, (640, 320))  # the map is 10x (rows) and 5x (cols) smaller
+    assert box == CropInfo(25, 100, 75, 200)
+    # a low-resolution Gaussian lands around its centre in the full-size image
+    yy, xx = np.mgrid[0:32, 0:32]
+    gauss = np.exp(-(((yy - 8) / 3.0) ** 2 + ((xx - 24) / 3.0) ** 2))
+    g = derived.hot_region(gauss, (1024, 1024))
+    assert g is not None and g.x0 < 24 * 32 < g.x1 and g.y0 < 8 * 32 < g.y1
+    assert (g.x1 - g.x0) < 300 and (g.y1 - g.y0) < 300
+
+
+@pytest.mark.parametrize(
+    "heat",
+    [
+        np.zeros((8, 8)),
+        np.full((8, 8), 0.7),
+        np.full((8, 8), np.nan),
+        np.zeros(8),
+        np.zeros((0, 4)),
+    ],
+)
+def test_hot_region_of_nothing_is_none(heat: np.ndarray) -> None:
+    assert derived.hot_region(heat, (100, 100)) is None
+
+
+def test_mask_quality_state_names_the_failing_check() -> None:
+    assert derived.MaskQualityInfo(0.3, 2, 0.9, True).state == "acceptable"
+    bad = derived.MaskQualityInfo(
+        0.7, 1, 0.1, False, "the mask touches the border", "touches_border"
+    )
+    assert bad.state == "REJECTED (touches_border: the mask touches the border)"
+    assert derived.MaskQualityInfo(0.7, 1, 0.1, False).state == "REJECTED (no reason given)"
+    with pytest.raises(TypeError, match="MaskQualityInfo.rule must be a str"):
+        derived.MaskQualityInfo(0.7, 1, 0.1, False, "x", None)  # type: ignore[arg-type]
+
+
+def test_ctr_record_is_checked_and_shown_only_when_interpretable() -> None:
+    cardiac, thoracic = derived.LineInfo(1, 2, 11, 2), derived.LineInfo(0, 1, 20, 1)
+    assert cardiac.length == 10.0
+    assert derived.CtrInfo(0.5, cardiac, thoracic).shown
+    assert not derived.CtrInfo(0.5, cardiac, thoracic, False, "AP film").shown
+    with pytest.raises(ValueError, match="is not a ratio"):
+        derived.CtrInfo(-0.1, cardiac, thoracic)
+    with pytest.raises(TypeError, match="CtrInfo.cardiac must be a LineInfo"):
+        derived.CtrInfo(0.5, (1, 2, 3, 4), thoracic)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="LineInfo.x1 = inf is not finite"):
+        derived.LineInfo(0, 0, math.inf, 0)
+
+
+def test_mask_quality_state_does_not_repeat_a_rule_the_reason_names() -> None:
+    q = derived.MaskQualityInfo(
+        0.7, 1, 0.1, False, "touches_border: the lungs reach the top", "touches_border"
+    )
+    assert q.state == "REJECTED (touches_border: the lungs reach the top)"

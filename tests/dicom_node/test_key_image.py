@@ -13,7 +13,13 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_node.key_image import BANNER, KeyImageInput, build_key_image, write_key_image
+from dicom_node.key_image import (
+    BANNER,
+    KeyImageInput,
+    build_key_image,
+    listed_present,
+    write_key_image,
+)
 from dicom_node.pixels import load_image
 from dicom_node.sr import AlgorithmInfo, CropInfo, FindingResult, report_series_uid
 
@@ -70,7 +76,10 @@ def _input(path: Path, **kw: object) -> KeyImageInput:
 def test_key_image_is_valid_and_in_the_same_study(data_dir: Path, tmp_path: Path) -> None:
     inp = _input(data_dir / "RG1_UNCR.dcm")
     key = build_key_image(inp)
-    assert key.shown == ["Pneumothorax", "Pleural Effusion"]  # present only, strongest first
+    # every Present finding is listed, in report order, with its heat map (Present only); before
+    # issue 8 it showed the three strongest
+    assert [f.label for f in key.listed] == ["Pneumothorax", "Pleural Effusion", "No Finding"]
+    assert key.shown == ["Pneumothorax", "Pleural Effusion", "No Finding"]
     dcm, png = write_key_image(key, tmp_path / "key.dcm", tmp_path / "key.png")
     errors, warnings = dciodvfy_errors(dcm)
     assert not errors, errors
@@ -85,8 +94,15 @@ def test_key_image_is_valid_and_in_the_same_study(data_dir: Path, tmp_path: Path
     )
     assert back.BurnedInAnnotation == "YES" and back.PhotometricInterpretation == "RGB"
     assert BANNER in back.ImageComments and BANNER in back.SeriesDescription
+    assert listed_present(back) == ["Pneumothorax", "Pleural Effusion", "No Finding"]
+    assert "Pneumothorax p=0.90 (threshold 0.50)" in back.ImageComments
+    assert "Absent: Edema." in back.ImageComments
+    assert "Model 1: ABNORMAL p=0.80 (threshold 0.50)." in back.ImageComments
     assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
-    assert max(back.Rows, back.Columns) <= 1024 + 200  # downscaled image + banner/legend bands
+    assert back.ManufacturerModelName == "cxr-pacs-worker" and back.InstanceNumber == 1
+    assert back.SeriesDate == back.ContentDate and back.SeriesTime == back.ContentTime
+    # the image is downscaled to 1024 rows; the panel beside it and the strip below add to it
+    assert back.Rows <= 44 + 1024 + 2 * 400 and back.Columns <= 2 * 1024
     np.testing.assert_array_equal(back.pixel_array, key.rgb)
     assert png is not None
     decoded_png = cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB)
@@ -143,21 +159,19 @@ def test_refuses_source_without_patient_id(data_dir: Path) -> None:
 
 
 def test_write_for_pipeline(data_dir: Path, tmp_path: Path) -> None:
-    """What the worker does for a report: a key image named after it, written as DICOM and PNG
-    (``write_for_pipeline`` is gone: the worker builds a KeyImageInput itself)."""
-    from dicom_node.key_image import ShownFinding
+    """What the worker does for a report: a key image named after it, written as DICOM and PNG."""
     from dicom_node.sr import DeviceInfo
 
     inp = _input(data_dir / "RG1_UNCR.dcm")
-    shown = [ShownFinding("Pneumothorax", 0.9, True), ShownFinding("Edema", 0.3, False)]
+    findings = [FindingResult("Pneumothorax", 0.9, 0.5), FindingResult("Edema", 0.3, 0.5)]
 
     def write_for_pipeline(report_uid: str = "2.25.1234") -> tuple[Dataset, Path]:
         key = build_key_image(
             KeyImageInput(
                 frontal=inp.frontal, image=inp.image, model1=None, lung_mask=inp.lung_mask,
-                findings=shown,
+                findings=findings,
                 crop=CropInfo(10, 20, 1800, 1900), heatmaps=inp.heatmaps, device=DeviceInfo(),
-                report_uid=report_uid,
+                report_uid=report_uid, instance_number=3,
             )
         )  # fmt: skip
         uid = key.dataset.SOPInstanceUID
@@ -169,8 +183,80 @@ def test_write_for_pipeline(data_dir: Path, tmp_path: Path) -> None:
     dcm = tmp_path / f"KEY_{ds.SOPInstanceUID}.dcm"
     assert dcm.exists() and png == tmp_path / f"KEY_{ds.SOPInstanceUID}.png" and png.exists()
     assert not dciodvfy_errors(dcm)[0]
+    assert ds.InstanceNumber == 3
     again, _ = write_for_pipeline()
     assert again.SOPInstanceUID == ds.SOPInstanceUID
     other, _ = write_for_pipeline("2.25.5678")
     assert other.SOPInstanceUID != ds.SOPInstanceUID
-    assert "Pneumothorax" in ds.ImageComments and "Edema" not in ds.ImageComments
+    assert listed_present(ds) == ["Pneumothorax"] and "Absent: Edema." in ds.ImageComments
+
+
+def _colour_pixels(rgb: np.ndarray, bgr: tuple[int, int, int], tol: int = 30) -> int:
+    want = np.array(bgr[::-1], dtype=np.int16)
+    return int((np.abs(rgb.astype(np.int16) - want).max(axis=-1) <= tol).sum())
+
+
+def test_every_present_finding_is_listed_and_marked(data_dir: Path) -> None:
+    """Nine Present findings: all nine listed with thresholds (not the top three), each box drawn
+    in its own colour where the report marks it, the Absent ones summarised."""
+    from dicom_node.key_image import PALETTE
+
+    labels = [
+        "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+        "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax",
+    ]  # fmt: skip
+    findings = [FindingResult(lbl, 0.6 + 0.03 * i, 0.5) for i, lbl in enumerate(labels)]
+    findings += [FindingResult("Fracture", 0.1, 0.4), FindingResult("Support Devices", 0.2, 0.5)]
+    inp = _input(
+        data_dir / "RG1_UNCR.dcm",
+        findings=findings,
+        heatmaps={},
+        regions={
+            lbl: CropInfo(100 + 150 * i, 300, 200 + 150 * i, 500) for i, lbl in enumerate(labels)
+        },
+    )
+    key = build_key_image(inp)
+    assert [f.label for f in key.listed] == labels and key.shown == []
+    assert listed_present(key.dataset) == labels
+    for f in findings[:9]:
+        assert f"{f.label} p={f.probability:.2f} (threshold 0.50)" in key.dataset.ImageComments
+    assert "Absent: Fracture, Support Devices." in key.dataset.ImageComments
+    for i in range(9):  # each Present finding's box and tag in its colour
+        assert _colour_pixels(key.rgb, PALETTE[i], tol=10) > 100, labels[i]
+
+
+def test_qc_and_cardiothoracic_ratio_are_stated(data_dir: Path) -> None:
+    from dicom_node.key_image import _CARDIAC, _THORACIC
+    from dicom_node.sr import CtrInfo, LineInfo, MaskQualityInfo
+
+    ctr = CtrInfo(0.55, LineInfo(700, 1200, 1100, 1200), LineInfo(300, 1100, 1600, 1100))
+    q = MaskQualityInfo(0.6, 1, 0.1, False, "the mask touches the image border", "touches_border")
+    key = build_key_image(_input(data_dir / "RG1_UNCR.dcm", ctr=ctr, mask_quality=q))
+    comments = key.dataset.ImageComments
+    assert "Lung mask QC: REJECTED (touches_border: the mask touches the image border)." in comments
+    assert "Cardiothoracic ratio: 0.55." in comments
+    assert (
+        _colour_pixels(key.rgb, _CARDIAC, 20) > 150 and _colour_pixels(key.rgb, _THORACIC, 20) > 300
+    )
+    hidden = CtrInfo(0.55, ctr.cardiac, ctr.thoracic, False, "AP film")
+    plain = build_key_image(_input(data_dir / "RG1_UNCR.dcm", ctr=hidden))
+    assert "Cardiothoracic ratio not reported: AP film." in plain.dataset.ImageComments
+    assert _colour_pixels(plain.rgb, _THORACIC, 20) < 50  # no lines drawn
+
+
+def test_heat_maps_do_not_wash_over_the_image(data_dir: Path) -> None:
+    """The main image keeps its grey levels under the heat maps: they appear only in the
+    small-multiples strip, one map per thumbnail."""
+    inp = _input(data_dir / "RG1_UNCR.dcm", lung_mask=None, crop=None)
+    key = build_key_image(inp)
+    rows, cols = inp.image.shape
+    scale = 1024 / max(rows, cols)
+    main = key.rgb[44 : 44 + int(rows * scale), : int(cols * scale)].astype(np.int16)
+    # away from the drawn boxes, pixels stay grey (R == G == B)
+    coloured = (np.abs(main[..., 0] - main[..., 1]) > 12) | (
+        np.abs(main[..., 1] - main[..., 2]) > 12
+    )
+    assert coloured.mean() < 0.02
+    assert key.shown == ["Pneumothorax", "Pleural Effusion", "No Finding"]
+    strip = key.rgb[44 + int(rows * scale) :]
+    assert strip.shape[0] > 100  # the thumbnails are there

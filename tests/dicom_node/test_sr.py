@@ -26,8 +26,10 @@ from dicom_node.sr import (
     NOT_FOR_DIAGNOSTIC_USE,
     AlgorithmInfo,
     CropInfo,
+    CtrInfo,
     DeviceInfo,
     FindingResult,
+    LineInfo,
     MaskQualityInfo,
     PreviousReport,
     ReportInput,
@@ -37,6 +39,7 @@ from dicom_node.sr import (
     report_uid,
     write_report,
 )
+from dicom_node.sr_read import read_summary
 from tests.dicom_factory import wrap_as_dx
 
 LABELS = [
@@ -133,6 +136,8 @@ def _input(frontal: Dataset, lateral: Dataset | None = None, **kw: object) -> Re
         mask_quality=MaskQualityInfo(0.31, 2, 0.87, True),
         device=DeviceInfo("cxr-pacs-worker", "0.1.0", "CXR_WORKER"),
     )
+    if "findings" not in kw:  # Pneumothorax's hot region (the others fall back to the lung box)
+        args["regions"] = {"Pneumothorax": CropInfo(300, 400, 700, 900)}
     args.update(kw)
     return ReportInput(**args)  # type: ignore[arg-type]
 
@@ -146,8 +151,14 @@ def test_report_round_trip_and_content(
     assert all("Error" not in w for w in warnings)
 
     back = read_report(path)
-    assert isinstance(hd.sr.srread(path), hd.sr.Comprehensive3DSR)
+    # Enhanced SR: 2-D image coordinates only (it was Comprehensive 3D SR before issue 8)
+    assert isinstance(hd.sr.srread(path), hd.sr.EnhancedSR)
+    assert back.SOPClassUID == pydicom.uid.EnhancedSRStorage
     assert back.SOPInstanceUID == sr.SOPInstanceUID
+    # the product and its version identify the equipment, never a host name
+    assert back.ManufacturerModelName == "cxr-pacs-worker" and back.SoftwareVersions == "0.1.0"
+    assert back.SeriesDate == back.ContentDate and back.SeriesTime == back.ContentTime
+    assert back.InstanceNumber == 1
     # same patient and study, a new series
     for kw in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
                "StudyID", "AccessionNumber", "StudyDate"):  # fmt: skip
@@ -176,23 +187,45 @@ def test_report_round_trip_and_content(
     dump = dsrdump(path)
     assert "36643-5,LN" in dump and 'Device Observer Name")="CXR_WORKER"' in dump
 
+    # Model 1 first, then the Present findings (marked groups), then the Absent ones
+    # (qualitative evaluations), each in the model card's order (issue 8 changed the order)
     findings = read_findings(back)
-    assert [f.label for f in findings] == ["Abnormal", *LABELS]
+    probs = dict(zip(LABELS, np.linspace(0.02, 0.97, len(LABELS)), strict=True))
+    present_labels = [lbl for lbl in LABELS if probs[lbl] >= 0.5]
+    absent_labels = [lbl for lbl in LABELS if probs[lbl] < 0.5]
+    assert [f.label for f in findings] == ["Abnormal", *present_labels, *absent_labels]
     assert findings[0].model == "Model 1" and findings[0].code == ("SCT", "263654008")
     assert all(f.model == "Model 2" for f in findings[1:])
     for f in findings:
         assert f.present == (f.probability >= f.threshold)
-    assert findings[10].code == ("SCT", "36118008")  # Pneumothorax
-    assert sum(f.present for f in findings[1:]) == 7
+        assert f.probability == round(0.81 if f.label == "Abnormal" else probs[f.label], 6)
+    assert {f.label: f.code for f in findings}["Pneumothorax"] == ("SCT", "36118008")
+    assert sum(f.present for f in findings[1:]) == len(present_labels) == 7
+    # every Present finding is marked on the frontal image; Absent ones are not
+    assert all(f.region is not None for f in findings if f.present)
+    assert all(f.region is None for f in findings if not f.present)
+    marked = {f.label: f.region for f in findings}
+    assert marked["Pneumothorax"] == (300.0, 400.0, 700.0, 900.0)  # its hot region
+    assert marked["Abnormal"] == marked["Fracture"] == (100.0, 150.0, 1700.0, 1800.0)  # lung box
 
-    groups = back.content.get_image_measurement_groups()
-    assert len(groups) == 16  # Model 1 + 14 + lung mask quality
-    params = [n.TextValue for n in walk(back) if concept(n) == "111002"]
-    assert f"weights_sha256={M2.sha256}" in {p for p in params}
-    assert f"weights_sha256={MASK.sha256}" in {p for p in params}
+    planar = back.content.get_planar_roi_measurement_groups()
+    assert len(planar) == 1 + 7  # Model 1 + each Present finding; no unmarked group
+    assert all(g.roi is not None and g.roi.value.shape == (5, 2) for g in planar)
+    assert back.content.get_image_measurement_groups() == []  # no ratio was given
+    # each model's identity once: name and version per group, weights hash once in a comment
+    assert not [n for n in walk(back) if concept(n) == "111002"]  # no per-group parameters
     texts = [n.TextValue for n in walk(back) if n.ValueType == "TEXT"]
+    for algo in (M1, M2, MASK):
+        assert sum(algo.sha256 in t for t in texts) == 1, algo.name
     assert NOT_FOR_DIAGNOSTIC_USE in texts
     assert any("x0=100 y0=150 x1=1700 y1=1800" in t for t in texts)
+    summary = read_summary(back)
+    assert summary[0] == "NOT FOR DIAGNOSTIC USE."
+    assert summary[1] == "Model 1 (cxr-model1 1.2.0): ABNORMAL, p=0.81 (threshold 0.50)."
+    assert "Present: Pneumothorax p=0.68 (threshold 0.50)." in summary
+    assert (
+        "Lung mask QC: acceptable." in summary and "Views analysed: frontal and lateral." in summary
+    )
     # the private coding scheme is declared
     assert back.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == codes.LOCAL_SCHEME
 
@@ -225,7 +258,8 @@ def test_frontal_only_secondary_capture_without_orientation(
     assert "36554-4,LN" in dump  # single view
     texts = [n.TextValue for n in walk(read_report(path)) if n.ValueType == "TEXT"]
     assert any("REJECTED (too small)" in t for t in texts)
-    assert len(read_report(path).content.get_image_measurement_groups()) == 16
+    groups = read_report(path).content.get_planar_roi_measurement_groups()
+    assert len(groups) == 1 + 7  # Model 1 + the 7 Present findings
 
 
 def test_uid_is_deterministic_and_order_independent(frontal: Dataset, lateral: Dataset) -> None:
@@ -391,3 +425,125 @@ def test_small_records_are_checked_when_made() -> None:
     with pytest.raises(ValueError, match="PreviousReport.sop_instance_uid is empty"):
         PreviousReport("1.2", "1.3", "")
     assert MaskQualityInfo(np.float32(0.3), np.int64(2), 0.9, np.bool_(True)).ok  # type: ignore[arg-type]
+
+
+def test_summary_comes_before_the_measurements_in_dsrdump(frontal: Dataset, tmp_path: Path) -> None:
+    """A dsrdump reader meets the summary before the image library and the measurement groups;
+    a rejected lung mask names the check it failed."""
+    q = MaskQualityInfo(0.62, 1, 0.1, False, "the mask touches the image border", "touches_border")
+    path = write_report(build_report(_input(frontal, mask_quality=q)), tmp_path / "s.dcm")
+    validate(path)
+    dump = subprocess.run(
+        ["dsrdump", "+Pl", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    first_summary = dump.index('"Summary")="NOT FOR DIAGNOSTIC USE."')
+    assert first_summary < dump.index('"Image Library"') < dump.index('"Measurement Group"')
+    assert (
+        '"Summary")="Lung mask QC: REJECTED (touches_border: the mask touches the image border); '
+        'the full image was analysed."' in dump
+    )
+    assert dump.count('"Algorithm Name")') == 1 + 7  # one per marked group, no parameters
+    evaluation = [n for n in walk(read_report(path)) if concept(n) == codes.LUNG_MASK_QUALITY.value]
+    assert evaluation[0].ConceptCodeSequence[0].CodeValue == codes.LUNG_MASK_REJECTED.value
+    failed = [n.TextValue for n in walk(read_report(path)) if concept(n) == "CXRPW012"]
+    assert failed == ["touches_border: the mask touches the image border"]
+
+
+def _ctr(interpretable: bool = True, reason: str = "") -> CtrInfo:
+    return CtrInfo(
+        0.4615,
+        LineInfo(700.0, 1200.5, 1000.0, 1200.5),  # cardiac: 300 px
+        LineInfo(350.0, 1100.5, 1000.0, 1100.5),  # thoracic: 650 px
+        interpretable,
+        reason,
+    )
+
+
+def test_cardiothoracic_ratio_as_two_measured_lines(
+    frontal: Dataset, data_dir: Path, tmp_path: Path
+) -> None:
+    path = write_report(build_report(_input(frontal, ctr=_ctr())), tmp_path / "ctr.dcm")
+    validate(path)
+    back = read_report(path)
+    groups = back.content.get_image_measurement_groups()
+    assert len(groups) == 1
+    nums = {m.name.meaning: m for m in groups[0].get_measurements()}
+    assert float(nums["Cardiothoracic ratio"].value) == pytest.approx(0.4615)
+    # RG1 states PixelSpacing 0\0: the widths stay in pixels, each with its line
+    assert float(nums["Cardiac width"].value) == pytest.approx(300.0)
+    assert float(nums["Thoracic width"].value) == pytest.approx(650.0)
+    assert nums["Cardiac width"].unit.value == "{pixels}"
+    lines = [n for n in walk(back) if n.ValueType == "SCOORD" and n.GraphicType == "POLYLINE"]
+    two_point = sorted(list(map(float, n.GraphicData)) for n in lines if len(n.GraphicData) == 4)
+    assert two_point == [[350.0, 1100.5, 1000.0, 1100.5], [700.0, 1200.5, 1000.0, 1200.5]]
+    assert "Cardiothoracic ratio: 0.46." in read_summary(back)
+    assert len(read_findings(back)) == 15  # the ratio is not a finding
+    # with a stated pixel spacing (0.168 mm) the widths are in mm
+    sc = pydicom.dcmread(data_dir / "siim_cr_pa_secondary_capture.dcm", stop_before_pixels=True)
+    mm = hd.sr.EnhancedSR.from_dataset(build_report(_input(sc, ctr=_ctr(), crop=None)))
+    mm_nums = {
+        m.name.meaning: m for m in mm.content.get_image_measurement_groups()[0].get_measurements()
+    }
+    assert mm_nums["Cardiac width"].unit.value == "mm"
+    assert float(mm_nums["Cardiac width"].value) == pytest.approx(300 * 0.168)
+
+
+def test_uninterpretable_ratio_is_explained_not_drawn(frontal: Dataset) -> None:
+    sr = hd.sr.EnhancedSR.from_dataset(
+        build_report(_input(frontal, ctr=_ctr(False, "AP film: the heart is magnified")))
+    )
+    assert sr.content.get_image_measurement_groups() == []
+    assert "Cardiothoracic ratio not reported: AP film: the heart is magnified." in read_summary(sr)
+
+
+def test_nothing_present_still_marks_model1_on_the_lungs(frontal: Dataset, tmp_path: Path) -> None:
+    """A normal study: the one marked group is Model 1's decision on the lung box (a viewer has
+    something to show), every Model 2 finding is an Absent evaluation."""
+    findings = [FindingResult(lbl, 0.1, 0.5) for lbl in LABELS]
+    sr = build_report(
+        _input(frontal, model1=FindingResult("Abnormal", 0.2, 0.69), findings=findings)
+    )
+    path = write_report(sr, tmp_path / "normal.dcm")
+    validate(path)
+    back = read_report(path)
+    groups = back.content.get_planar_roi_measurement_groups()
+    assert [g.finding_type.meaning for g in groups] == ["Abnormal"]
+    found = read_findings(back)
+    assert [f.present for f in found] == [False] * 15
+    assert found[0].region == (100.0, 150.0, 1700.0, 1800.0)
+    summary = read_summary(back)
+    assert (
+        summary[1]
+        == "Model 1 (cxr-model1 1.2.0): no abnormality detected, p=0.20 (threshold 0.69)."
+    )
+    assert summary[2] == "Model 2 (cxr-model2 2.0.1): 0 of 14 findings Present."
+
+
+def test_replacing_report_says_why_and_is_numbered(frontal: Dataset, lateral: Dataset) -> None:
+    first = build_report(_input(frontal))
+    second = build_report(
+        _input(
+            frontal,
+            lateral,
+            previous=[first],
+            instance_number=2,
+            supersedes_reason="a late lateral (LL) arrived after report 1",
+        )
+    )
+    assert second.InstanceNumber == 2
+    assert (
+        f"Replaces report {first.SOPInstanceUID}: a late lateral (LL) arrived after report 1."
+        in read_summary(second)
+    )
+    # a resend of the same analysis replaces nothing, so it says nothing about it
+    again = build_report(_input(frontal, lateral, previous=[second]))
+    assert not [line for line in read_summary(again) if line.startswith("Replaces")]
+
+
+def test_region_checks(frontal: Dataset) -> None:
+    with pytest.raises(ValueError, match="regions names 'Hernia', which is not a finding"):
+        _input(frontal, regions={"Hernia": CropInfo(1, 2, 3, 4)})
+    with pytest.raises(TypeError, match=r"regions\['Edema'\] must be a CropInfo"):
+        _input(frontal, regions={"Edema": (1, 2, 3, 4)})
+    with pytest.raises(TypeError, match="ctr must be a CtrInfo or None"):
+        _input(frontal, ctr=0.5)
