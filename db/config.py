@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from db.engine import normalise_database_url
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -32,11 +34,7 @@ class QueueConfig(_Strict):
     @field_validator("database_url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not (v.startswith("sqlite") or v.startswith("postgresql")):
-            raise ValueError(
-                f"{v!r} is not a supported database URL (sqlite:///PATH or postgresql+psycopg://...)"
-            )
-        return v
+        return normalise_database_url(v)
 
     @model_validator(mode="after")
     def _heartbeat_shorter(self) -> QueueConfig:
@@ -56,6 +54,15 @@ class CompletionConfig(_Strict):
     )
     max_wait_seconds: float = Field(
         600.0, gt=0, description="Ready at most this long after the first instance"
+    )
+    lateral_grace_seconds: float = Field(
+        120.0,
+        ge=0,
+        description=(
+            "A study whose header-identified frontal has no lateral (and no image of unknown "
+            "view) waits this long after its last instance for the lateral; 0 turns it off; "
+            "max_wait_seconds still bounds it"
+        ),
     )
     sweep_interval_seconds: float = Field(5.0, gt=0)
 

@@ -41,9 +41,39 @@ def safe_url(url: str | URL) -> str:
         return "<unparseable database URL>"
 
 
+#: PostgreSQL URL schemes that mean the driver this package installs (psycopg 3).
+_PG_PLAIN = ("postgresql://", "postgres://")
+_PG_DRIVER = "postgresql+psycopg://"
+
+
+def normalise_database_url(url: str) -> str:
+    """The URL the queue opens: ``postgresql://`` and ``postgres://`` (no driver named) become
+    ``postgresql+psycopg://``, the driver this package installs; another PostgreSQL driver is
+    refused with the fix named; SQLite URLs pass as they are. ValueError for anything else (the
+    message never repeats a password)."""
+    v = url.strip()
+    for plain in _PG_PLAIN:
+        if v.startswith(plain):
+            return _PG_DRIVER + v[len(plain) :]
+    if v.startswith("postgresql+psycopg://") or v.startswith("sqlite:"):
+        return v
+    shown = safe_url(v) if "://" in v else v[:40]
+    if v.startswith("postgres"):
+        scheme = v.split("://", 1)[0]
+        raise ValueError(
+            f"{shown!r}: the driver in {scheme!r} is not installed; "
+            "use postgresql+psycopg://USER@HOST/DB (psycopg 3)"
+        )
+    raise ValueError(
+        f"{shown!r} is not a supported database URL (sqlite:///PATH or "
+        "postgresql+psycopg://USER@HOST/DB)"
+    )
+
+
 def make_engine(url: str) -> Engine:
-    """An engine for ``sqlite:///PATH`` or ``postgresql+psycopg://...``, queue settings."""
-    u = make_url(url)
+    """An engine for ``sqlite:///PATH`` or ``postgresql+psycopg://...`` (``postgresql://`` is
+    read as the latter, see :func:`normalise_database_url`), queue settings."""
+    u = make_url(normalise_database_url(url) if url.startswith("postgres") else url)
     if u.get_backend_name() == "sqlite":
         return _sqlite_engine(u)
     if u.get_backend_name() == "postgresql":

@@ -18,9 +18,12 @@ from sqlalchemy.engine import Connection
 from db.engine import Database, due_by, lock_rows, locked_ids
 from db.reads import from_row, instance_row
 from db.records import ClaimedStudy, InstanceRow
+from db.sanitise import escape_control
+from db.schema import events_table as events
 from db.schema import instances_table as instances
+from db.schema import results_table as results
 from db.schema import studies_table as studies
-from db.states import CLEAR_LEASE, StudyState, hand_back, touch, transition, utcnow
+from db.states import CLEAR_LEASE, FINISHED, StudyState, hand_back, touch, transition, utcnow
 
 log = logging.getLogger(__name__)
 S = StudyState
@@ -72,9 +75,78 @@ def claim(
             if row is not None:
                 won.append(row)
         by_study = _instances_of(conn, [r.id for r in won])
-        return [from_row(ClaimedStudy, r, instances=by_study.get(r.id, [])) for r in won]
+        claimed = []
+        for r in won:
+            insts = by_study.get(r.id, [])
+            earlier = _earlier_reports(conn, r.id)
+            why = _reanalysis_reason(conn, r.id, insts, earlier) if earlier else ""
+            claimed.append(
+                from_row(
+                    ClaimedStudy, r, instances=insts, earlier_reports=earlier, reanalysis_reason=why
+                )
+            )
+        return claimed
 
     return db.write(run)
+
+
+def _earlier_reports(conn: Connection, study_id: int) -> tuple[str, ...]:
+    """The study's report SOP Instance UIDs, oldest first, each once."""
+    uids = conn.execute(
+        sa.select(results.c.report_sop_instance_uid)
+        .where(results.c.study_id == study_id, results.c.report_sop_instance_uid.is_not(None))
+        .order_by(results.c.id)
+    ).scalars()
+    return tuple(dict.fromkeys(u for u in uids if u))
+
+
+def _reanalysis_reason(
+    conn: Connection, study_id: int, insts: Sequence[InstanceRow], earlier: tuple[str, ...]
+) -> str:
+    """Why a study with a report is analysed again: the images that arrived after the analysis
+    that made its latest report started (e.g. "a late lateral (LL) arrived after report 1"), or,
+    when none did, the reason it was sent back (an operator's requeue...)."""
+    last = conn.execute(
+        sa.select(results.c.created_at)
+        .where(results.c.study_id == study_id, results.c.report_sop_instance_uid.is_not(None))
+        .order_by(results.c.id.desc())
+        .limit(1)
+    ).scalar_one()
+    started = conn.execute(  # the claim of the analysis that produced that report
+        sa.select(sa.func.max(events.c.at)).where(
+            events.c.study_id == study_id,
+            events.c.delivery_id.is_(None),
+            events.c.to_state == S.PROCESSING.value,
+            events.c.at <= last,
+        )
+    ).scalar_one_or_none()
+    late = [i for i in insts if i.eligible and (started is None or i.received_at > started)]
+    n = len(earlier)
+    if late:
+        return f"{describe_images(late)} after report {n}"
+    why = conn.execute(
+        sa.select(events.c.reason)
+        .where(
+            events.c.study_id == study_id,
+            events.c.delivery_id.is_(None),
+            events.c.from_state.in_([s.value for s in FINISHED]),
+        )
+        .order_by(events.c.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    return f"re-analysis of report {n}: {why}" if why else f"re-analysis of report {n}"
+
+
+def describe_images(insts: Sequence[InstanceRow]) -> str:
+    """``a late lateral (LL) arrived`` / ``2 late images arrived: frontal (PA), lateral (LL)``."""
+    views = [
+        f"{i.view or 'image of unknown view'}"
+        + (f" ({escape_control(i.view_position)})" if i.view_position and i.view else "")
+        for i in insts
+    ]
+    if len(views) == 1:
+        return f"a late {views[0]} arrived"
+    return f"{len(views)} late images arrived: {', '.join(views)}"
 
 
 def _instances_of(conn: Connection, study_ids: list[int]) -> dict[int, list[InstanceRow]]:

@@ -18,6 +18,7 @@ from db import deliveries
 from db.engine import Database
 from db.records import NewDelivery
 from db.retry import ErrorKind, decide
+from db.sanitise import clean_error
 from db.schema import results_table as results
 from db.states import StudyState, hand_back, held, utcnow
 
@@ -67,7 +68,9 @@ def complete(
         else:
             new, values = S.DONE, {"finished_at": at}
             report = f", report {report_sop_instance_uid}" if report_sop_instance_uid else ""
-            reason = f"{stored}{report}, {len(new_deliveries)} delivery(ies) queued"
+            # where it goes, not how far it got: `status` shows each destination's live state
+            to = sorted({d.destination for d in new_deliveries})
+            reason = f"{stored}{report}" + (f", for {', '.join(to)}" if to else "")
         hand_back(
             conn,
             study_id,
@@ -125,8 +128,11 @@ def fail(
     now: datetime | None = None,
 ) -> StudyState:
     """Record a failed attempt: back to ``ready`` after a back-off delay if ``kind`` is retryable
-    and attempts remain, else ``failed`` with the error as reason. Returns the new state."""
+    and attempts remain, else ``failed`` with the error as reason. The error (cleaned by
+    :func:`db.sanitise.clean_error`) is also kept as the study's ``last_error``. Returns the new
+    state."""
     at = utcnow(now)
+    error = clean_error(error)
 
     def run(conn: Connection) -> StudyState:
         row = held(conn, study_id, worker_id)
@@ -146,7 +152,8 @@ def fail(
         else:
             new, values = S.FAILED, {"finished_at": at}
             why = f"failed (not retryable): {error}"
-        hand_back(conn, study_id, worker_id, new, at=at, reason=why, values=values, doing="failing")
+        last: dict[str, Any] = {**values, "last_error": error, "last_error_at": at}
+        hand_back(conn, study_id, worker_id, new, at=at, reason=why, values=last, doing="failing")
         return new
 
     return db.write(run)

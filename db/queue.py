@@ -31,14 +31,16 @@ from db.intake import IncomingInstance
 from db.records import (
     ClaimedStudy,
     DeliveryRow,
+    DestinationState,
     EventRow,
     InstanceRow,
     NewDelivery,
+    QueueSnapshot,
     StudyDetail,
     StudySummary,
 )
 from db.retry import ErrorKind
-from db.states import TRANSITIONS, StudyState
+from db.states import TRANSITIONS, StudyState, utcnow
 
 __all__ = [
     "DELIVERY_TRANSITIONS",
@@ -47,6 +49,7 @@ __all__ = [
     "DeliveryOutcome",
     "DeliveryRow",
     "DeliveryState",
+    "DestinationState",
     "ErrorKind",
     "EventRow",
     "IncomingInstance",
@@ -55,6 +58,7 @@ __all__ = [
     "LeaseLost",
     "NewDelivery",
     "Queue",
+    "QueueSnapshot",
     "QueueUnavailable",
     "StudyDetail",
     "StudyState",
@@ -165,19 +169,34 @@ class Queue:
         """True if this SOP Instance UID is already stored."""
         return intake.instance_exists(self._db, sop_instance_uid)
 
+    def stored_rel_path(self, sop_instance_uid: str) -> str | None:
+        """The stored file of this SOP Instance UID (relative to the storage folder), or None."""
+        return intake.stored_rel_path(self._db, sop_instance_uid)
+
+    def stored_rel_paths(self, sop_instance_uids: Sequence[str]) -> dict[str, str]:
+        """``{SOP Instance UID: rel_path}`` of those UIDs that have a row (batched)."""
+        return intake.stored_rel_paths(self._db, sop_instance_uids)
+
+    def record_conflict(self, sop_instance_uid: str, detail: str) -> bool:
+        """Flag the study holding this SOP Instance UID (see :func:`db.intake.record_conflict`)."""
+        return intake.record_conflict(self._db, sop_instance_uid, detail)
+
     def sweep_completion(
         self,
         *,
         quiet_seconds: float,
         max_wait_seconds: float,
+        lateral_grace_seconds: float = 0.0,
         now: datetime | None = None,
         limit: int = 500,
     ) -> int:
-        """Quiet (or long-waiting) receiving studies become ready or ignored; returns how many."""
+        """Complete receiving studies become ready or ignored (quiet, a frontal whose lateral
+        grace ran out, or max wait: :func:`db.intake.sweep_completion`); returns how many."""
         return intake.sweep_completion(
             self._db,
             quiet_seconds=quiet_seconds,
             max_wait_seconds=max_wait_seconds,
+            lateral_grace_seconds=lateral_grace_seconds,
             now=now,
             limit=limit,
         )
@@ -304,6 +323,21 @@ class Queue:
     def study(self, study_uid: str) -> StudyDetail | None:
         """Everything known about one study (instances, results, deliveries, events), or None."""
         return self._db.read(lambda c: reads.study(c, study_uid))
+
+    def history(self, study_uid: str) -> list[EventRow] | None:
+        """The study's whole audit trail, its deliveries' events included, oldest first; None
+        if the study is unknown."""
+        return self._db.read(lambda c: reads.history(c, study_uid))
+
+    def snapshot(self, now: datetime | None = None) -> QueueSnapshot:
+        """Studies per state, the oldest ready study's age, deliveries per destination."""
+        at = utcnow(now)
+        return self._db.read(lambda c: reads.snapshot(c, at))
+
+    def ping(self) -> str:
+        """The schema revision, read from the database: proves it is reachable and current
+        (:class:`QueueUnavailable` otherwise; see :meth:`check_schema`)."""
+        return self.check_schema()
 
     def events(self, study_uid: str) -> list[EventRow]:
         """The study's audit trail, oldest first (empty if the study is unknown)."""

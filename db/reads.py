@@ -7,12 +7,22 @@ read transaction and turns connection failures into ``QueueUnavailable``.
 from __future__ import annotations
 
 from dataclasses import fields
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from db.records import DeliveryRow, EventRow, InstanceRow, ResultRow, StudyDetail, StudySummary
+from db.records import (
+    DeliveryRow,
+    DestinationState,
+    EventRow,
+    InstanceRow,
+    QueueSnapshot,
+    ResultRow,
+    StudyDetail,
+    StudySummary,
+)
 from db.schema import deliveries_table as deliveries
 from db.schema import events_table
 from db.schema import instances_table as instances
@@ -65,12 +75,17 @@ def latest(conn: Connection, n: int) -> list[StudySummary]:
         sa.select(sa.func.max(results.c.id)).where(results.c.study_id == deliveries.c.study_id)
     ).scalar_subquery()
     dstates: dict[int, dict[str, int]] = {}
-    for sid, state, cnt in conn.execute(
-        sa.select(deliveries.c.study_id, deliveries.c.state, sa.func.count())
+    by_dest: dict[int, dict[str, list[DeliveryRow]]] = {}
+    for d in conn.execute(
+        sa.select(deliveries, studies.c.study_uid)
+        .join(studies, studies.c.id == deliveries.c.study_id)
         .where(deliveries.c.study_id.in_(ids), deliveries.c.result_id == latest_result)
-        .group_by(deliveries.c.study_id, deliveries.c.state)
+        .order_by(deliveries.c.id)
     ):
-        dstates.setdefault(sid, {})[state] = int(cnt)
+        row = delivery_row(d)
+        counts = dstates.setdefault(row.study_id, {})
+        counts[row.state] = counts.get(row.state, 0) + 1
+        by_dest.setdefault(row.study_id, {}).setdefault(row.destination, []).append(row)
     return [
         from_row(
             StudySummary,
@@ -78,9 +93,30 @@ def latest(conn: Connection, n: int) -> list[StudySummary]:
             reason=r.state_reason,
             instance_count=n_instances.get(r.id, 0),
             deliveries=dstates.get(r.id, {}),
+            destinations=[
+                destination_state(name, rows) for name, rows in by_dest.get(r.id, {}).items()
+            ],
         )
         for r in rows
     ]
+
+
+def destination_state(name: str, rows: list[DeliveryRow]) -> DestinationState:
+    """One destination's deliveries summed up: counts per state, attempts, the next retry, and
+    the status of the latest undelivered object (else of the latest one)."""
+    states: dict[str, int] = {}
+    for d in rows:
+        states[d.state] = states.get(d.state, 0) + 1
+    retries = [d.next_attempt_at for d in rows if d.state == "retry" and d.next_attempt_at]
+    open_or_failed = [d for d in rows if d.state != "delivered"] or rows
+    latest = max(open_or_failed, key=lambda d: (d.updated_at, d.id))
+    return DestinationState(
+        destination=name,
+        states=states,
+        attempts=sum(d.attempts for d in rows),
+        next_attempt_at=min(retries) if retries else None,
+        last_status=latest.last_status,
+    )
 
 
 def _events(conn: Connection, *where: sa.ColumnElement[bool]) -> list[EventRow]:
@@ -95,6 +131,40 @@ def _events_of(conn: Connection, study_id: int) -> list[EventRow]:
 
 def delivery_events(conn: Connection, delivery_id: int) -> list[EventRow]:
     return _events(conn, events_table.c.delivery_id == delivery_id)
+
+
+def history(conn: Connection, study_uid: str) -> list[EventRow] | None:
+    """Every event of the study and of its deliveries, in the order written; None if the study
+    is unknown."""
+    sid = conn.execute(
+        sa.select(studies.c.id).where(studies.c.study_uid == study_uid)
+    ).scalar_one_or_none()
+    return None if sid is None else _events(conn, events_table.c.study_id == sid)
+
+
+def snapshot(conn: Connection, now: datetime) -> QueueSnapshot:
+    """What the metrics endpoint reports about the queue (one read transaction)."""
+    oldest = conn.execute(
+        sa.select(sa.func.min(studies.c.ready_at)).where(
+            studies.c.state == "ready", studies.c.ready_at <= now
+        )
+    ).scalar_one_or_none()
+    dels = conn.execute(
+        sa.select(
+            deliveries.c.destination,
+            deliveries.c.state,
+            sa.func.count(),
+            sa.func.coalesce(sa.func.sum(deliveries.c.attempts), 0),
+        ).group_by(deliveries.c.destination, deliveries.c.state)
+    ).all()
+    return QueueSnapshot(
+        studies=counts(conn),
+        oldest_ready_age_seconds=(
+            max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
+        ),
+        deliveries={(d, st): int(n) for d, st, n, _ in dels},
+        delivery_attempts={(d, st): int(a) for d, st, _, a in dels},
+    )
 
 
 def study_events(conn: Connection, study_uid: str) -> list[EventRow]:

@@ -17,6 +17,7 @@ class InstanceRow:
     modality: str | None
     body_part: str | None
     view_position: str | None
+    view: str | None  # "frontal" | "lateral" | None: what the header said when it arrived
     rel_path: str  # relative to dicom.storage_dir
     size_bytes: int
     eligible: bool
@@ -35,6 +36,12 @@ class ClaimedStudy:
     previous_report_uid: str | None  # the report the next one replaces, if any
     lease_expires_at: datetime
     instances: list[InstanceRow] = field(default_factory=list)
+    #: SOP Instance UIDs of the study's earlier reports, oldest first (each once): the next
+    #: report is number ``len(earlier_reports) + 1`` unless it is one of them again
+    earlier_reports: tuple[str, ...] = ()
+    #: why the study is analysed again (e.g. "a late lateral (LL) arrived after report 1");
+    #: empty on a first analysis
+    reanalysis_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,17 @@ class NewDelivery:
 
 
 @dataclass(frozen=True, slots=True)
+class DestinationState:
+    """Where the deliveries of a study's latest result to one destination stand."""
+
+    destination: str
+    states: dict[str, int]  # delivery state -> count
+    attempts: int  # send attempts so far, all objects together
+    next_attempt_at: datetime | None  # the earliest retry still to come, if any
+    last_status: str | None  # the latest status of an undelivered object (or the latest one)
+
+
+@dataclass(frozen=True, slots=True)
 class StudySummary:
     study_uid: str
     state: str
@@ -65,6 +83,21 @@ class StudySummary:
     updated_at: datetime
     instance_count: int
     deliveries: dict[str, int]  # delivery state -> count, for the study's latest result
+    attempts: int = 0  # analysis attempts in the current episode
+    ready_at: datetime | None = None  # when a ready study may be claimed (after a back-off)
+    last_error: str | None = None  # the last failed attempt's error (sanitised)
+    last_error_at: datetime | None = None
+    destinations: list[DestinationState] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSnapshot:
+    """The queue as the metrics endpoint sees it (every worker's work, from the database)."""
+
+    studies: dict[str, int]  # state -> number of studies (states with none are absent)
+    oldest_ready_age_seconds: float  # how long the oldest claimable study has waited; 0 if none
+    deliveries: dict[tuple[str, str], int]  # (destination, state) -> deliveries
+    delivery_attempts: dict[tuple[str, str], int]  # (destination, state) -> send attempts
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +147,8 @@ class StudyDetail:
     previous_report_uid: str | None
     created_at: datetime
     updated_at: datetime
+    last_error: str | None
+    last_error_at: datetime | None
     instances: list[InstanceRow]
     results: list[ResultRow]
     deliveries: list[DeliveryRow]

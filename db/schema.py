@@ -103,6 +103,8 @@ class Study(Base):
     previous_report_uid: Mapped[str | None] = mapped_column(sa.String(UID_LENGTH))
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+    last_error: Mapped[str | None] = mapped_column(sa.Text)  # the last failed attempt (sanitised)
+    last_error_at: Mapped[datetime | None]
 
 
 class Instance(Base):
@@ -117,6 +119,7 @@ class Instance(Base):
     modality: Mapped[str | None] = mapped_column(sa.String(16))
     body_part: Mapped[str | None] = mapped_column(sa.String(64))
     view_position: Mapped[str | None] = mapped_column(sa.String(16))
+    view: Mapped[str | None] = mapped_column(sa.String(16))  # frontal | lateral | None (header)
     rel_path: Mapped[str] = mapped_column(sa.String(1024))  # relative to dicom.storage_dir
     size_bytes: Mapped[int] = mapped_column(sa.BigInteger)
     eligible: Mapped[bool]

@@ -26,7 +26,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from .statuses import DatasetMismatch, UndecodableDataset
+from .statuses import DatasetMismatch, DatasetTooLarge, UndecodableDataset
 from .uids import validate_uid
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -240,13 +240,41 @@ class _Walker:
             pos += 8 + length
 
 
-def _inflate(data: memoryview) -> bytes:
+#: Default output cap for :func:`inflate` (the SCP passes ``dicom.max_dataset_mb``).
+DEFAULT_MAX_DATASET_BYTES = 256 * 1024 * 1024
+_INFLATE_STEP = 4 * 1024 * 1024
+
+
+def inflate(data: memoryview | bytes, max_bytes: int = DEFAULT_MAX_DATASET_BYTES) -> bytearray:
+    """Inflate a Deflated Explicit VR Little Endian dataset, never holding more than
+    ``max_bytes`` of output (plus one step): a deflate bomb raises :class:`DatasetTooLarge`
+    after ``max_bytes``, not after exhausting memory. Output grows in place (no ``out + flush``
+    copy doubling the peak)."""
     d = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    pending: memoryview | bytes = data
     try:
-        out = d.decompress(data)
-        out += d.flush()
+        while True:
+            room = max_bytes + 1 - len(out)
+            piece = d.decompress(pending, min(room, _INFLATE_STEP))
+            out += piece
+            if len(out) > max_bytes:
+                raise DatasetTooLarge(
+                    f"the deflated dataset inflates to more than {max_bytes} bytes "
+                    "(dicom.max_dataset_mb); refused"
+                )
+            pending = d.unconsumed_tail
+            if not pending:
+                if d.eof or not piece:
+                    break
+        out += d.flush(max(1, max_bytes + 1 - len(out)))
     except zlib.error as exc:
+        # zlib's messages describe the stream ("invalid distance too far back"), never its data
         raise UndecodableDataset(f"cannot inflate the deflated dataset: {exc}") from None
+    if len(out) > max_bytes:
+        raise DatasetTooLarge(
+            f"the deflated dataset inflates to more than {max_bytes} bytes (dicom.max_dataset_mb)"
+        )
     return out
 
 
@@ -266,9 +294,7 @@ def _positive_int(ds: Dataset, keyword: str, default: int | None = None) -> int:
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise DatasetMismatch(
-            f"image pixel module: {keyword} {value!r} is not an integer"
-        ) from None
+        raise DatasetMismatch(f"image pixel module: {keyword} is not an integer") from None
     if n < 1:
         raise DatasetMismatch(f"image pixel module: {keyword} is {n}, must be at least 1")
     return n
@@ -351,16 +377,25 @@ def inspect_dataset(
     transfer_syntax: str,
     affected_sop_class_uid: str,
     affected_sop_instance_uid: str,
+    require_pixels: bool = True,
+    max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES,
 ) -> ReceivedInstance:
     """Check the encoded dataset of a C-STORE request and return what the SCP records about it.
 
-    ``data`` is the dataset exactly as received (no file meta). Raises
+    ``data`` is the dataset exactly as received (no file meta). The image pixel module is checked
+    when the dataset has Pixel Data, and required when ``require_pixels`` (the SCP requires it
+    of the image classes it analyses; an SR, a presentation state or a PDF has none). Raises
     :class:`UndecodableDataset`, :class:`DatasetMismatch` or :class:`~dicom_node.uids.InvalidUID`.
     """
     ts = UID(transfer_syntax)
     buf = memoryview(data)
     if ts == DeflatedExplicitVRLittleEndian:
-        buf = memoryview(_inflate(buf))
+        buf = memoryview(inflate(buf, max_dataset_bytes))
+    elif len(buf) > max_dataset_bytes:
+        raise DatasetTooLarge(
+            f"the dataset has {len(buf)} bytes, more than {max_dataset_bytes} "
+            "(dicom.max_dataset_mb)"
+        )
     implicit = ts == ImplicitVRLittleEndian
     little = ts != ExplicitVRBigEndian
     if len(buf) == 0:
@@ -373,8 +408,9 @@ def inspect_dataset(
         ds = read_dataset(BytesIO(bytes(buf[:header_end])), implicit, little)
         ds.set_original_encoding(implicit, little)
     except Exception as exc:
+        # never the exception's text: it may quote the element's value (patient data)
         raise UndecodableDataset(
-            f"pydicom cannot decode the header: {type(exc).__name__}: {exc}"
+            f"pydicom cannot decode the header: {type(exc).__name__}"
         ) from None
 
     sop_class = validate_uid(_get(ds, "SOPClassUID"), what="SOPClassUID")
@@ -391,7 +427,8 @@ def inspect_dataset(
         )
     study = validate_uid(_get(ds, "StudyInstanceUID"), what="StudyInstanceUID")
     series = validate_uid(_get(ds, "SeriesInstanceUID"), what="SeriesInstanceUID")
-    _check_pixels(ds, layout, ts, buf)
+    if layout is not None or require_pixels:
+        _check_pixels(ds, layout, ts, buf)
     return ReceivedInstance(
         study_uid=str(study),
         series_uid=str(series),

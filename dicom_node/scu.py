@@ -126,6 +126,16 @@ def _make_ae(calling_ae: str, timeout_s: float) -> AE:
     return ae
 
 
+def _associate(ae: AE, dest: DestinationConfig) -> Association:
+    """Associate with ``dest``, over DICOM TLS when ``dest.tls`` is set."""
+    tls_args = None
+    if dest.tls is not None:
+        from .tls import client_context  # noqa: PLC0415
+
+        tls_args = (client_context(dest.tls), dest.tls.server_hostname or dest.host)
+    return ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
+
+
 def _why_not_established(assoc: Association, dest: DestinationConfig) -> str:
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
     if assoc.is_rejected:
@@ -181,7 +191,7 @@ def send(
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     assoc: Association | None = None
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = _associate(ae, destination)
     except Exception as exc:  # e.g. an unresolvable host name
         reason = f"connection to {where} failed: {type(exc).__name__}: {exc}"
     else:
@@ -257,7 +267,7 @@ def echo(destination: DestinationConfig, calling_ae: str) -> tuple[bool, str]:
     ae.add_requested_context(Verification)
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = _associate(ae, destination)
     except Exception as exc:
         return False, f"connection to {where} failed: {type(exc).__name__}: {exc}"
     if not assoc.is_established:

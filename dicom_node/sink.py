@@ -13,6 +13,8 @@ from typing import Protocol
 
 from pydicom.dataset import Dataset
 
+from .views import view_from_headers
+
 
 @dataclass(frozen=True, slots=True)
 class StoredInstance:
@@ -32,6 +34,8 @@ class StoredInstance:
     size_bytes: int
     calling_ae: str
     received_at: datetime | None = None  # None = now (the queue's clock)
+    #: "frontal" | "lateral" as the header says (dicom_node.views); None when it says nothing
+    view: str | None = None
 
     @classmethod
     def from_dataset(
@@ -64,6 +68,7 @@ class StoredInstance:
             rel_path=rel_path,
             size_bytes=size_bytes,
             calling_ae=calling_ae,
+            view=view_from_headers(ds).view,
         )
 
 
@@ -85,4 +90,13 @@ class InstanceSink(Protocol):
 
     def instance_exists(self, sop_instance_uid: str) -> bool:
         """``True`` when a committed row exists for this SOP Instance UID."""
+        ...
+
+    def stored_rel_path(self, sop_instance_uid: str) -> str | None:
+        """The committed row's file (relative to the storage folder), or None when none."""
+        ...
+
+    def record_conflict(self, sop_instance_uid: str, detail: str) -> bool:
+        """Flag the study holding ``sop_instance_uid``: another object with that UID and other
+        content arrived and was kept aside (``detail``: where, what differs; no patient data)."""
         ...

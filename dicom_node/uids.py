@@ -44,14 +44,12 @@ def is_valid_uid(value: object) -> bool:
 def validate_uid(value: object, *, what: str) -> str:
     """Return ``value`` when it is a valid UID; else raise :class:`InvalidUID` naming ``what``.
 
-    The offending value is shown with ``repr`` and truncated, so a hostile value cannot flood
-    or forge log lines.
+    The offending value is never shown (a sender may put anything there, patient data
+    included): the message names ``what``, the value's length and the problem.
     """
     problem = uid_problem(value)
     if problem is not None:
-        shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        raise InvalidUID(f"{what} {shown} is not a valid DICOM UID: {problem}")
+        size = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+        raise InvalidUID(f"{what} ({size}) is not a valid DICOM UID: {problem}")
     assert isinstance(value, str)
     return value

@@ -18,6 +18,7 @@ class MemorySink:
     def __init__(self, *, unavailable: bool = False) -> None:
         self.unavailable = unavailable
         self.records: dict[str, StoredInstance] = {}
+        self.conflicts: list[tuple[str, str]] = []
         self._lock = threading.Lock()
 
     def _check(self) -> None:
@@ -35,6 +36,18 @@ class MemorySink:
     def instance_exists(self, sop_instance_uid: str) -> bool:
         with self._lock:
             self._check()
+            return sop_instance_uid in self.records
+
+    def stored_rel_path(self, sop_instance_uid: str) -> str | None:
+        with self._lock:
+            self._check()
+            rec = self.records.get(sop_instance_uid)
+            return rec.rel_path if rec is not None else None
+
+    def record_conflict(self, sop_instance_uid: str, detail: str) -> bool:
+        with self._lock:
+            self._check()
+            self.conflicts.append((sop_instance_uid, detail))
             return sop_instance_uid in self.records
 
     def study(self, study_uid: str) -> list[StoredInstance]:

@@ -35,6 +35,9 @@ from typing import Any
 from tests.conftest import free_port
 
 ORTHANC_BIN = os.environ.get("CXR_ORTHANC", "/usr/sbin/Orthanc")
+DICOMWEB_PLUGIN = os.environ.get(
+    "CXR_ORTHANC_DICOMWEB", "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+)
 
 
 def orthanc_available() -> bool:
@@ -78,12 +81,21 @@ class Orthanc:
         modalities: Mapping[str, tuple[str, int]] | None = None,
         lua_script: Path | None = None,
         extra_config: Mapping[str, Any] | None = None,
+        dicomweb: bool = False,
         timeout_s: float = 60.0,
     ) -> Orthanc:
-        """Start Orthanc; ``modalities`` maps a name to (AE title, port) of a peer on 127.0.0.1."""
+        """Start Orthanc; ``modalities`` maps a name to (AE title, port) of a peer on 127.0.0.1.
+
+        ``dicomweb`` loads Debian's DICOMweb plugin (QIDO-RS/WADO-RS/STOW-RS under
+        ``/dicom-web/``, what a web viewer such as OHIF reads)."""
         exe = ORTHANC_BIN if Path(ORTHANC_BIN).is_file() else shutil.which("Orthanc")
         if not exe:
             raise OrthancError(f"Orthanc is not installed ({ORTHANC_BIN}); apt-get install orthanc")
+        if dicomweb and not Path(DICOMWEB_PLUGIN).is_file():
+            raise OrthancError(
+                f"Orthanc's DICOMweb plugin is missing ({DICOMWEB_PLUGIN}); "
+                "apt-get install orthanc-dicomweb (make viewer-deps)"
+            )
         workdir.mkdir(parents=True, exist_ok=True)
         http_port, dicom_port = free_port(), free_port()
         while dicom_port == http_port:
@@ -109,12 +121,23 @@ class Orthanc:
             },
             "DicomScuTimeout": 30,
             "DicomAssociationCloseDelay": 0,
-            "Plugins": [],
+            "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [],
             "LuaScripts": [str(lua_script)] if lua_script else [],
             "SaveJobs": False,
             "StableAge": 2,
             "DeidentifyLogs": True,
         }
+        if dicomweb:
+            # "Full": the metadata route reads every attribute from the stored files, so an SR's
+            # ContentSequence reaches the viewer whole
+            config["DicomWeb"] = {
+                "Enable": True,
+                "Root": "/dicom-web/",
+                "EnableWado": True,
+                "Ssl": False,
+                "StudiesMetadata": "Full",
+                "SeriesMetadata": "Full",
+            }
         config.update(extra_config or {})
         cfg_path = workdir / "orthanc.json"
         cfg_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
@@ -252,3 +275,18 @@ class Orthanc:
     def instance_file(self, instance_id: str) -> bytes:
         data = self.request("GET", f"/instances/{instance_id}/file")
         return data if isinstance(data, bytes) else base64.b64decode(data)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job Orthanc remembers (``GET /jobs?expand``), oldest first."""
+        return sorted(self.get("/jobs?expand") or [], key=lambda j: str(j.get("CreationTime")))
+
+    def study_id(self, study_uid: str) -> str | None:
+        """Orthanc's ID of the study with this Study Instance UID, or None."""
+        found = self.request("POST", "/tools/lookup", study_uid.encode(), "text/plain")
+        ids = [x["ID"] for x in (found or []) if x.get("Type") == "Study"]
+        return ids[0] if ids else None
+
+    def study_instances(self, study_uid: str) -> list[dict[str, Any]]:
+        """The study's instances with their main tags (``GET /studies/{id}/instances``)."""
+        sid = self.study_id(study_uid)
+        return [] if sid is None else list(self.get(f"/studies/{sid}/instances"))

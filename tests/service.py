@@ -16,7 +16,7 @@ import pytest
 import yaml
 from pynetdicom import AE
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 VERIFICATION = "1.2.840.10008.1.1"
 
@@ -38,12 +38,19 @@ def write_config(
             "lease_seconds": 60,
             "heartbeat_seconds": 5,
         },
-        "completion": {"quiet_seconds": 2, "max_wait_seconds": 60, "sweep_interval_seconds": 0.5},
+        # no lateral grace unless a test asks for one (most send single frontals)
+        "completion": {
+            "quiet_seconds": 2,
+            "max_wait_seconds": 60,
+            "lateral_grace_seconds": 0,
+            "sweep_interval_seconds": 0.5,
+        },
         "destinations": [],
         "results_dir": "results",
         "worker": {"device": "cpu", "batch_size": 4, "poll_interval_seconds": 0.3},
         "scheduler": {"lease_sweep_interval_seconds": 1, "delivery_retry_interval_seconds": 1},
         "logging": {"level": "INFO"},
+        "health": {"host": "127.0.0.1", "port": free_port()},
     }
     if os.environ.get(
         "CXR_TEST_WEIGHTS_DIR"

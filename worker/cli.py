@@ -4,18 +4,25 @@ train...)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
+from pydicom.uid import UID
 
 from db.engine import safe_url
 from db.errors import DatabaseNotReady, QueueUnavailable
 from db.queue import Queue
+from db.records import EventRow, StudyDetail, StudySummary
+from db.sanitise import escape_control
 from models.training import cli as training
 
 from . import __version__
@@ -40,7 +47,7 @@ def _add_config(p: argparse.ArgumentParser, *, top_level: bool = False) -> None:
 
 def _load(args: argparse.Namespace) -> AppConfig:
     cfg = load_config(args.config)
-    configure(cfg.logging.level)
+    configure(cfg.logging.level, cfg.logging.format)
     return cfg
 
 
@@ -54,19 +61,54 @@ def _open_queue(cfg: AppConfig) -> Queue:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    source = args.path or args.config or "config.yaml"
     cfg = load_config(args.path or args.config)
     data = json.loads(cfg.model_dump_json())
     data["queue"]["database_url"] = safe_url(cfg.queue.database_url)
-    print(f"# effective configuration ({args.path or args.config or 'config.yaml'}): OK")
+    problems = address_problems(cfg)
+    if problems:
+        print(f"configuration error:\n{source}: " + f"\n{source}: ".join(problems), file=sys.stderr)
+        return 2
+    print(f"# effective configuration ({source}): OK")
     print(yaml.safe_dump(data, sort_keys=False), end="")
     return 0
 
 
+def address_problems(cfg: AppConfig) -> list[str]:
+    """The listening addresses this machine cannot bind (not one of its addresses, cannot be
+    resolved), each as ``key: why``; checked by binding port 0, so a busy port is not a problem
+    here (``serve`` says so when it is)."""
+    wanted = [("dicom.bind_host", cfg.dicom.bind_host)]
+    if cfg.health.enabled:
+        wanted.append(("health.host", cfg.health.host))
+    problems = []
+    for key, host in wanted:
+        try:
+            family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((host, 0))
+        except OSError as exc:
+            why = (
+                "it is not an address of this machine"
+                if exc.errno == errno.EADDRNOTAVAIL
+                else (exc.strerror or str(exc))
+            )
+            problems.append(f"{key}: cannot listen on {host!r}: {why}")
+    return problems
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    from dicom_node.scp import ListenError
+
     from .service import Service
 
-    Service(cfg, role=args.role).serve_forever()
+    try:
+        Service(cfg, role=args.role).serve_forever()
+    except ListenError as exc:
+        log.error("%s", exc.strerror or exc)
+        print(f"error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -97,13 +139,110 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {state:<11} {n}")
     print(f"\nlatest {len(latest)} (most recently updated first):")
     print(f"  {'study instance uid':<64} {'state':<10} {'inst':>4}  {'deliveries':<24} reason")
+    now = datetime.now(UTC)
     for s in latest:
         deliveries = ", ".join(f"{k}:{v}" for k, v in s.deliveries.items()) or "-"
         print(
             f"  {s.study_uid:<64} {s.state:<10} {s.instance_count:>4}  {deliveries:<24} "
-            f"{s.reason or ''}"
+            f"{escape_control(s.reason or '')}"
+        )
+        for line in status_details(s, max_attempts=cfg.queue.max_attempts, now=now):
+            print(f"      {line}")
+    return 0
+
+
+def status_details(s: StudySummary, *, max_attempts: int, now: datetime) -> list[str]:
+    """The lines under a study in ``status``: attempts, last error, next retry, and each
+    destination's delivery state (all sanitised: no control characters)."""
+    lines = []
+    if s.attempts or s.last_error:
+        text = f"attempts: {s.attempts} of {max_attempts}"
+        if s.last_error and s.state != "done":
+            when = _when(s.last_error_at)
+            text += f"; last error ({when}): {escape_control(s.last_error)}"
+        lines.append(text)
+    if s.state == "ready" and s.ready_at is not None and s.ready_at > now:
+        wait = (s.ready_at - now).total_seconds()
+        lines.append(f"next retry: {_when(s.ready_at)} (in {wait:.0f} s)")
+    for d in s.destinations:
+        states = ", ".join(f"{k} {v}" for k, v in sorted(d.states.items()))
+        text = f"to {d.destination}: {states}; {d.attempts} attempt(s)"
+        if d.next_attempt_at is not None:
+            text += f"; next retry {_when(d.next_attempt_at)}"
+        if d.last_status:
+            text += f"; last: {escape_control(d.last_status)}"
+        lines.append(text)
+    return lines
+
+
+def _when(t: datetime | None) -> str:
+    return "-" if t is None else t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    queue = _open_queue(cfg)
+    detail = queue.study(args.study_uid)
+    trail = queue.history(args.study_uid)
+    if detail is None or trail is None:
+        print(
+            f"history: study {args.study_uid} is not in the queue (never received, or purged)",
+            file=sys.stderr,
+        )
+        return 1
+    rows = history_rows(detail, trail)
+    if args.json:
+        print(json.dumps([r._asdict() for r in rows], default=str, indent=2))
+        return 0
+    print(
+        f"study {detail.study_uid}: {detail.state}, {len(detail.instances)} instance(s), "
+        f"{len(detail.results)} result(s), {len(detail.deliveries)} delivery(ies)"
+    )
+    print(f"{'time (UTC)':<23}  {'what':<42} {'by':<16} detail")
+    for r in rows:
+        print(
+            f"{r.at.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%S.%f')[:23]:<23}  "
+            f"{r.what:<42} {r.by:<16} {r.detail}"
         )
     return 0
+
+
+class HistoryRow(NamedTuple):
+    at: datetime
+    what: str  # "receiving -> ready", "instance received", "delivery 3 to pacs: pending -> ..."
+    by: str  # the actor: scp, scheduler, a worker name, cli; or the calling AE of an instance
+    detail: str
+
+
+def history_rows(detail: StudyDetail, trail: list[EventRow]) -> list[HistoryRow]:
+    """The study's events, its deliveries' events and its instances' arrival, in time order (at
+    one instant: the creation first, then instances, then what they caused). No patient data:
+    UIDs, SOP classes, header view names, AE titles and the queue's own reasons only."""
+    dest = {d.id: d.destination for d in detail.deliveries}
+    keyed: list[tuple[datetime, int, int, HistoryRow]] = []
+    for n, e in enumerate(trail):
+        if e.delivery_id is not None:
+            what = f"delivery {e.delivery_id} to {dest.get(e.delivery_id, '?')}: "
+        else:
+            what = ""
+        what += f"{e.from_state} -> {e.to_state}" if e.from_state else f"created, {e.to_state}"
+        # at one instant: a study's creation, then instances, its own changes, its deliveries'
+        rank = 2 if e.delivery_id is not None else (-1 if e.from_state is None else 1)
+        row = HistoryRow(e.at, what, escape_control(e.actor), escape_control(e.reason or ""))
+        keyed.append((e.at, rank, n, row))
+    for n, i in enumerate(detail.instances):
+        kind = UID(i.sop_class_uid).name if i.sop_class_uid else "?"
+        view = f" {i.view}" + (f" ({i.view_position})" if i.view_position else "") if i.view else ""
+        fate = "analysed" if i.eligible else f"stored only: {i.ineligible_reason or 'not eligible'}"
+        text = f"{i.modality or '?'}{view} {kind}, {i.sop_instance_uid} [{fate}]"
+        row = HistoryRow(
+            i.received_at,
+            "instance received",
+            escape_control(i.calling_ae or "?"),
+            escape_control(text),
+        )
+        keyed.append((i.received_at, 0, n, row))
+    return [r for *_, r in sorted(keyed, key=lambda k: (k[0], k[1], k[2]))]
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
@@ -169,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("history", help="a study's audit trail: instances, states, deliveries")
+    _add_config(p)
+    p.add_argument("study_uid")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_history)
 
     p = sub.add_parser("requeue", help="send a study (or all failed ones) back to the queue")
     _add_config(p)

@@ -12,8 +12,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from db.config import CompletionConfig, QueueConfig
-from dicom_node.config import DestinationConfig, DicomNodeConfig
+from dicom_node.config import DestinationConfig, DicomNodeConfig, Host, Port
+from dicom_node.derived import DeviceInfo
 from models.config import ModelsConfig
+
+from . import __version__
 
 ENV_DATABASE_URL = "CXR_DATABASE_URL"
 
@@ -32,10 +35,20 @@ class ConfigError(ValueError):
     """``config.yaml`` could not be read or is invalid; the message lists every problem."""
 
 
+def default_worker_name() -> str:
+    """``HOST:PID``: unique per process, so leases and events tell two workers apart."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 class WorkerSection(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    name: str = Field(default_factory=lambda: f"cxr-worker@{socket.gethostname()}")
+    name: str = Field(
+        default_factory=default_worker_name,
+        min_length=1,
+        max_length=255,
+        description="This process's name in leases and events; must be unique per process",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(8, ge=1, le=256)
     poll_interval_seconds: float = Field(1.0, gt=0)
@@ -55,12 +68,41 @@ class SchedulerSection(BaseModel):
     delivery_max_attempts: int = Field(
         10, ge=1, description="Sends of one report to one destination before it is marked failed"
     )
+    storage_sweep_seconds: float = Field(
+        600.0,
+        gt=0,
+        description=(
+            "How often the SCP side sweeps dicom.storage_dir: stale temp files are removed, stored "
+            "files with no queue row are registered (or quarantined when unreadable)"
+        ),
+    )
+    storage_sweep_min_age_seconds: float = Field(
+        900.0,
+        ge=60,
+        description=(
+            "The sweep touches only files older than this (and never younger than twice the "
+            "longest dicom.*_timeout_s), so a store in flight is never disturbed"
+        ),
+    )
 
 
 class LoggingSection(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per record; json: one JSON object per line"
+    )
+
+
+class HealthSection(BaseModel):
+    """The HTTP endpoint for monitoring: /healthz, /readyz, /metrics (Prometheus)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = True
+    host: Host = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all)")
+    port: Port = Field(11113, description="TCP port (the DICOM port's neighbour by default)")
 
 
 class AppConfig(BaseModel):
@@ -82,6 +124,7 @@ class AppConfig(BaseModel):
     scheduler: SchedulerSection = Field(default_factory=_default(SchedulerSection))
     models: ModelsConfig = Field(default_factory=_default(ModelsConfig))
     logging: LoggingSection = Field(default_factory=_default(LoggingSection))
+    health: HealthSection = Field(default_factory=_default(HealthSection))
 
     @field_validator("destinations")
     @classmethod
@@ -98,6 +141,16 @@ class AppConfig(BaseModel):
                 return d
         known = ", ".join(d.name for d in self.destinations) or "none configured"
         raise ConfigError(f"no destination named {name!r} in config (known: {known})")
+
+
+def device_info(cfg: AppConfig) -> DeviceInfo:
+    """The identity every report and key image carries. Its name is the product's, not the worker
+    process's (``worker.name``): the series UIDs derive from it and the AE title, so every worker
+    of one deployment files a study's reports in one series, and the SCP recognises them when
+    PACS routes them back."""
+    return DeviceInfo(
+        version=__version__, ae_title=cfg.dicom.ae_title, manufacturer=cfg.worker.manufacturer
+    )
 
 
 def _format_errors(source: str, exc: ValidationError) -> str:

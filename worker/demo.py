@@ -2,8 +2,8 @@
 
 Starts ``cxr-worker serve`` (SQLite, a local results folder as the destination) as a child process,
 sends the bundled sample studies to it over DICOM, waits until every study has an outcome, prints
-patient, views found, Model 1, top findings and the paths of the SR and key image, and stops the
-service it started (by PID)."""
+patient, views found, Model 1, the Present findings and the paths of the SR and key image, and stops
+the service it started (by PID)."""
 
 from __future__ import annotations
 
@@ -52,9 +52,16 @@ def write_config(workdir: Path, port: int, weights_dir: str | None = None) -> Pa
             "lease_seconds": 120,
             "heartbeat_seconds": 10,
         },
-        "completion": {"quiet_seconds": 2, "max_wait_seconds": 30, "sweep_interval_seconds": 0.5},
+        # the samples are single frontals: no lateral is coming, so do not wait for one
+        "completion": {
+            "quiet_seconds": 2,
+            "max_wait_seconds": 30,
+            "lateral_grace_seconds": 0,
+            "sweep_interval_seconds": 0.5,
+        },
         "destinations": [],
         "results_dir": "results",
+        "health": {"port": _free_port()},  # never clash with a running service's 11113
         "worker": {"device": "auto", "batch_size": 8, "poll_interval_seconds": 0.5},
         "logging": {"level": "INFO"},
     }
@@ -170,7 +177,7 @@ def print_table(details: dict[str, StudyDetail | None], samples: list[Path]) -> 
     print()
     print(
         f"{'patient':<22} {'state':<8} {'views':<22} {'Model 1 (abnormal)':<24} "
-        "top findings (probability)"
+        "Present findings (probability), as in the SR and key image"
     )
     print("-" * 110)
     for uid, d in details.items():
@@ -187,9 +194,10 @@ def print_table(details: dict[str, StudyDetail | None], samples: list[Path]) -> 
             if m1
             else "-"
         )
-        top = sorted(result.get("model2", []), key=lambda f: -f["probability"])[:3]
-        top_txt = ", ".join(f"{f['label']} {f['probability']:.2f}" for f in top) or (
-            d.state_reason or ""
+        present = [f for f in result.get("model2", []) if f["present"]]
+        present.sort(key=lambda f: -f["probability"])
+        top_txt = ", ".join(f"{f['label']} {f['probability']:.2f}" for f in present) or (
+            "none Present" if result else (d.state_reason or "")
         )
         print(
             f"{names.get(uid, '?')[:22]:<22} {d.state:<8} {view_txt[:22]:<22} "

@@ -30,3 +30,15 @@ class QueueSink:
             return self.queue.instance_exists(sop_instance_uid)
         except QueueUnavailable as exc:
             raise SinkUnavailable(str(exc)) from exc
+
+    def stored_rel_path(self, sop_instance_uid: str) -> str | None:
+        try:
+            return self.queue.stored_rel_path(sop_instance_uid)
+        except QueueUnavailable as exc:
+            raise SinkUnavailable(str(exc)) from exc
+
+    def record_conflict(self, sop_instance_uid: str, detail: str) -> bool:
+        try:
+            return self.queue.record_conflict(sop_instance_uid, detail)
+        except QueueUnavailable as exc:
+            raise SinkUnavailable(str(exc)) from exc

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Callable, Hashable, Sequence
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pydicom
@@ -19,18 +22,26 @@ from pydicom.dataset import Dataset
 from db.queue import ClaimedStudy, LeaseLost, Queue
 from db.records import InstanceRow
 from db.retry import ErrorKind
-from dicom_node import sr as srmod
+from dicom_node.derived import IDENTITY_KEYWORDS, IdentityUnreadable, patient_identity
 from dicom_node.key_image import build_key_image, write_key_image
 from dicom_node.pixels import PixelDecodeError, load_image
+from dicom_node.sr_template import ReportTemplates
 from dicom_node.views import Candidate, ViewGuess, pick_pair, view_from_headers
 from models.api import StudyAnalysis, StudyAnalyzer, StudyInput
 
-from . import __version__
-from .config import AppConfig
+from .config import AppConfig, device_info
 from .delivery import deliver_due
 from .results import MissingModel, OutputFile, PreparedStudy, StudyResult, deliveries
 
 log = logging.getLogger(__name__)
+
+
+class StudyObserver(Protocol):
+    """Told when a study's result is stored (``worker.metrics.Metrics`` counts it)."""
+
+    def study_analysed(
+        self, *, analysis_seconds: float, end_to_end_seconds: float | None
+    ) -> None: ...
 
 
 class StudyRejected(Exception):
@@ -55,8 +66,25 @@ def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000.0, 1)
 
 
-def _patient_key(ds: Dataset) -> tuple[str, str]:
-    return (str(ds.get("PatientID", "")), str(ds.get("IssuerOfPatientID", "")))
+def _patient_key(ds: Dataset) -> tuple[str, ...]:
+    """The patient identity a report is filed under, normalised (see
+    :func:`dicom_node.derived.patient_identity`); ``StudyError`` (not retried) naming the
+    attribute when one cannot be decoded (never its value)."""
+    try:
+        return patient_identity(ds)
+    except IdentityUnreadable as exc:
+        raise StudyError(
+            f"instance {ds.get('SOPInstanceUID', '?')}: {exc}", retryable=False
+        ) from None
+
+
+def _identity_mismatch(headers: Sequence[Dataset]) -> str | None:
+    """The first identity attribute on which the images differ (its keyword), or None."""
+    keys = [_patient_key(ds) for ds in headers]
+    for i, keyword in enumerate(IDENTITY_KEYWORDS):
+        if len({k[i] for k in keys}) > 1:
+            return keyword
+    return None
 
 
 class Pipeline:
@@ -67,12 +95,13 @@ class Pipeline:
         self.queue = queue
         self.analyzer = analyzer
         self.worker_id = cfg.worker.name
-        self.device = srmod.DeviceInfo(
-            name=cfg.worker.name,
-            version=__version__,
-            ae_title=cfg.dicom.ae_title,
-            manufacturer=cfg.worker.manufacturer,
-        )
+        # the product's identity, not this process's: see worker.config.device_info
+        self.device = device_info(cfg)
+        #: reports filled into their shape's template (dicom_node.sr_template), one cache each
+        self.reports = ReportTemplates()
+        #: told of each stored result (the service's metrics); None: nobody listens
+        self.observer: StudyObserver | None = None
+        self._batch_started = time.perf_counter()
         self.out_root = Path(cfg.results_dir or (Path(cfg.dicom.storage_dir).parent / "results"))
 
     @classmethod
@@ -104,13 +133,16 @@ class Pipeline:
                     retryable=False,
                 ) from None
             except Exception as exc:
+                # the class only: a parser's text may quote patient data
                 raise StudyError(
-                    f"instance {inst.sop_instance_uid} cannot be read: {exc}", retryable=False
-                ) from exc
-        patients = {_patient_key(ds) for ds in headers.values()}
-        if len(patients) > 1:
+                    f"instance {inst.sop_instance_uid} cannot be read ({type(exc).__name__})",
+                    retryable=False,
+                ) from None
+        differs = _identity_mismatch(list(headers.values()))
+        if differs is not None:
             raise StudyRejected(
-                f"the study's instances name {len(patients)} different patients; not analysed "
+                f"the study's images name different patients (they disagree on {differs}); "
+                "not analysed "
                 f"(a report must never reach the wrong patient)"
             )
         guesses = {iid: view_from_headers(ds) for iid, ds in headers.items()}
@@ -179,6 +211,7 @@ class Pipeline:
     # --- the batch ------------------------------------------------------------------------------
 
     def process(self, studies: Sequence[ClaimedStudy]) -> None:
+        self._batch_started = time.perf_counter()
         prepared: list[PreparedStudy] = []
         for s in studies:
             self._guarded(s, partial(self._prepare_into, prepared, s))
@@ -186,7 +219,10 @@ class Pipeline:
             t0 = time.perf_counter()
             inputs = [
                 StudyInput(
-                    key=str(p.claimed.id), frontal=p.frontal_pixels, lateral=p.lateral_pixels
+                    key=str(p.claimed.id),
+                    frontal=p.frontal_pixels,
+                    lateral=p.lateral_pixels,
+                    projection=p.frontal_view.projection,
                 )
                 for p in prepared
             ]
@@ -229,8 +265,14 @@ class Pipeline:
                 "study %s: lease lost while working on it; another worker has it now", study.id
             )
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            log.exception("study %s failed unexpectedly", study.id)
+            # the class and where, never the text: a parser's message may quote patient data
+            error = f"{type(exc).__name__} (details withheld: may quote patient data)"
+            log.error(
+                "study %s failed unexpectedly: %s; at:\n%s",
+                study.id,
+                type(exc).__name__,
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
             self._finish_safely(
                 lambda: self.queue.fail(
                     study.id, self.worker_id, error=error, kind=ErrorKind.TRANSIENT
@@ -260,17 +302,20 @@ class Pipeline:
             report_input = result.report_input()
         except MissingModel as exc:
             raise StudyError(str(exc), retryable=False) from exc
-        sr_ds = srmod.build_report(report_input)
+        sr_ds = self.reports.render(report_input)
         folder = self.out_root / p.claimed.study_uid
         folder.mkdir(parents=True, exist_ok=True)
-        sr_path = srmod.write_report(sr_ds, folder / f"SR_{sr_ds.SOPInstanceUID}.dcm")
-        files = [OutputFile(str(sr_ds.SOPInstanceUID), str(sr_ds.SOPClassUID), sr_path)]
+        sr_path = sr_ds.write(folder / f"SR_{sr_ds.sop_instance_uid}.dcm")
+        files = [OutputFile(sr_ds.sop_instance_uid, sr_ds.sop_class_uid, sr_path)]
+        p.timings_ms["report_sr"] = _ms(t0)
         key_png: Path | None = None
         wants_key = (
             any(d.send_key_image for d in self.cfg.destinations) or self.cfg.results_dir is not None
         )
         if wants_key:
-            key = build_key_image(result.key_image_input(str(sr_ds.SOPInstanceUID)))
+            key = build_key_image(
+                result.key_image_input(sr_ds.sop_instance_uid, report_input.instance_number)
+            )
             uid = str(key.dataset.SOPInstanceUID)
             key_dcm, key_png = write_key_image(
                 key, folder / f"KEY_{uid}.dcm", folder / f"KEY_{uid}.png"
@@ -282,10 +327,11 @@ class Pipeline:
             p.claimed.id,
             self.worker_id,
             result_payload=result.payload(sr_path, key_png),
-            report_sop_instance_uid=str(sr_ds.SOPInstanceUID),
+            report_sop_instance_uid=sr_ds.sop_instance_uid,
             report_path=str(sr_path),
             deliveries=deliveries(files, self.cfg.destinations),
         )
+        self._observe(p.claimed)
         m1 = out.model1
         log.info(
             "study %s done: Model 1 %s (p=%.3f), %d finding(s) present, lateral %s, report %s",
@@ -294,8 +340,23 @@ class Pipeline:
             m1.probability,
             sum(f.present for f in out.model2),
             "used" if out.used_lateral else "absent",
-            sr_ds.SOPInstanceUID,
+            sr_ds.sop_instance_uid,
         )
+
+    def _observe(self, study: ClaimedStudy) -> None:
+        """Tell the observer how long the study took: since its claim (its batch) and since its
+        last image arrived."""
+        if self.observer is None:
+            return
+        last = max((i.received_at for i in study.instances if i.eligible), default=None)
+        now = datetime.now(UTC)
+        try:
+            self.observer.study_analysed(
+                analysis_seconds=time.perf_counter() - self._batch_started,
+                end_to_end_seconds=(now - last).total_seconds() if last is not None else None,
+            )
+        except Exception:  # noqa: BLE001 - metrics must never fail a stored result
+            log.warning("could not record the study's timings in the metrics", exc_info=True)
 
     def deliver_due(self) -> int:
         """Send every delivery that is due (see :func:`worker.delivery.deliver_due`)."""

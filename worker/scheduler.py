@@ -1,5 +1,5 @@
 """Periodic jobs run by APScheduler: study completion, lease expiry, retention purge, delivery
-retry."""
+retry, storage sweep."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from db.errors import QueueUnavailable
 from db.queue import Queue
+from dicom_node.storage import InstanceStorage, SweepReport, sweep_storage
 
-from .config import AppConfig
+from .config import AppConfig, device_info
 from .delivery import deliver_due
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,11 @@ def _guard(name: str, fn: Callable[[], object]) -> Callable[[], None]:
 
 
 def completion_sweep(cfg: AppConfig, queue: Queue) -> int:
+    c = cfg.completion
     n = queue.sweep_completion(
-        quiet_seconds=cfg.completion.quiet_seconds, max_wait_seconds=cfg.completion.max_wait_seconds
+        quiet_seconds=c.quiet_seconds,
+        max_wait_seconds=c.max_wait_seconds,
+        lateral_grace_seconds=c.lateral_grace_seconds,
     )
     if n:
         log.info("completion sweep: %d study(ies) left receiving", n)
@@ -71,10 +75,42 @@ def retention_purge(cfg: AppConfig, queue: Queue, now: datetime | None = None) -
     return len(uids)
 
 
+def sweep_min_age_s(cfg: AppConfig) -> float:
+    """The age a file must reach before the storage sweep touches it: the configured minimum,
+    and never less than twice the longest DICOM timeout (the longest a store can be in flight)."""
+    d = cfg.dicom
+    longest = max(d.acse_timeout_s, d.dimse_timeout_s, d.network_timeout_s)
+    return max(cfg.scheduler.storage_sweep_min_age_seconds, 2 * longest)
+
+
+def storage_sweep(cfg: AppConfig, queue: Queue) -> SweepReport:
+    """Stale temp files out; stored files with no queue row registered (or quarantined). Files
+    older than the retention period are quarantined, never registered (a purged study must not
+    be analysed again)."""
+    storage = InstanceStorage(cfg.dicom.storage_dir, min_free_disk_mb=cfg.dicom.min_free_disk_mb)
+    report = sweep_storage(
+        storage,
+        recorded=queue.stored_rel_paths,
+        record=queue.record_instance,
+        device=device_info(cfg),
+        older_than_s=sweep_min_age_s(cfg),
+        register_within_s=cfg.scheduler.retention_days * 86400,
+    )
+    if report.temp_removed or report.registered or report.quarantined:
+        log.info(
+            "storage sweep: %d stale temp file(s) removed, %d unrecorded instance(s) registered, "
+            "%d file(s) quarantined",
+            report.temp_removed,
+            len(report.registered),
+            len(report.quarantined),
+        )
+    return report
+
+
 def build_scheduler(cfg: AppConfig, queue: Queue, *, role: str) -> BackgroundScheduler:
-    """Jobs per role: the SCP side owns completion and retention; every role sweeps leases
-    (compare-and-set makes concurrent sweeps harmless); delivery retry runs where results are made.
-    The scheduler is returned not started."""
+    """Jobs per role: the SCP side owns completion, retention and the storage sweep; every role
+    sweeps leases (compare-and-set makes concurrent sweeps harmless); delivery retry runs where
+    results are made. The scheduler is returned not started."""
     sched = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
     if role in ("all", "scp"):
         sched.add_job(
@@ -88,6 +124,12 @@ def build_scheduler(cfg: AppConfig, queue: Queue, *, role: str) -> BackgroundSch
             "interval",
             seconds=cfg.scheduler.purge_interval_seconds,
             id="purge",
+        )
+        sched.add_job(
+            _guard("storage_sweep", lambda: storage_sweep(cfg, queue)),
+            "interval",
+            seconds=cfg.scheduler.storage_sweep_seconds,
+            id="storage",
         )
     sched.add_job(
         _guard("lease_sweep", lambda: lease_sweep(queue)),

@@ -1,18 +1,21 @@
 """``cxr-worker serve``: the SCP, the scheduler and the worker loop, in one process or split by
-role."""
+role, with the monitoring endpoint (:mod:`worker.health`) beside them."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING, Literal
 
 from db.engine import safe_url
 from db.queue import Queue
 
-from .config import AppConfig
+from .config import AppConfig, device_info
+from .health import Check, CheckFn, HealthServer, database_check, storage_check
+from .metrics import Metrics
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -39,51 +42,106 @@ class Service:
         self.scheduler: BackgroundScheduler | None = None
         self.loop: WorkerLoop | None = None
         self._loop_thread: threading.Thread | None = None
+        disks = {"storage": cfg.dicom.storage_dir}
+        if cfg.results_dir is not None:
+            disks["results"] = cfg.results_dir
+        self.metrics = Metrics(disk_paths=disks)
+        self.health: HealthServer | None = None
 
     def start(self) -> None:
         cfg = self.cfg
+        from pydicom import config as pydicom_config  # noqa: PLC0415
+
+        # pydicom's reading validation logs offending values (patient data): never in this
+        # process; the SCP and the pipeline check what they need and log attribute names only
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        if cfg.health.enabled:
+            # first, so /healthz answers (and /readyz says what is missing) while models load
+            self.health = HealthServer(
+                cfg.health.host, cfg.health.port, metrics=self.metrics, checks={}
+            )
+            self.health.start()
+        try:
+            self._start_parts()
+        except BaseException:
+            self.stop()
+            raise
+        log.info(
+            "service started (role %s, worker %s, database %s)",
+            self.role,
+            cfg.worker.name,
+            safe_url(cfg.queue.database_url),
+        )
+
+    def _start_parts(self) -> None:
+        cfg = self.cfg
         # serve creates the schema in an empty database itself; an out-of-date one is refused
-        self.queue = Queue.from_config(
+        self.queue = queue = Queue.from_config(
             cfg.queue,
             upgrade_empty=True,
             delivery_max_attempts=cfg.scheduler.delivery_max_attempts,
         )
+        self.metrics.attach_queue(queue)
+        self._check("database", partial(database_check, queue.ping))
         if self.role in ("all", "worker"):
+            self._check("models", lambda: Check(False, "loading the models"))
             from .loop import WorkerLoop
             from .pipeline import Pipeline
 
-            pipeline = Pipeline.from_config(cfg, self.queue)
+            pipeline = Pipeline.from_config(cfg, queue)
+            pipeline.observer = self.metrics
             self.loop = WorkerLoop(
-                self.queue,
+                queue,
                 pipeline,
                 worker_id=cfg.worker.name,
                 batch_size=cfg.worker.batch_size,
                 poll_interval=cfg.worker.poll_interval_seconds,
                 heartbeat_interval=cfg.queue.heartbeat_seconds,
             )
+            self._check("models", self._models_check)
         if self.role in ("all", "scp"):
             from dicom_node.scp import StorageSCP
 
             from .ingest import QueueSink
 
             cfg.dicom.storage_dir.mkdir(parents=True, exist_ok=True)
-            self.scp = StorageSCP(cfg.dicom, QueueSink(self.queue))
-            self.scp.start()
-            log.info(
-                "SCP %s listening on %s:%d", cfg.dicom.ae_title, cfg.dicom.bind_host, cfg.dicom.port
+            self._check(
+                "storage",
+                partial(storage_check, cfg.dicom.storage_dir, cfg.dicom.min_free_disk_mb),
             )
+            self.scp = StorageSCP(
+                cfg.dicom, QueueSink(queue), device=device_info(cfg), events=self.metrics
+            )
+            self.scp.start()
+            self._check("scp", self._scp_check)
         from .scheduler import build_scheduler
 
-        self.scheduler = build_scheduler(cfg, self.queue, role=self.role)
+        self.scheduler = build_scheduler(cfg, queue, role=self.role)
         self.scheduler.start()
         if self.loop is not None:
             self._loop_thread = threading.Thread(
                 target=self.loop.run, name="worker-loop", daemon=True
             )
             self._loop_thread.start()
-        log.info(
-            "service started (role %s, database %s)", self.role, safe_url(cfg.queue.database_url)
-        )
+
+    def _check(self, name: str, fn: CheckFn) -> None:
+        if self.health is not None:
+            self.health.checks[name] = fn
+
+    def _models_check(self) -> Check:
+        if self.loop is None:
+            return Check(False, "no worker loop")
+        thread = self._loop_thread
+        if thread is None or not thread.is_alive():
+            return Check(False, "models loaded; the worker loop is not running")
+        return Check(True, f"models loaded; worker loop {self.loop.worker_id} running")
+
+    def _scp_check(self) -> Check:
+        cfg = self.cfg.dicom
+        where = f"{cfg.ae_title} on {cfg.bind_host}:{cfg.port}"
+        if self.scp is not None and self.scp.is_listening():
+            return Check(True, f"SCP {where} listening")
+        return Check(False, f"SCP {where} is not listening")
 
     def stop(self) -> None:
         log.info("stopping")
@@ -93,8 +151,10 @@ class Service:
             self.loop.stop()
         if self._loop_thread is not None:
             self._loop_thread.join(timeout=self.cfg.worker.study_timeout_seconds)
-        if self.scheduler is not None:
+        if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        if self.health is not None:
+            self.health.stop()
         self._stop.set()
 
     def serve_forever(self) -> None:

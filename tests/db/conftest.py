@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -82,17 +82,28 @@ def add_instance(
     body_part: str | None = "CHEST",
     modality: str = "DX",
     view_position: str | None = "PA",
+    view: str | None | Literal["auto"] = "auto",
+    sop_class_uid: str | None = None,
+    series_uid: str | None = None,
     ineligible_reason: str | None = None,
     now: datetime | None = None,
 ) -> bool:
+    """Record one instance; ``view`` defaults to what the SCP derives from ``view_position``
+    (PA/AP frontal, LL/RL lateral, else unknown)."""
+    if view == "auto":
+        view = {"PA": "frontal", "AP": "frontal", "LL": "lateral", "RL": "lateral"}.get(
+            view_position or ""
+        )
     return q.record_instance(
         make_instance(
             study_uid,
             sop_instance_uid=sop_uid,
-            sop_class_uid=CHEST if modality == "DX" else CR,
+            sop_class_uid=sop_class_uid or (CHEST if modality == "DX" else CR),
+            **({"series_uid": series_uid} if series_uid else {}),
             modality=modality,
             body_part=body_part,
             view_position=view_position,
+            view=view,
             eligible=eligible,
             ineligible_reason=ineligible_reason,
             received_at=now,

@@ -19,7 +19,7 @@ def test_upgrade_empty_then_again(database_url: str) -> None:
     assert current_revision(database_url) is None
     upgrade(database_url)
     assert not is_empty(database_url)
-    assert current_revision(database_url) == head_revision() == "0002_delivery_events"
+    assert current_revision(database_url) == head_revision() == "0003_views_and_errors"
     upgrade(database_url)  # idempotent
     assert current_revision(database_url) == head_revision()
 
@@ -138,11 +138,47 @@ def test_upgrade_from_0001_keeps_events(database_url: str) -> None:
                 {"t": now.replace(tzinfo=None)},
             )
         upgrade(database_url)
-        assert current_revision(database_url) == head_revision() == "0002_delivery_events"
+        assert current_revision(database_url) == head_revision() == "0003_views_and_errors"
         with eng.connect() as conn:
             rows = conn.execute(sa.text("SELECT study_id, delivery_id, to_state FROM events")).all()
         assert [tuple(r) for r in rows] == [(1, None, "receiving")]
         ix = {i["name"]: i["column_names"] for i in sa.inspect(eng).get_indexes("events")}
         assert ix["ix_events_delivery_id"] == ["delivery_id"]
+    finally:
+        eng.dispose()
+
+
+def test_upgrade_from_0002_adds_view_and_last_error(database_url: str) -> None:
+    """0003 adds ``instances.view`` and ``studies.last_error(_at)``; existing rows keep their
+    values and read NULL there (an old instance's view is unknown: it never holds a study back
+    for a lateral)."""
+    upgrade(database_url, "0002_delivery_events")
+    now = datetime.now(UTC).replace(tzinfo=None)
+    eng = make_engine(database_url)
+    try:
+        with eng.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO studies (id, study_uid, state, created_at, updated_at) "
+                    "VALUES (1, '1.2.3', 'done', :t, :t)"
+                ),
+                {"t": now},
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO instances (study_id, sop_instance_uid, sop_class_uid, series_uid,"
+                    " transfer_syntax_uid, rel_path, size_bytes, eligible, received_at) VALUES "
+                    "(1, '1.2.3.4', '1.2.840.10008.5.1.4.1.1.1', '1.2.3.5', '1.2.840.10008.1.2.1',"
+                    " '1.2.3/1.2.3.4.dcm', 10, true, :t)"
+                ),
+                {"t": now},
+            )
+        upgrade(database_url)
+        assert current_revision(database_url) == "0003_views_and_errors"
+        with eng.connect() as conn:
+            inst = conn.execute(sa.text("SELECT sop_instance_uid, view FROM instances")).one()
+            study = conn.execute(sa.text("SELECT state, last_error FROM studies")).one()
+        assert tuple(inst) == ("1.2.3.4", None)
+        assert tuple(study) == ("done", None)
     finally:
         eng.dispose()

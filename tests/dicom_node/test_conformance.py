@@ -111,7 +111,9 @@ def _resave(tmp_path: Path, ds: Dataset) -> Path:
 def test_path_traversal_study_uid_is_a_mismatch(tmp_path: Path) -> None:
     ds = fresh(pydicom.dcmread(DATA / "siim_cr_pa_secondary_capture.dcm"))
     ds.StudyInstanceUID = "../../etc"
-    with pytest.raises(InvalidUID, match="StudyInstanceUID '../../etc' is not a valid DICOM UID"):
+    with pytest.raises(
+        InvalidUID, match=r"StudyInstanceUID \(9 characters\) is not a valid DICOM UID"
+    ):
         _inspect(_resave(tmp_path, ds))
 
 
@@ -119,7 +121,7 @@ def test_missing_series_uid_is_a_mismatch(tmp_path: Path) -> None:
     ds = pydicom.dcmread(DATA / "siim_cr_pa_secondary_capture.dcm")
     del ds.SeriesInstanceUID
     with pytest.raises(
-        InvalidUID, match="SeriesInstanceUID None is not a valid DICOM UID: it is missing"
+        InvalidUID, match=r"SeriesInstanceUID \(NoneType\) is not a valid DICOM UID: it is missing"
     ):
         _inspect(_resave(tmp_path, ds))
 

@@ -12,6 +12,7 @@ import logging
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,8 +152,11 @@ def test_path_traversal_uid_is_rejected_and_nothing_written_outside(
         return {p for p in tmp_path.rglob("*") if not p.name.startswith("queue.sqlite3")}
 
     before = files()
-    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
+    # issue 10: the SCP no longer lets pydicom warn/log the offending value (patient data)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         assert send(scp.port, ds) == [0xA900]
+    assert not [w for w in seen if "../../etc" in str(w.message)]
     after = files()
     assert after - before == set(), f"files appeared: {sorted(after - before)}"
     assert not (scp.storage.parent.parent / "etc").exists()
@@ -252,15 +256,19 @@ def test_logs_carry_uids_and_statuses_but_no_patient_data(
         assert phi not in text, f"{phi!r} leaked into the logs"
 
 
-def test_unsupported_sop_class_is_not_negotiated(scp: RunningSCP) -> None:
+def test_non_storage_sop_class_is_not_negotiated(scp: RunningSCP) -> None:
+    """Every storage class is accepted (a PACS routing a whole study sends MR, SR, PDF... too:
+    stored, not analysed); a service this SCP does not provide (worklist query) is refused."""
     ae = AE(ae_title=SCU_AET)
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4")  # MR Image Storage: not ours
+    ae.add_requested_context("1.2.840.10008.5.1.4.31")  # Modality Worklist FIND: not ours
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4")  # MR Image Storage: stored only
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", scp.port, ae_title=SCP_AET)
     assert assoc.is_established
     accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
     assoc.release()
-    assert "1.2.840.10008.5.1.4.1.1.4" not in accepted
+    assert "1.2.840.10008.5.1.4.31" not in accepted
+    assert "1.2.840.10008.5.1.4.1.1.4" in accepted
     assert Verification in accepted
 
 

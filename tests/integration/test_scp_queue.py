@@ -181,22 +181,34 @@ def test_ct_is_stored_acknowledged_and_ignored(
 def test_duplicate_is_success_and_nothing_is_rewritten(
     start_scp: Callable[..., RunningSCP], any_queue: Queue, sc_ds: Dataset
 ) -> None:
+    """The same bytes again: 0x0000, nothing written twice. The same SOP Instance UID with other
+    content (issue 10, finding 2): 0xB000, the stored object untouched, the new one kept aside,
+    the study flagged for the admin."""
     run = start_scp(any_queue)
     ds = fresh(sc_ds)
     assert send(run.port, ds) == [0x0000]
     path = run.storage / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"
     before = path.stat()
     content = path.read_bytes()
+    assert send(run.port, ds) == [0x0000]
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file, no second copy
     changed = Dataset()
     changed.update(ds)
     changed.file_meta = ds.file_meta
     changed.SeriesDescription = "a different dataset with the same SOP Instance UID"
-    assert send(run.port, ds, changed) == [0x0000, 0x0000]
+    assert send(run.port, changed) == [0xB000]
     after = path.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert path.read_bytes() == content
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file, no second copy
-    assert len(any_queue.study(ds.StudyInstanceUID).instances) == 1  # type: ignore[union-attr]
+    aside = sorted(p.name for p in path.parent.iterdir() if p.name != path.name)
+    assert len(aside) == 1 and aside[0].startswith(f"{ds.SOPInstanceUID}.aside-"), aside
+    assert pydicom.dcmread(path.parent / aside[0]).SeriesDescription == changed.SeriesDescription
+    study = any_queue.study(ds.StudyInstanceUID)
+    assert study is not None and len(study.instances) == 1
+    assert study.last_error is not None and "received again with different content" in (
+        study.last_error
+    )
+    assert "same study and patient" in study.last_error
 
 
 def test_concurrent_duplicates_are_stored_once(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -253,3 +256,204 @@ def test_an_unknown_error_with_a_known_name_is_not_swallowed(
     monkeypatch.setattr(worker.cli, "cmd_status", _raise(QueueUnavailable("boom")))
     with pytest.raises(QueueUnavailable, match="boom"):
         worker.cli.main(["status"])
+
+
+# ----------------------------------------------------------------- history and status
+
+
+def _history_study(queue: Queue) -> str:
+    """A study with a frontal and an SR, analysed, reported, delivered once and retried once."""
+    from db.queue import DeliveryOutcome, NewDelivery
+
+    study = "1.2.826.0.1.3680043.10.9"
+    _record(queue, study, study + ".1")
+    queue.record_instance(
+        StoredInstance(
+            study_uid=study,
+            series_uid=study + ".9",
+            sop_instance_uid=study + ".2",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.88.67",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            modality="SR",
+            body_part=None,
+            view_position=None,
+            eligible=False,
+            ineligible_reason="Modality SR is not a radiograph (CR or DX)",
+            rel_path=f"{study}/x.dcm",
+            size_bytes=10,
+            calling_ae="BAD\nAE",
+        )
+    )
+    queue.sweep_completion(
+        quiet_seconds=1, max_wait_seconds=60, now=datetime.now(UTC) + timedelta(seconds=2)
+    )
+    [c] = queue.claim("host:1234", now=datetime.now(UTC) + timedelta(seconds=3))
+    sr = "1.2.840.10008.5.1.4.1.1.88.34"
+    queue.complete(
+        c.id,
+        "host:1234",
+        result_payload={},
+        report_sop_instance_uid="2.25.42",
+        deliveries=[
+            NewDelivery("pacs", "2.25.42", sr, "r.dcm"),
+            NewDelivery("archive", "2.25.42", sr, "r.dcm"),
+        ],
+        now=datetime.now(UTC) + timedelta(seconds=4),
+    )
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    rows = {r.destination: r for r in queue.due_deliveries(now=later)}
+    queue.record_delivery(
+        rows["pacs"].id, DeliveryOutcome(True, "0x0000 Success"), attempts_so_far=0, now=later
+    )
+    queue.record_delivery(
+        rows["archive"].id,
+        DeliveryOutcome(False, "association rejected", ErrorKind.NETWORK),
+        attempts_so_far=0,
+        now=later,
+    )
+    return study
+
+
+def test_history_prints_the_whole_trail(config: Path) -> None:
+    assert cli("db", "upgrade", "--config", str(config)).returncode == 0
+    queue = Queue.from_url(
+        load_config(config, environ={}).queue.database_url, lease_seconds=60, max_attempts=3
+    )
+    study = _history_study(queue)
+    out = cli("history", study, "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"study {study}: done, 2 instance(s), 1 result(s), 2 delivery(ies)"
+    body = "\n".join(lines[2:])
+    order = [
+        "created, receiving",
+        "instance received",
+        "receiving -> ready",
+        "ready -> processing",
+        "processing -> done",
+        "delivery 1 to pacs: created, pending",
+        "delivery 2 to archive: created, pending",
+        "delivery 1 to pacs: pending -> delivered",
+        "delivery 2 to archive: pending -> retry",
+    ]
+    positions = [body.index(what) for what in order]
+    assert positions == sorted(positions), body
+    assert "CR Computed Radiography Image Storage, 1.2.826.0.1.3680043.10.9.1 [analysed]" in body
+    assert "X-Ray Radiation Dose SR Storage" in body
+    assert "[stored only: Modality SR is not a radiograph (CR or DX)]" in body
+    assert "BAD\\nAE" in body and "BAD\nAE" not in out.stdout  # the peer's AE title, escaped
+    assert "host:1234" in body and "sent to pacs: 0x0000 Success" in body
+    assert len(lines) == 2 + 10  # 8 events (4 of the study, 4 of its deliveries), 2 instances
+    out = cli("history", study, "--json", "--config", str(config))
+    rows = json.loads(out.stdout)
+    assert len(rows) == 10 and rows[0]["what"] == "created, receiving"
+    out = cli("history", "9.9.9", "--config", str(config))
+    assert out.returncode == 1 and "not in the queue" in out.stderr
+
+    out = cli("status", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    assert "result 1 stored, report 2.25.42, for archive, pacs" in out.stdout
+    assert "to pacs: delivered 1; 1 attempt(s); last: 0x0000 Success" in out.stdout
+    assert "to archive: retry 1; 1 attempt(s); next retry 20" in out.stdout
+    assert "last: association rejected" in out.stdout
+    queue.close()
+
+
+def test_status_shows_attempts_last_error_and_next_retry(config: Path) -> None:
+    assert cli("db", "upgrade", "--config", str(config)).returncode == 0
+    queue = Queue.from_url(
+        load_config(config, environ={}).queue.database_url,
+        lease_seconds=60,
+        max_attempts=3,
+        retry_base_seconds=600,
+    )
+    _record(queue, "1.2.5", "1.2.5.1")
+    queue.sweep_completion(
+        quiet_seconds=1, max_wait_seconds=60, now=datetime.now(UTC) + timedelta(seconds=2)
+    )
+    [c] = queue.claim("w1", now=datetime.now(UTC) + timedelta(seconds=3))
+    queue.fail(c.id, "w1", error="cannot decode 'Jane^Doe'\nnext", kind=ErrorKind.TRANSIENT)
+    out = cli("status", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    assert "attempts: 1 of 3; last error (20" in out.stdout
+    assert "cannot decode '…'\\nnext" in out.stdout and "Jane" not in out.stdout
+    assert re.search(
+        r"next retry: 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC \(in (59\d|600) s\)", out.stdout
+    )
+    data = json.loads(cli("status", "--json", "--config", str(config)).stdout)
+    [s] = data["latest"]
+    assert s["attempts"] == 1 and s["last_error"] == "cannot decode '…'\\nnext"
+    queue.close()
+
+
+# ----------------------------------------------------------------- configuration checks
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("999.1.1.1", "dicom.bind_host: '999.1.1.1' is not a valid IPv4 address"),
+        ("no-such-host.invalid", "is neither an IP address nor a name this machine can resolve"),
+        (
+            "192.0.2.1",
+            "dicom.bind_host: cannot listen on '192.0.2.1': it is not an address of this machine",
+        ),
+    ],
+)
+def test_check_config_refuses_a_bind_host_it_cannot_use(
+    tmp_path: Path, host: str, message: str
+) -> None:
+    out = cli("check-config", str(_write(tmp_path, {"dicom": {"bind_host": host}})))
+    assert out.returncode == 2, out.stdout
+    assert message in out.stderr
+
+
+def test_check_config_normalises_the_database_url(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"queue": {"database_url": "postgresql://cxr:secret@db.example/cxr"}})
+    out = cli("check-config", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "database_url: postgresql+psycopg://cxr:***@db.example/cxr" in out.stdout
+    path = _write(tmp_path, {"queue": {"database_url": "postgresql+psycopg2://cxr:secret@db/cxr"}})
+    out = cli("check-config", str(path))
+    assert out.returncode == 2 and "use postgresql+psycopg://USER@HOST/DB" in out.stderr
+    assert "secret" not in out.stderr
+
+
+def test_worker_names_are_unique_per_process(tmp_path: Path) -> None:
+    path = _write(tmp_path, {})
+    names = {
+        yaml.safe_load(cli("check-config", str(path)).stdout)["worker"]["name"] for _ in range(2)
+    }
+    assert len(names) == 2
+    host = socket.gethostname()
+    assert all(re.fullmatch(rf"{re.escape(host)}:\d+", n) for n in names), names
+
+
+@pytest.mark.parametrize("busy", ["dicom", "health"])
+def test_serve_names_a_busy_port(tmp_path: Path, busy: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        taken = holder.getsockname()[1]
+        ports = {"dicom": free_port(), "health": free_port()}
+        ports[busy] = taken
+        path = _write(
+            tmp_path,
+            {
+                "dicom": {"storage_dir": "storage", "port": ports["dicom"]},
+                "queue": {"database_url": "sqlite:///q.sqlite3"},
+                "health": {"port": ports["health"]},
+            },
+        )
+        out = cli("serve", "--role", "scp", "--config", str(path))
+    assert out.returncode == 1
+    key = "dicom.bind_host, dicom.port" if busy == "dicom" else "health.host, health.port"
+    assert f"cannot listen on 127.0.0.1:{taken}" in out.stderr
+    assert "the port is already in use by another process" in out.stderr and key in out.stderr
+    assert "Traceback" not in out.stderr

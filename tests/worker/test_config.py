@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,28 @@ def test_shipped_config_is_valid() -> None:
             "max_wait_seconds (10.0) must be at least quiet_seconds (100.0)",
         ),
         (
+            {"dicom": {"bind_host": "999.1.1.1"}},
+            "config.yaml: dicom.bind_host: '999.1.1.1' is not a valid IPv4 address",
+        ),
+        (
+            {"health": {"host": "no-such-host.invalid"}},
+            "health.host: 'no-such-host.invalid' is neither an IP address nor a name",
+        ),
+        ({"health": {"port": 0}}, "health.port: 0 is not a valid TCP port (1-65535)"),
+        (
+            {"completion": {"lateral_grace_seconds": -1}},
+            "completion.lateral_grace_seconds: -1 is not valid",
+        ),
+        (
+            {"queue": {"database_url": "postgresql+asyncpg://u@h/db"}},
+            "queue.database_url: 'postgresql+asyncpg://u@h/db': the driver in "
+            "'postgresql+asyncpg' is not installed; use postgresql+psycopg://USER@HOST/DB",
+        ),
+        (
+            {"logging": {"format": "xml"}},
+            "logging.format: 'xml' is not valid: Input should be 'text' or 'json'",
+        ),
+        (
             {"worker": {"device": "tpu"}},
             "worker.device: 'tpu' is not valid: Input should be 'auto', 'cpu' or 'cuda'",
         ),
@@ -80,6 +103,18 @@ def test_all_errors_reported_at_once() -> None:
         )
     lines = str(exc.value).splitlines()
     assert len(lines) == 3, lines
+
+
+def test_defaults_for_operations() -> None:
+    cfg = parse_config({}, environ={})
+    assert (cfg.health.enabled, cfg.health.host, cfg.health.port) == (True, "127.0.0.1", 11113)
+    assert cfg.completion.lateral_grace_seconds == 120.0
+    assert cfg.logging.format == "text"
+    host, pid = cfg.worker.name.rsplit(":", 1)
+    assert host and int(pid) == os.getpid()
+    # an environment URL without a driver is normalised too
+    env = {"CXR_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/cxr"}
+    assert parse_config({}, environ=env).queue.database_url.startswith("postgresql+psycopg://")
 
 
 def test_environment_overrides_database_url(tmp_path: Path) -> None:

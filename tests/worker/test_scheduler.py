@@ -5,6 +5,7 @@ A fake queue records the calls; no database is needed."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ INTERVALS = {
     "purge": 11.0,  # scheduler.purge_interval_seconds
     "leases": 13.0,  # scheduler.lease_sweep_interval_seconds
     "delivery": 17.0,  # scheduler.delivery_retry_interval_seconds
+    "storage": 19.0,  # scheduler.storage_sweep_seconds
 }
 
 
@@ -34,6 +36,7 @@ def make_cfg(storage: Path, *, intervals: dict[str, float] = INTERVALS) -> AppCo
             "completion": {
                 "quiet_seconds": 3,
                 "max_wait_seconds": 5,
+                "lateral_grace_seconds": 4,
                 "sweep_interval_seconds": intervals["completion"],
             },
             "scheduler": {
@@ -41,6 +44,7 @@ def make_cfg(storage: Path, *, intervals: dict[str, float] = INTERVALS) -> AppCo
                 "purge_interval_seconds": intervals["purge"],
                 "lease_sweep_interval_seconds": intervals["leases"],
                 "delivery_retry_interval_seconds": intervals["delivery"],
+                "storage_sweep_seconds": intervals["storage"],
             },
         },
         environ={},
@@ -62,9 +66,14 @@ class FakeQueue:
         if self.fail is not None:
             raise self.fail
 
-    def sweep_completion(self, *, quiet_seconds: float, max_wait_seconds: float) -> int:
+    def sweep_completion(
+        self, *, quiet_seconds: float, max_wait_seconds: float, lateral_grace_seconds: float
+    ) -> int:
         self._call(
-            "sweep_completion", quiet_seconds=quiet_seconds, max_wait_seconds=max_wait_seconds
+            "sweep_completion",
+            quiet_seconds=quiet_seconds,
+            max_wait_seconds=max_wait_seconds,
+            lateral_grace_seconds=lateral_grace_seconds,
         )
         return 1
 
@@ -75,6 +84,14 @@ class FakeQueue:
     def purge(self, older_than: datetime) -> list[str]:
         self._call("purge", older_than=older_than)
         return list(self.purged)
+
+    def stored_rel_paths(self, sop_instance_uids: list[str]) -> dict[str, str]:
+        self._call("stored_rel_paths", sop_instance_uids=list(sop_instance_uids))
+        return {}
+
+    def record_instance(self, inst: object) -> bool:
+        self._call("record_instance", inst=inst)
+        return True
 
     def names(self) -> list[str]:
         return [name for name, _ in self.calls]
@@ -100,8 +117,8 @@ def _jobs(sched: BackgroundScheduler) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("role", "expected"),
     [
-        ("all", {"completion", "purge", "leases", "delivery"}),
-        ("scp", {"completion", "purge", "leases"}),
+        ("all", {"completion", "purge", "leases", "delivery", "storage"}),
+        ("scp", {"completion", "purge", "leases", "storage"}),
         ("worker", {"leases", "delivery"}),
     ],
 )
@@ -127,10 +144,16 @@ def test_each_job_calls_what_it_should(
         "retention_purge",
         "lease_sweep",
         "delivery_retry",
+        "storage_sweep",
     }
 
     jobs["completion"].func()
-    assert queue.calls == [("sweep_completion", {"quiet_seconds": 3.0, "max_wait_seconds": 5.0})]
+    assert queue.calls == [
+        (
+            "sweep_completion",
+            {"quiet_seconds": 3.0, "max_wait_seconds": 5.0, "lateral_grace_seconds": 4.0},
+        )
+    ]
 
     queue.calls.clear()
     jobs["leases"].func()
@@ -147,6 +170,24 @@ def test_each_job_calls_what_it_should(
     jobs["delivery"].func()
     assert delivered == [(cfg, queue)]  # worker.delivery.deliver_due(cfg, queue)
     assert queue.calls == []  # sending and retry decisions are deliver_due's and the queue's
+
+    # the storage sweep: a stale temp file goes, a young one stays; a stored file's row is asked
+    # for by its study folder (the file is unreadable here: quarantined, nothing recorded)
+    folder = tmp_path / "1.2.3"
+    folder.mkdir()
+    stale, young, orphan = (
+        folder / ".1.2.3.4.dcm.ab.tmp",
+        folder / ".1.2.3.5.dcm.cd.tmp",
+        folder / "1.2.3.6.dcm",
+    )
+    for path in (stale, young, orphan):
+        path.write_bytes(b"x")
+    os.utime(stale, (0, 0))
+    os.utime(orphan, (0, 0))
+    jobs["storage"].func()
+    assert not stale.exists() and young.exists()
+    assert queue.calls == [("stored_rel_paths", {"sop_instance_uids": ["1.2.3.6"]})]
+    assert not orphan.exists() and (tmp_path / "quarantine" / "1.2.3" / "1.2.3.6.dcm").is_file()
 
 
 def test_retention_purge_deletes_only_folders_inside_storage(tmp_path: Path) -> None:
@@ -187,7 +228,7 @@ def test_a_failing_job_logs_and_carries_on(
 def test_started_scheduler_runs_its_jobs(
     tmp_path: Path, delivered: list[tuple[AppConfig, object]]
 ) -> None:
-    fast = {"completion": 0.05, "purge": 0.05, "leases": 0.05, "delivery": 0.05}
+    fast = {"completion": 0.05, "purge": 0.05, "leases": 0.05, "delivery": 0.05, "storage": 60}
     queue = FakeQueue()
     sched = build_scheduler(make_cfg(tmp_path, intervals=fast), queue, role="all")
     sched.start()
