@@ -112,36 +112,26 @@ def build_scheduler(cfg: AppConfig, queue: Queue, *, role: str) -> BackgroundSch
     sweeps leases (compare-and-set makes concurrent sweeps harmless); delivery retry runs where
     results are made. The scheduler is returned not started."""
     sched = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
+    sc = cfg.scheduler
+    # (id, name in logs, what it runs, interval in seconds)
+    jobs: list[tuple[str, str, Callable[[], object], float]] = []
     if role in ("all", "scp"):
-        sched.add_job(
-            _guard("completion_sweep", lambda: completion_sweep(cfg, queue)),
-            "interval",
-            seconds=cfg.completion.sweep_interval_seconds,
-            id="completion",
-        )
-        sched.add_job(
-            _guard("retention_purge", lambda: retention_purge(cfg, queue)),
-            "interval",
-            seconds=cfg.scheduler.purge_interval_seconds,
-            id="purge",
-        )
-        sched.add_job(
-            _guard("storage_sweep", lambda: storage_sweep(cfg, queue)),
-            "interval",
-            seconds=cfg.scheduler.storage_sweep_seconds,
-            id="storage",
-        )
-    sched.add_job(
-        _guard("lease_sweep", lambda: lease_sweep(queue)),
-        "interval",
-        seconds=cfg.scheduler.lease_sweep_interval_seconds,
-        id="leases",
+        jobs += [
+            ("completion", "completion_sweep", lambda: completion_sweep(cfg, queue),
+             cfg.completion.sweep_interval_seconds),
+            ("purge", "retention_purge", lambda: retention_purge(cfg, queue),
+             sc.purge_interval_seconds),
+            ("storage", "storage_sweep", lambda: storage_sweep(cfg, queue),
+             sc.storage_sweep_seconds),
+        ]  # fmt: skip
+    jobs.append(
+        ("leases", "lease_sweep", lambda: lease_sweep(queue), sc.lease_sweep_interval_seconds)
     )
     if role in ("all", "worker"):
-        sched.add_job(
-            _guard("delivery_retry", lambda: deliver_due(cfg, queue)),
-            "interval",
-            seconds=cfg.scheduler.delivery_retry_interval_seconds,
-            id="delivery",
-        )
+        jobs.append(
+            ("delivery", "delivery_retry", lambda: deliver_due(cfg, queue),
+             sc.delivery_retry_interval_seconds)
+        )  # fmt: skip
+    for job_id, name, fn, seconds in jobs:
+        sched.add_job(_guard(name, fn), "interval", seconds=seconds, id=job_id)
     return sched

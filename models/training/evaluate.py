@@ -34,7 +34,7 @@ from models.labels import MODEL1_LABELS
 from models.registry import ModelLoadError, read_card
 from models.training.calibration import per_source, report
 from models.training.datasets.chexpert import StudyRecord, load_image
-from models.training.datasets.sources import as_items, read_studies, read_view_images
+from models.training.datasets.sources import as_items, read_view_images, studies_from_args
 from models.training.metrics import rounded
 from models.training.studies import record_raw
 from models.view_classifier import ARCHITECTURE as VIEW_ARCHITECTURE
@@ -262,14 +262,7 @@ def _held_out(
 
 def _records(args: argparse.Namespace) -> list[StudyRecord]:
     """Every study of the given sources; ``--held-out``: only the card's held-out studies."""
-    recs = read_studies(
-        chexpert_test=args.chexpert_test or [],
-        chexpert=args.chexpert or [],
-        mimic=args.mimic or [],
-        nih=args.nih or [],
-        covid=args.covid or [],
-        folder=args.folder or [],
-    )
+    recs = studies_from_args(args, with_test=True)
     return _held_out(args, recs, "held_out_keys", lambda r: r.key)
 
 

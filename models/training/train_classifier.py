@@ -33,7 +33,7 @@ from models.common import autocast, seed_everything, select_device, set_threads
 from models.labels import COMPETITION, MODEL1_LABELS, OBSERVATIONS
 from models.registry import Normalisation
 from models.training.datasets.chexpert import patient_split
-from models.training.datasets.sources import read_studies
+from models.training.datasets.sources import studies_from_args
 from models.training.images import ImageCache, augment, lung_cropper
 from models.training.metrics import auroc_report, per_source_auroc, youden_threshold
 from models.training.runs import new_card, save_run, schedule
@@ -188,13 +188,7 @@ def run(args: argparse.Namespace) -> int:
     # split all studies before dropping those without labels for this model, so Model 1 and
     # Model 2 trained with the same seed hold out the same patients of a shared source (Model 1
     # initialised from Model 2 must not be evaluated on Model 2's training patients)
-    everything = read_studies(
-        chexpert=args.chexpert or [],
-        mimic=args.mimic or [],
-        nih=args.nih or [],
-        covid=args.covid or [],
-        folder=args.folder or [],
-    )
+    everything = studies_from_args(args)
     if not everything:
         raise SystemExit("no training data: give --chexpert, --mimic or --folder")
     train_all, val_all = patient_split(everything, args.val_fraction, args.seed)

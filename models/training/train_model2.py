@@ -44,7 +44,7 @@ from models.training.calibration import (
     report,
 )
 from models.training.datasets.chexpert import StudyRecord
-from models.training.datasets.sources import patient_split3, read_studies
+from models.training.datasets.sources import patient_split3, read_studies, studies_from_args
 from models.training.images import ImageCache, LungCropper
 from models.training.metrics import youden_threshold
 from models.training.studies import StudyDataset, labelled, predict_logits
@@ -134,13 +134,7 @@ def run_model2(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     device = select_device(args.device)
     labels = list(OBSERVATIONS)
-    everything = read_studies(
-        chexpert=args.chexpert or [],
-        mimic=args.mimic or [],
-        nih=args.nih or [],
-        covid=args.covid or [],
-        folder=args.folder or [],
-    )
+    everything = studies_from_args(args)
     if not everything:
         raise SystemExit("no training data: give --chexpert, --nih, --covid, --mimic or --folder")
     parts = patient_split3(everything, args.val_fraction, args.test_fraction, args.seed)

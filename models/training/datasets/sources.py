@@ -11,6 +11,7 @@ from.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -75,6 +76,23 @@ def read_studies(
                 (folder, lambda spec: read_folder(*parse_spec(str(spec)))),
             ]
         )
+    )
+
+
+def studies_from_args(args: argparse.Namespace, *, with_test: bool = False) -> list[StudyRecord]:
+    """:func:`read_studies` of a CLI's source options (``--chexpert``, ``--mimic``, ``--nih``,
+    ``--covid``, ``--folder`` and, with ``with_test``, ``--chexpert-test``)."""
+
+    def given(name: str) -> Sources:
+        return getattr(args, name, None) or []
+
+    return read_studies(
+        chexpert_test=given("chexpert_test") if with_test else (),
+        chexpert=given("chexpert"),
+        mimic=given("mimic"),
+        nih=given("nih"),
+        covid=given("covid"),
+        folder=given("folder"),
     )
 
 
