@@ -324,26 +324,17 @@ def _geometry_failures(geo: LungGeometry, limits: QualityLimits) -> list[tuple[s
             )
     if border:
         out.append(("touches_border", "; ".join(border)))
-    lo, hi = limits.lung_height
-    heights = (geo.height_a, geo.height_b)
-    if not all(lo <= x <= hi for x in heights):
-        out.append(
-            (
-                "lung_height",
-                f"lung heights {heights[0]:.0%}/{heights[1]:.0%} of the image height are outside "
-                f"{lo:.0%}-{hi:.0%}",
+    for dim, (a, b), (lo, hi) in (
+        ("height", (geo.height_a, geo.height_b), limits.lung_height),
+        ("width", (geo.width_a, geo.width_b), limits.lung_width),
+    ):
+        if not (lo <= a <= hi and lo <= b <= hi):
+            out.append(
+                (
+                    f"lung_{dim}",
+                    f"lung {dim}s {a:.0%}/{b:.0%} of the image {dim} are outside {lo:.0%}-{hi:.0%}",
+                )
             )
-        )
-    lo, hi = limits.lung_width
-    widths = (geo.width_a, geo.width_b)
-    if not all(lo <= x <= hi for x in widths):
-        out.append(
-            (
-                "lung_width",
-                f"lung widths {widths[0]:.0%}/{widths[1]:.0%} of the image width are outside "
-                f"{lo:.0%}-{hi:.0%}",
-            )
-        )
     if geo.height_ratio < limits.min_height_ratio or geo.width_ratio < limits.min_width_ratio:
         out.append(
             (

@@ -35,6 +35,7 @@ import numpy as np
 from models.common import select_device, set_threads
 from models.ctr import measure
 from models.lung_mask import LungMasker
+from models.training.datasets.chexpert import csv_rows
 from models.training.datasets.masks import read_gray
 from models.training.metrics import bootstrap_auroc
 
@@ -59,19 +60,6 @@ class CtrCase:
     rule: str = ""
 
 
-def _rows(path: Path) -> list[tuple[int, dict[str, str]]]:
-    if not path.is_file():
-        raise CtrDataError(f"{path}: missing")
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        out = []
-        for row in reader:
-            if None in row or any(v is None for v in row.values()):
-                raise CtrDataError(f"{path}:{reader.line_num}: wrong number of fields")
-            out.append((reader.line_num, row))
-    return out
-
-
 def chexpert_cases(root: Path, held_out: set[str] | None = None) -> list[CtrCase]:
     """Frontal images of a CheXpert(-small) folder (``CheXpert-v1.0-small/train.csv`` or
     ``CheXpert-v1.0/train.csv``)."""
@@ -82,7 +70,7 @@ def chexpert_cases(root: Path, held_out: set[str] | None = None) -> list[CtrCase
     else:
         raise CtrDataError(f"{root}: no CheXpert-v1.0-small/train.csv or CheXpert-v1.0/train.csv")
     cases = []
-    for line, row in _rows(csv_path):
+    for line, row in csv_rows(csv_path, CtrDataError):
         try:
             rel, view, raw = row["Path"], row["Frontal/Lateral"], row["Cardiomegaly"].strip()
         except KeyError as exc:
@@ -117,7 +105,7 @@ def nih_cases(root: Path, held_out: set[str] | None = None) -> list[CtrCase]:
     ``finding_labels``); with ``held_out`` only the studies keyed ``nih:<image stem>`` in it."""
     csv_path = root / "labels.csv"
     cases = []
-    for line, row in _rows(csv_path):
+    for line, row in csv_rows(csv_path, CtrDataError):
         try:
             rel, view, findings = row["file"], row["view"], row["finding_labels"]
         except KeyError as exc:

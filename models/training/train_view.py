@@ -18,7 +18,6 @@ fine-tunes an earlier card; ``--checkpoint`` is written after every epoch and re
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import logging
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from models.common import seed_everything, select_device, set_threads
 from models.registry import Normalisation, load_weights, to_float
-from models.training.datasets.chexpert import DatasetError, ViewImage, patient_split
+from models.training.datasets.chexpert import DatasetError, ViewImage, csv_rows, patient_split
 from models.training.datasets.sources import as_items, read_view_images
 from models.training.images import ImageCache, augment
 from models.training.runs import new_card, save_run, schedule
@@ -47,19 +46,6 @@ log = logging.getLogger(__name__)
 COVID_FRONTAL = ("PA", "AP", "AP SUPINE", "AP ERECT")
 
 
-def _csv_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
-    if not path.is_file():
-        raise DatasetError(f"{path}: missing")
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        out = []
-        for row in reader:
-            if None in row or any(v is None for v in row.values()):
-                raise DatasetError(f"{path}:{reader.line_num}: wrong number of fields")
-            out.append((reader.line_num, row))
-    return out
-
-
 def covid_view_images(csv_path: Path) -> list[ViewImage]:
     """The COVID-19 image data collection's ``metadata.csv`` (``file``/``filename``, ``view``,
     ``patientid``): ``L`` lateral, PA/AP/AP Supine/AP Erect frontal, blank or ``?`` skipped."""
@@ -67,7 +53,7 @@ def covid_view_images(csv_path: Path) -> list[ViewImage]:
     if csv_path.is_dir():
         csv_path = csv_path / "metadata.csv"
     out = []
-    for line, r in _csv_rows(csv_path):
+    for line, r in csv_rows(csv_path):
         view = (r.get("view") or "").strip().upper()
         if view in ("", "?"):
             continue
@@ -92,7 +78,7 @@ def nih_view_images(csv_path: Path) -> list[ViewImage]:
     if csv_path.is_dir():
         csv_path = csv_path / "labels.csv"
     out = []
-    for line, r in _csv_rows(csv_path):
+    for line, r in csv_rows(csv_path):
         rel = (r.get("file") or "").strip()
         if not rel and r.get("Image Index"):
             name = r["Image Index"].strip()

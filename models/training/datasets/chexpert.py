@@ -48,6 +48,36 @@ class StudyRecord:
     raw: np.ndarray  # float32 (14,), CheXpert coding: 1, 0, -1, NaN (blank)
 
 
+def frontal_only(source: str, patient: str, path: Path, raw: np.ndarray) -> StudyRecord:
+    """A one-image study of a frontal-only source: key ``<source>:<file stem>``, patient
+    ``<source>:<patient>``."""
+    return StudyRecord(
+        key=f"{source}:{path.stem}",
+        patient=f"{source}:{patient}",
+        source=source,
+        frontal=path,
+        lateral=None,
+        raw=raw,
+    )
+
+
+def csv_rows(
+    path: Path, error: type[ValueError] = DatasetError
+) -> list[tuple[int, dict[str, str]]]:
+    """Every row of a CSV file with its line number; ``error`` when the file is missing or a row
+    has the wrong number of fields."""
+    if not path.is_file():
+        raise error(f"{path}: missing")
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        out = []
+        for row in reader:
+            if None in row or any(v is None for v in row.values()):
+                raise error(f"{path}:{reader.line_num}: wrong number of fields")
+            out.append((reader.line_num, row))
+    return out
+
+
 def load_image(path: Path) -> np.ndarray:
     """Read an image file as a 2-D float32 array in [0, 1] (0 = black).
 

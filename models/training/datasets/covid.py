@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from models.labels import OBSERVATIONS, PATHOLOGIES
-from models.training.datasets.chexpert import DatasetError, StudyRecord
+from models.training.datasets.chexpert import DatasetError, StudyRecord, frontal_only
 
 FRONTAL_VIEWS = {"PA", "AP", "AP SUPINE", "AP ERECT"}
 LATERAL_VIEWS = {"L", "LATERAL", "LL", "RL"}
@@ -91,14 +91,5 @@ def read_covid(csv_path: Path) -> list[StudyRecord]:
             path = base / rel if rel else base / "images" / (r.get("filename") or "").strip()
             if not path.is_file():
                 raise DatasetError(f"{csv_path}:{line}: image {path} not found")
-            out.append(
-                StudyRecord(
-                    key=f"covid:{path.stem}",
-                    patient=f"covid:{patient}",
-                    source="covid",
-                    frontal=path,
-                    lateral=None,
-                    raw=raw,
-                )
-            )
+            out.append(frontal_only("covid", patient, path, raw))
     return out

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from models.labels import OBSERVATIONS
-from models.training.datasets.chexpert import DatasetError, StudyRecord
+from models.training.datasets.chexpert import DatasetError, StudyRecord, frontal_only
 
 #: NIH finding -> CheXpert observation (None: abnormal, but no matching observation)
 NIH_TO_CHEXPERT: dict[str, str | None] = {
@@ -148,14 +148,5 @@ def read_nih(csv_path: Path, image_dir: Path | None = None) -> list[StudyRecord]
             path = next((c for c in cands if c.is_file()), None)
             if path is None:
                 raise DatasetError(f"{csv_path}:{line}: image {cands[0]} not found")
-            out.append(
-                StudyRecord(
-                    key=f"nih:{path.stem}",
-                    patient=f"nih:{patient}",
-                    source="nih",
-                    frontal=path,
-                    lateral=None,
-                    raw=raw,
-                )
-            )
+            out.append(frontal_only("nih", patient, path, raw))
     return out
