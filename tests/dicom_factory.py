@@ -15,6 +15,21 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 
 
+#: the patient and study attributes a derived instance copies from its study's other images
+PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+)
+
+
 def wrap_as_dx(
     image_path: Path,
     *,
@@ -29,18 +44,7 @@ def wrap_as_dx(
         raise ValueError(f"cannot read image {image_path}")
     pixels = img.astype(np.uint16) * 16  # 12-bit range like a real detector
     ds = Dataset()
-    for kw in (
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyInstanceUID",
-        "StudyDate",
-        "StudyTime",
-        "AccessionNumber",
-        "StudyID",
-        "ReferringPhysicianName",
-    ):
+    for kw in PATIENT_STUDY:
         if kw in like:
             setattr(ds, kw, getattr(like, kw))
     ds.PatientName = ds.get("PatientName", "TEST^LATERAL")

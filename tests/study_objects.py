@@ -12,6 +12,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from tests.dicom_factory import PATIENT_STUDY
+
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -21,23 +23,10 @@ GRAYSCALE_PR = "1.2.840.10008.5.1.4.1.1.11.1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 
-_PATIENT_STUDY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyID",
-    "ReferringPhysicianName",
-)
-
 
 def _base(like: Dataset, sop_class: str, modality: str, series_number: int) -> Dataset:
     ds = Dataset()
-    for kw in _PATIENT_STUDY:
+    for kw in PATIENT_STUDY:
         setattr(ds, kw, like.get(kw, ""))
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = generate_uid(UID_ROOT)
