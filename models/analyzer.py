@@ -126,6 +126,10 @@ class Analyzer(StudyAnalyzer):
                 f"{m.name} {m.version}" for m in [masker.card, model1.card, model2.card, view.card]
             ),
         )
+        for m in (masker, model2, view):  # models.inference: CUDA batch, channels-last, compile
+            accelerate = getattr(m, "accelerate", None)
+            if accelerate is not None:
+                accelerate(cfg.inference)
         return cls(masker, model1, model2, view, margin=cfg.crop_margin_fraction)
 
     def model_infos(self) -> list[ModelInfo]:

@@ -14,6 +14,7 @@ the model card, so tests can build tiny networks with the same code.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import DenseNet
 
+from models.common import channels_last, compile_module, device_images, resize_on_device
+from models.config import InferenceConfig
 from models.registry import ModelCard, ModelLoadError, load_state, load_weights, read_card
 
 log = logging.getLogger(__name__)
@@ -163,12 +166,29 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     )
 
 
-def to_tensor(images: list[np.ndarray], card: ModelCard) -> torch.Tensor:
-    """Images (2-D float32 in [0,1]) -> normalised (B,1,S,S) tensor at the card's input size."""
+def to_tensor(
+    images: list[np.ndarray],
+    card: ModelCard,
+    device: torch.device | str = "cpu",
+    *,
+    memory_channels_last: bool = False,
+) -> torch.Tensor:
+    """Images (2-D float32 in [0,1]) -> normalised (B,1,S,S) tensor at the card's input size,
+    on ``device``. On the CPU OpenCV resizes (:func:`resize_square`); on CUDA the full-size
+    images are sent once (pinned memory, one asynchronous copy; a crop of an image already sent is
+    cut on the device) and resized there."""
     size = card.input_size
-    arr = np.stack([resize_square(im, size) for im in images])[:, None]
-    t = torch.from_numpy(arr)
-    return (t - card.normalisation.mean) / card.normalisation.std
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        sent = device_images(dev).send(images)
+        t = torch.stack(
+            [resize_on_device(x, size, area=x.shape[0] > size or x.shape[1] > size) for x in sent]
+        )[:, None]
+    else:
+        arr = np.stack([resize_square(im, size) for im in images])[:, None]
+        t = torch.from_numpy(arr)
+    t = (t - card.normalisation.mean) / card.normalisation.std
+    return channels_last(t) if memory_channels_last else t
 
 
 def calibration_params(card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
@@ -201,12 +221,16 @@ def validate_image(image: np.ndarray, what: str) -> np.ndarray:
             f"{what}: image {image.shape} is too small to analyse (need at least 16x16)"
         )
     img = image.astype(np.float32, copy=False)
-    if not np.isfinite(img).all():
-        raise ValueError(f"{what}: image contains NaN or infinite values")
+    # min and max carry any NaN or infinity, so two passes check everything; an image already in
+    # [0, 1] is returned as it is (no copy: a crop of it stays a view of it, see models.common)
     lo, hi = float(img.min()), float(img.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"{what}: image contains NaN or infinite values")
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise ValueError(f"{what}: pixel values span [{lo:.3g}, {hi:.3g}], expected [0, 1]")
-    return img.clip(0.0, 1.0)
+    if lo < 0.0 or hi > 1.0:
+        return img.clip(0.0, 1.0)
+    return img
 
 
 class Classifier:
@@ -223,6 +247,22 @@ class Classifier:
         self.card = card
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
+        self.channels_last = False
+        self._forward: Callable[..., torch.Tensor] = self.net
+
+    def accelerate(self, opts: InferenceConfig) -> None:
+        """Apply ``models.inference`` on CUDA (a no-op on the CPU): channels-last and
+        ``torch.compile`` of the forward pass (Grad-CAM keeps the eager network)."""
+        if self.device.type != "cuda":
+            return
+        self.set_channels_last(opts.channels_last)
+        self._forward = compile_module(self.net, opts.compile)
+
+    def set_channels_last(self, on: bool) -> None:
+        """Run the network and its inputs in channels-last memory order (same results)."""
+        fmt = torch.channels_last if on else torch.contiguous_format
+        self.net.to(memory_format=fmt)
+        self.channels_last = on
 
     @classmethod
     def from_card(cls, card_path: Path, device: torch.device | str = "cpu") -> Classifier:
@@ -234,14 +274,18 @@ class Classifier:
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         if len(frontals) != len(laterals):
             raise ValueError(f"{len(frontals)} frontal images but {len(laterals)} lateral entries")
-        f = to_tensor(frontals, self.card).to(self.device)
+        cl = self.channels_last
+        f = to_tensor(frontals, self.card, self.device, memory_channels_last=cl)
         present = [lat is not None for lat in laterals]
         if not any(present):
             return f, None, None
         size = self.card.input_size
         blank = np.zeros((size, size), dtype=np.float32)
-        lat = to_tensor([lat if lat is not None else blank for lat in laterals], self.card).to(
-            self.device
+        lat = to_tensor(
+            [lat if lat is not None else blank for lat in laterals],
+            self.card,
+            self.device,
+            memory_channels_last=cl,
         )
         return f, lat, torch.tensor(present, dtype=torch.bool, device=self.device)
 
@@ -253,7 +297,7 @@ class Classifier:
 
         f, lat, present = self._inputs(frontals, laterals)
         with autocast(self.device):
-            logits = self.net(f, lat, present)
+            logits = self._forward(f, lat, present)
         return calibrated(logits, self.card)
 
     def heatmaps(

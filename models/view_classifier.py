@@ -7,6 +7,7 @@ from a lateral is a coarse, global shape question. One logit; the card's labels 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from torch import nn
 
 from models.api import ViewPrediction
 from models.classifiers import to_tensor, validate_image
+from models.common import compile_module
+from models.config import InferenceConfig
 from models.registry import ModelCard, ModelLoadError, load_state, load_weights
 
 ARCHITECTURE = "small-cnn-view"
@@ -65,6 +68,21 @@ class ViewClassifier:
         self.card = card
         self.net = net.to(device).eval()
         self.device = device
+        self.channels_last = False
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = self.net
+
+    def accelerate(self, opts: InferenceConfig) -> None:
+        """Apply ``models.inference`` on CUDA (a no-op on the CPU)."""
+        if self.device.type != "cuda":
+            return
+        self.set_channels_last(opts.channels_last)
+        self._forward = compile_module(self.net, opts.compile)
+
+    def set_channels_last(self, on: bool) -> None:
+        """Run the network and its inputs in channels-last memory order (same results)."""
+        fmt = torch.channels_last if on else torch.contiguous_format
+        self.net.to(memory_format=fmt)
+        self.channels_last = on
 
     @classmethod
     def from_card(cls, card_path: Path, device: torch.device | str = "cpu") -> ViewClassifier:
@@ -79,8 +97,11 @@ class ViewClassifier:
         if not images:
             return np.zeros(0, dtype=np.float32)
         imgs = [validate_image(im, f"view image {i}") for i, im in enumerate(images)]
-        x = to_tensor(imgs, self.card).to(self.device)
-        return torch.sigmoid(self.net(x).float()).cpu().numpy()
+        x = to_tensor(imgs, self.card, self.device, memory_channels_last=self.channels_last)
+        # float32 even on CUDA: a tiny network whose decision routes the study; bf16 saves nothing
+        logits = self._forward(x)
+        out: np.ndarray = torch.sigmoid(logits.float()).cpu().numpy()
+        return out
 
     def predict(self, images: list[np.ndarray]) -> list[ViewPrediction]:
         neg, pos = self.card.labels
