@@ -23,6 +23,7 @@ patient identifiers).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
+
+from dicom_node import gpu_decode
 
 log = logging.getLogger(__name__)
 
@@ -177,23 +180,31 @@ def _to_gray(ds: Dataset, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def load_image(path_or_dataset: str | Path | Dataset) -> DecodedImage:
+def load_image(
+    path_or_dataset: str | Path | Dataset, *, stored: np.ndarray | None = None, gpu: bool = True
+) -> DecodedImage:
     """Decode, window and orient one instance's image; see the module docstring for the steps.
 
+    ``stored``: the first frame's stored values when already decoded (:func:`load_images`);
+    ``gpu``: let :mod:`dicom_node.gpu_decode` decode JPEG 2000 / JPEG where it can.
     Raises :class:`PixelDecodeError` when the instance has no decodable 2-D image.
     """
     ds = _read(path_or_dataset)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise _fail(ds, "the instance has no Pixel Data")
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:
-        raise _fail(ds, "the pixel data could not be decoded", exc) from exc
-
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if frames > 1:
-        arr = arr[0]
+    if stored is None and gpu and gpu_decode.wanted(ds):
+        stored = gpu_decode.decode_first_frames([ds])[0]
+    if stored is not None:
+        arr = stored
+    else:
+        try:
+            arr = ds.pixel_array
+        except Exception as exc:
+            raise _fail(ds, "the pixel data could not be decoded", exc) from exc
+        if frames > 1:
+            arr = arr[0]
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     expected_ndim = 3 if samples > 1 else 2
     if arr.ndim != expected_ndim or arr.shape[0] < 2 or arr.shape[1] < 2:
@@ -316,3 +327,27 @@ def _apply_voi(
         source = source or "percentile"
         window = ((lo + hi) / 2.0, hi - lo)
     return out, source, window
+
+
+def load_images(paths: Sequence[str | Path | Dataset]) -> list[DecodedImage | PixelDecodeError]:
+    """:func:`load_image` for many instances, their JPEG 2000 / JPEG first frames decoded on the
+    GPU in one batched call where :mod:`dicom_node.gpu_decode` can: for each instance its
+    image or the :class:`PixelDecodeError` that stopped it."""
+    read: list[Dataset | PixelDecodeError] = []
+    for p in paths:
+        try:
+            read.append(_read(p))
+        except PixelDecodeError as exc:
+            read.append(exc)
+    datasets = [d for d in read if isinstance(d, Dataset)]
+    decoded = iter(gpu_decode.decode_first_frames(datasets) if datasets else [])
+    out: list[DecodedImage | PixelDecodeError] = []
+    for d in read:
+        if isinstance(d, PixelDecodeError):
+            out.append(d)
+            continue
+        try:
+            out.append(load_image(d, stored=next(decoded), gpu=False))
+        except PixelDecodeError as exc:
+            out.append(exc)
+    return out
