@@ -1,0 +1,188 @@
+"""The pack -> GPU fit path on the CPU with tiny networks: the pack round trip, the fit script's
+metrics against the training code's, and weights that load into the serving classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.classifiers import MultiViewClassifier
+from models.labels import OBSERVATIONS
+from models.registry import to_float
+from models.training import gpu_fit
+from models.training.calibration import model1_from
+from models.training.datasets.chexpert import apply_policy
+from models.training.metrics import _auc_rows
+from models.training.pack import (
+    Collected,
+    Study,
+    blob,
+    concat,
+    decode,
+    encode_all,
+    fit_quality,
+    read_pack,
+    write_pack,
+)
+from models.view_classifier import ViewCNN
+
+TINY = gpu_fit.ARCHS["tiny"]
+
+
+def _radiograph(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth synthetic 'chest film': two dark lungs in a brighter body, with noise."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = 0.7 - 0.4 * np.exp(-(((xx - 0.3) / 0.12) ** 2 + ((yy - 0.5) / 0.25) ** 2))
+    img -= 0.4 * np.exp(-(((xx - 0.7) / 0.12) ** 2 + ((yy - 0.5) / 0.25) ** 2))
+    img += rng.normal(0, 0.03, img.shape)
+    out: np.ndarray = (img.clip(0, 1) * 255).astype(np.uint8)
+    return out
+
+
+def _tiny_pack(path: Path, size: int = 48, n: int = 40) -> None:
+    rng = np.random.default_rng(0)
+    col = Collected()
+    splits = ["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n // 8)
+    splits += ["chexpert_test"] * (n - len(splits))
+    for i, split in enumerate(splits):
+        col.images.append(_radiograph(rng, size))
+        col.cropped.append(True)
+        lat = -1
+        if i % 3 == 0:
+            col.images.append(_radiograph(rng, size).T.copy())
+            col.cropped.append(False)
+            lat = len(col.images) - 1
+        raw = rng.choice([1.0, 0.0, -1.0, np.nan], size=len(OBSERVATIONS)).astype(np.float32)
+        raw[0] = 1.0 if i % 2 else 0.0  # No Finding labelled on every study
+        raw[2] = 0.0 if i % 2 else 1.0
+        col.studies.append(
+            Study(
+                f"src:p{i}/s1",
+                f"src:p{i}",
+                "src",
+                split,
+                raw,
+                len(col.images) - 1 - (lat >= 0),
+                lat,
+            )
+        )
+    enc = encode_all(col.images, 90)
+    write_pack(path, col, enc, {"size": size})
+
+
+def test_pack_round_trip_keeps_labels_and_hashes_only(tmp_path: Path) -> None:
+    path = tmp_path / "p.npz"
+    _tiny_pack(path)
+    pk = read_pack(path)
+    assert pk["meta"] == {"size": 48}
+    assert len(pk["frontal"]) == 40 and pk["raw"].shape == (40, 14)
+    # keys are hashes, never the study or patient text
+    assert all(len(str(k)) == 16 and "src" not in str(k) for k in pk["key_hash"])
+    img = decode(blob(pk["images"], pk["offsets"], int(pk["frontal"][0])))
+    assert img.shape == (48, 48) and img.dtype == np.uint8
+    # NaN (blank) survives; laterals point at lateral images
+    assert np.isnan(pk["raw"]).any()
+    lat = pk["lateral"][pk["lateral"] >= 0]
+    assert len(lat) and not pk["cropped"][lat].any()
+
+
+def test_jpeg_quality_search_takes_the_best_quality_that_fits() -> None:
+    rng = np.random.default_rng(1)
+    imgs = [_radiograph(rng, 96) for _ in range(6)]
+    big = encode_all(imgs, 95)
+    enc = fit_quality(imgs, int(big.nbytes * 0.6), [95, 85, 70, 50])
+    assert enc.nbytes <= big.nbytes * 0.6 and enc.quality < 95
+    assert 0 < big.mae < enc.mae < 8.0  # lower quality, larger error; a few grey levels
+    data, off = concat(enc.blobs)
+    assert off[-1] == len(data) == enc.nbytes
+
+
+def test_fusion_twin_equals_the_serving_network() -> None:
+    torch.manual_seed(0)
+    twin = gpu_fit.FusionNet(14, **TINY).eval()
+    served = MultiViewClassifier(14, **TINY).eval()
+    served.load_state_dict(twin.state_dict())  # same names and shapes, strict
+    with torch.no_grad():
+        twin.lateral_view.normal_()
+        twin.lateral_missing.normal_()
+        served.load_state_dict(twin.state_dict())
+        f = torch.randn(5, 1, 40, 40)
+        lat = torch.randn(5, 1, 40, 40)
+        present = torch.tensor([True, False, True, False, False])
+        want = served(f, lat, present)
+        rows = torch.tensor([0, 2])
+        padded = torch.cat([lat[rows], lat[rows][:1].expand(6, -1, -1, -1)])
+        got = twin(f, padded, rows)
+        no_lat = twin(f, torch.zeros(0, 1, 40, 40), torch.zeros(0, dtype=torch.long))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(no_lat, served(f), atol=1e-5, rtol=1e-5)
+
+
+def test_view_twin_equals_the_serving_network() -> None:
+    twin = gpu_fit.ViewNet().eval()
+    served = ViewCNN().eval()
+    served.load_state_dict(twin.state_dict())
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), served(x))
+
+
+def test_metrics_agree_with_the_training_code() -> None:
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 200)
+    p = np.round(rng.random(200) + y * 0.3, 1)  # many ties
+    assert gpu_fit.auroc(y, p) == pytest.approx(float(_auc_rows(y[None], p[None])[0]))
+    raw = rng.choice([1.0, 0.0, -1.0, np.nan], size=(300, 14)).astype(np.float32)
+    for policy in ("u-ignore", "u-zeros", "u-ones"):
+        t, m = gpu_fit.policy_targets(raw, policy)
+        want = [apply_policy(r, policy) for r in raw]
+        np.testing.assert_array_equal(t, np.stack([w[0] for w in want]))
+        np.testing.assert_array_equal(m, np.stack([w[1] for w in want]))
+    y1, _ = model1_from(list(OBSERVATIONS), raw, np.zeros_like(raw))
+    got = gpu_fit.model1_target(raw)
+    y1[y1 == -1] = np.nan  # uncertain-only studies are not scored
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(y1))
+    np.testing.assert_array_equal(got[~np.isnan(got)], y1[~np.isnan(y1)])
+
+
+def test_quick_fit_writes_weights_the_serving_classes_load(tmp_path: Path) -> None:
+    pack = tmp_path / "p.npz"
+    _tiny_pack(pack)
+    out = tmp_path / "out"
+    rc = gpu_fit.main(
+        [
+            "--pack",
+            str(pack),
+            "--out",
+            str(out),
+            "--quick",
+            "--candidates",
+            "tiny:32,tiny:48",
+            "--threads",
+            "1",
+            "--view-epochs",
+            "0",
+            "--budget-s",
+            "120",
+            "--reserve-s",
+            "1",
+        ]
+    )
+    assert rc == 0
+    log = json.loads((out / "fit_log.json").read_text())
+    assert log["selection"]["winner"] in ("tiny:32", "tiny:48")
+    assert {r["input_size"] for r in log["runs"]} == {32, 48}
+    assert all(r["validation"]["model1_auroc"] is not None for r in log["runs"])
+    from safetensors.torch import load_file
+
+    net = MultiViewClassifier(14, **TINY)
+    net.load_state_dict(to_float(load_file(str(out / "model2_s0.safetensors"))))
+    z = np.load(out / "logits.npz")
+    runs = [str(r) for r in z["runs"]]
+    assert f"{log['selection']['winner']}/s0" in runs
+    assert z[f"{runs[0]}/val"].shape == (10, 14)
+    assert len(z["val_key_hash"]) == 10 and len(z["test_key_hash"]) == 5
