@@ -60,8 +60,9 @@ GPU_SYNTAXES = frozenset(
 )
 
 _lock = threading.Lock()
-#: per process (a forked child must not reuse its parent's CUDA objects): pid -> decoder or None
-_decoders: dict[int, Any] = {}
+#: one decoder per process and thread: a forked child must not reuse its parent's CUDA objects,
+#: and the prepare stage's threads decode side by side. (pid, thread id) -> decoder or None
+_decoders: dict[tuple[int, int], Any] = {}
 
 
 def _switched_off() -> bool:
@@ -73,19 +74,22 @@ def _nvimgcodec() -> Any:
 
 
 def _decoder() -> Any | None:
-    """This process's nvImageCodec decoder, or None when the package or a GPU is missing."""
-    pid = os.getpid()
+    """This thread's nvImageCodec decoder, or None when the package or a GPU is missing."""
+    key = (os.getpid(), threading.get_ident())
     with _lock:
-        if pid in _decoders:
-            return _decoders[pid]
+        if key in _decoders:
+            return _decoders[key]
+        if any(k[0] == key[0] and v is None for k, v in _decoders.items()):
+            _decoders[key] = None  # this process already found no GPU decoder
+            return None
         dec: Any | None = None
         try:
             dec = _nvimgcodec().Decoder()
-            log.info("GPU decoding of JPEG 2000 / JPEG through nvImageCodec is available")
+            log.debug("GPU decoding of JPEG 2000 / JPEG through nvImageCodec is available")
         except Exception as exc:  # noqa: BLE001 - missing package, no driver, no device
             log.debug("nvImageCodec unavailable (%s: %s); CPU decoding", type(exc).__name__, exc)
             dec = None
-        _decoders[pid] = dec
+        _decoders[key] = dec
         return dec
 
 
