@@ -35,6 +35,14 @@ class ConfigError(ValueError):
     """``config.yaml`` could not be read or is invalid; the message lists every problem."""
 
 
+def cpu_count() -> int:
+    """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def default_worker_name() -> str:
     """``HOST:PID``: unique per process, so leases and events tell two workers apart."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -54,6 +62,44 @@ class WorkerSection(BaseModel):
     poll_interval_seconds: float = Field(1.0, gt=0)
     study_timeout_seconds: float = Field(600.0, gt=0)
     manufacturer: str = "cxr-pacs-worker project"
+    overlap: bool = Field(
+        True,
+        description=(
+            "Overlap the stages (worker.stages): read and decode the next batch and finish the "
+            "last one while the models run; false: one batch at a time, start to end"
+        ),
+    )
+    prepare_in: Literal["thread", "process"] = Field(
+        "thread",
+        description=(
+            "Where the read/decode stage runs: threads (the decoders release the GIL; no copy of "
+            "the pixels) or processes (for CPU-heavy decoding such as JPEG 2000 on many cores)"
+        ),
+    )
+    prepare_workers: int | None = Field(
+        None, ge=1, le=256, description="Read/decode workers; null: from the CPU cores"
+    )
+    finish_workers: int | None = Field(
+        None, ge=1, le=64, description="Report/key image/write threads; null: from the CPU cores"
+    )
+    max_inflight_batches: int = Field(
+        3,
+        ge=2,
+        le=64,
+        description=(
+            "Batches in the overlapped pipeline at once (preparing, in the models, finishing); "
+            "bounds memory: about this many batches' images are held"
+        ),
+    )
+
+    def workers(self) -> tuple[int, int]:
+        """``(prepare_workers, finish_workers)``, from the cores this process may use where not
+        set: all but one for reading and decoding (the models' thread keeps one), and a quarter
+        (1 to 4) for finishing, whose Python parts share one interpreter lock."""
+        cores = cpu_count()
+        prepare = self.prepare_workers or max(1, cores - 1)
+        finish = self.finish_workers or max(1, min(4, cores // 4))
+        return prepare, finish
 
 
 class SchedulerSection(BaseModel):

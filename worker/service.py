@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
     from dicom_node.scp import StorageSCP
 
-    from .loop import WorkerLoop
+    from .loop import BatchProcessor, WorkerLoop
+    from .stages import StagedPipeline
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class Service:
         self.scp: StorageSCP | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.loop: WorkerLoop | None = None
+        self.processor: BatchProcessor | None = None
+        self.staged: StagedPipeline | None = None  # the processor, when worker.overlap is on
         self._loop_thread: threading.Thread | None = None
         disks = {"storage": cfg.dicom.storage_dir}
         if cfg.results_dir is not None:
@@ -150,7 +153,10 @@ class Service:
         if self.loop is not None:
             self.loop.stop()
         if self._loop_thread is not None:
+            # the loop drains the overlapped pipeline's batches in flight before it ends
             self._loop_thread.join(timeout=self.cfg.worker.study_timeout_seconds)
+        if self.staged is not None:
+            self.staged.close(timeout=5.0)
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if self.health is not None:

@@ -88,6 +88,7 @@ def test_worker_role_runs_the_loop_and_the_delivery_job(
     monkeypatch.setattr(
         worker.pipeline.Pipeline, "from_config", classmethod(lambda cls, c, q: FakePipeline())
     )
+    cfg.worker.overlap = False  # the fake is the processor itself (overlap would wrap it)
     svc = Service(cfg, role="worker")
     svc.start()
     try:
