@@ -71,9 +71,12 @@ ARCHS: dict[str, dict[str, Any]] = {
     "d121": {"growth_rate": 32, "block_config": [6, 12, 24, 16], "num_init_features": 64},
     "tiny": {"growth_rate": 4, "block_config": [1, 1, 1, 1], "num_init_features": 8},
 }
-DEFAULT_CANDIDATES = "small:224,small:320,d121:224,d121:320,mid:320"
+#: by priority; "?" marks a candidate dropped first when the budget leaves under
+#: ``--target-epochs`` for all
+DEFAULT_CANDIDATES = "small:224,small:320,d121:224,d121:320,mid:320?"
 MEAN, STD = 0.5, 0.25  # the cards' input normalisation
 MAX_FILE_BYTES = 15_500_000
+MAX_OUT_BYTES = 56_000_000  # what comes back from the device: 64 MB, less room for the logs
 
 
 # --- networks: twins of the serving classes ----------------------------------------------------
@@ -798,6 +801,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--candidates", default=DEFAULT_CANDIDATES, help="arch:size,... by priority")
     p.add_argument("--max-epochs", type=int, default=40)
     p.add_argument("--min-epochs", type=int, default=6)
+    p.add_argument("--target-epochs", type=int, default=15, help="drop '?' candidates below")
+    p.add_argument("--cudnn-benchmark", action="store_true")
     p.add_argument("--epochs", type=int, default=0, help="fixed epoch count (skips the timing)")
     p.add_argument("--selection-share", type=float, default=0.5)
     p.add_argument("--seeds", type=int, default=3, help="seeds of the winner (ensemble) at most")
@@ -823,7 +828,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        # benchmark mode re-tunes every new batch shape (laterals vary): off unless asked
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     threads = args.threads or os.cpu_count() or 4
@@ -839,11 +845,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for h in logging.getLogger().handlers:
             h.flush()
 
-    cands = [(c.split(":")[0], int(c.split(":")[1])) for c in args.candidates.split(",")]
+    specs = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    optional = {
+        (c.split(":")[0], int(c.rstrip("?").split(":")[1])) for c in specs if c.endswith("?")
+    }
+    cands = [(c.split(":")[0], int(c.rstrip("?").split(":")[1])) for c in specs]
     limit = None
     if args.quick:
         size_map = {224: 64, 320: 96}
         cands = [(a, size_map.get(s, s)) for a, s in cands]
+        optional = {(a, size_map.get(s, s)) for a, s in optional}
         limit = {"train": 48, "val": 40, "test": 16, "chexpert_test": 4}
         args.max_epochs, args.min_epochs, args.time_steps = 2, 1, 2
         args.view_epochs = min(args.view_epochs, 1)
@@ -897,6 +908,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         while cands:
             total = sum(epoch_s[c] for c in cands) * 1.1
             epochs = min(args.max_epochs, int(budget / total))
+            opt = [c for c in cands if c in optional]
+            if opt and epochs < args.target_epochs:
+                say(f"dropping optional {opt[-1]}: {epochs} epochs < {args.target_epochs}")
+                cands.remove(opt[-1])
+                continue
             if epochs >= args.min_epochs:
                 break
             say(f"dropping candidate {cands[-1]}: {args.min_epochs} epochs of all do not fit")
@@ -944,11 +960,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     assert best.state is not None
     outs.write_weights("model2_s0", half_state(best.state))
     others: dict[str, torch.Tensor] = {}
+    room = min(MAX_FILE_BYTES, MAX_OUT_BYTES - args.seeds * state_bytes(best.state) - 1_000_000)
     for r in sorted(done, key=lambda r: -r.val["score"]):
         if r is best or r.state is None:
             continue
         st = half_state(r.state, prefix=f"{r.name}/")
-        if state_bytes(others) + state_bytes(st) <= MAX_FILE_BYTES:
+        if state_bytes(others) + state_bytes(st) <= room:
             others.update(st)
     if others:
         outs.write_weights("candidates", others)

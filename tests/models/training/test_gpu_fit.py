@@ -186,3 +186,38 @@ def test_quick_fit_writes_weights_the_serving_classes_load(tmp_path: Path) -> No
     assert f"{log['selection']['winner']}/s0" in runs
     assert z[f"{runs[0]}/val"].shape == (10, 14)
     assert len(z["val_key_hash"]) == 10 and len(z["test_key_hash"]) == 5
+
+
+def test_stricter_operating_points_call_fewer_findings_on_normals() -> None:
+    from models.training.finish import normals_tradeoff
+
+    rng = np.random.default_rng(3)
+    raw = rng.choice([1.0, 0.0, np.nan], size=(400, 14), p=[0.2, 0.6, 0.2]).astype(np.float32)
+    raw[:, 0] = (rng.random(400) < 0.3).astype(np.float32)
+    raw[raw[:, 0] == 1, 1:13] = 0.0  # normals have no pathology
+    probs = np.clip(0.3 * np.nan_to_num(raw) + rng.random(raw.shape) * 0.7, 0, 1)
+    out = normals_tradeoff(list(OBSERVATIONS), raw, probs, (0.9, 0.95, 0.98))
+    present = [out[k]["present_on_no_finding"] for k in ("0.90", "0.95", "0.98")]
+    sens = [out[k]["mean_pathology_sensitivity"] for k in ("0.90", "0.95", "0.98")]
+    assert present[0] > present[1] > present[2]
+    assert sens[0] >= sens[1] >= sens[2]
+
+
+def test_finish_refuses_a_pack_of_another_split(tmp_path: Path) -> None:
+    from models.training.datasets.chexpert import StudyRecord
+    from models.training.finish import check_pack
+
+    pack = tmp_path / "p.npz"
+    _tiny_pack(pack)
+    pk = read_pack(pack)
+
+    def rec(i: int) -> StudyRecord:
+        return StudyRecord(f"src:p{i}/s1", f"src:p{i}", "src", Path("x"), None, np.zeros(14))
+
+    splits = {"train": range(0, 20), "val": range(20, 30), "test": range(30, 35)}
+    parts = {k: [rec(i) for i in v] for k, v in splits.items()}
+    parts["chexpert_test"] = [rec(i) for i in range(35, 40)]
+    check_pack(pk, parts)  # the split the pack was built from
+    parts["val"], parts["test"] = parts["val"][:-1], parts["test"] + parts["val"][-1:]
+    with pytest.raises(SystemExit, match="val split"):
+        check_pack(pk, parts)

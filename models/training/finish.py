@@ -1,0 +1,509 @@
+"""Turn a :mod:`.gpu_fit` result into the Model 2 / Model 1 (and view classifier) cards, on the CPU.
+
+    nice -n 10 python -m models.training.finish --fit FIT_DIR --pack var/pack/pack.npz \\
+        --chexpert DATA/chexpert_small --chexpert DATA/chexpert_sample \\
+        --nih DATA/nih_frontal/labels.csv --covid DATA/covid_chestxray \\
+        --folder DATA/openist_normals/labels.csv:DATA/openist_normals:{id}.jpg \\
+        --folder DATA/jsrt/labels.csv:DATA/jsrt:CXR_png/{id}.png \\
+        --folder DATA/actualmed_partial/labels.csv:DATA/actualmed_partial \\
+        --chexpert-test DATA/chexpert_sample --version 3.0.0 \\
+        --out models/weights/model2.json --model1-out models/weights/model1.json
+
+Steps: the studies are read and split exactly as the pack was (same sources, seed and fractions;
+the pack's key hashes are checked against them). The fitted weights (``--weights``, default the
+winner's seed 0) are scored **through the serving path** (:class:`models.analyzer.Analyzer`:
+decode, lung mask, crop, resize, normalisation) with calibration switched off, giving raw logits
+per validation, test and CheXpert-test study. Platt scaling per label is fitted on the
+validation logits, thresholds are set there (pathologies at ``--specificity`` of validation
+negatives, No Finding at Youden's J, as :mod:`.train_model2`), test and CheXpert test are only
+measured. The cards, weights, split file and the derived Model 1 card are written with
+:func:`models.training.train_model2.write_cards`; then ``cxr-worker evaluate classifier`` is run
+on the card (held-out split, and CheXpert test) to write ``<card>.eval.json``,
+``<card>.eval_chexpert_test.json``, the ROC figures and the ``served_*`` card metrics.
+
+With ``--view-out`` the view classifier of the fit is scored on its held-out images and CheXpert
+test (whole images through :class:`models.view_classifier.ViewClassifier`) and its card written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.classifiers import ARCHITECTURE, MultiViewClassifier
+from models.labels import OBSERVATIONS
+from models.registry import ModelCard, Normalisation, read_card, save_model, to_float
+from models.training.calibration import (
+    apply_platt,
+    fit_platt,
+    operating_thresholds,
+    per_source,
+    report,
+)
+from models.training.datasets.chexpert import StudyRecord
+from models.training.gpu_fit import ARCHS
+from models.training.metrics import youden_threshold
+from models.training.pack import PACK_SPLITS, read_pack, short_hash
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("val", "test", "chexpert_test")
+
+
+def served_logits(
+    card_path: Path, records: Sequence[StudyRecord], lung_mask: Path, margin: float
+) -> tuple[np.ndarray, list[str]]:
+    """Raw logits (studies x labels) of an uncalibrated card's network on ``records`` through the
+    serving path (:func:`models.training.evaluate.served_probabilities`), and failed keys (NaN
+    rows)."""
+    from models.training.evaluate import served_analyzer, served_probabilities
+
+    analyzer, _ = served_analyzer(card_path, lung_mask=lung_mask, margin=margin)
+    _, p2, failed = served_probabilities(analyzer, records)
+    p = np.clip(p2.astype(np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p)).astype(np.float32), failed
+
+
+def check_pack(pack: dict[str, Any], parts: dict[str, list[StudyRecord]]) -> None:
+    """The pack's studies of every split are exactly these records (same split, same order)."""
+    for split in ("train", *SPLITS):
+        want = [short_hash(r.key) for r in parts[split]]
+        have = [str(k) for k in pack["key_hash"][pack["split"] == PACK_SPLITS.index(split)]]
+        if want != have:
+            raise SystemExit(
+                f"the {split} split of the pack ({len(have)} studies) is not the split these "
+                f"sources give ({len(want)} studies): give the sources and seed the pack was "
+                f"built from"
+            )
+
+
+def fit_args(fit_log: dict[str, Any], args: argparse.Namespace) -> argparse.Namespace:
+    """The attributes :func:`models.training.train_model2.hyperparameters` and ``write_cards``
+    read, from the fit log and this command's arguments."""
+    a = fit_log["args"]
+    return argparse.Namespace(
+        crop_margin=args.crop_margin,
+        lung_mask=args.lung_mask,
+        epochs=fit_log["selection"]["epochs"],
+        batch_size=int(a["batch_size"]),
+        lr=float(a["lr"]),
+        uncertainty=a["uncertainty"],
+        no_augment=False,
+        gamma=float(a["gamma"]),
+        lateral_dropout=float(a["lateral_dropout"]),
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        specificity=args.specificity,
+        out=args.out,
+        model1_out=args.model1_out,
+    )
+
+
+def design_measurements(fit_log: dict[str, Any], pack_meta: dict[str, Any]) -> dict[str, Any]:
+    """The fit's candidate comparison (validation only) for the card."""
+    runs = fit_log.get("runs", [])
+    return {
+        "how": (
+            f"gpu_fit on {fit_log.get('device')}: every candidate trained "
+            f"{fit_log['selection']['epochs']} epochs with seed 0 on the same patient-level "
+            "split and scored on the validation split (pack images: lung crops by the serving "
+            f"lung mask, JPEG quality {pack_meta.get('jpeg_quality')}, mean error "
+            f"{pack_meta.get('jpeg_mae_255')}/255); score = mean of the 5-label competition "
+            "AUROC and Model 1 AUROC; the test split was never used to choose"
+        ),
+        "candidates": {
+            f"{r['candidate']} seed {r['seed']}": {
+                "arch": r["arch_params"],
+                "input_size": r["input_size"],
+                "epochs": r["epochs"],
+                "complete": r["complete"],
+                "train_seconds": r["train_seconds"],
+                "epochs_per_s": r["epochs_per_s"],
+                "train_images_per_s": r["train_images_per_s"],
+                **{
+                    k: r["validation"].get(k)
+                    for k in (
+                        "score",
+                        "competition5_mean_auroc",
+                        "mean_auroc_all_labels",
+                        "model1_auroc",
+                    )
+                },
+            }
+            for r in runs
+        },
+        "ranking": fit_log["selection"].get("ranking"),
+        "winner": fit_log["selection"].get("winner"),
+        "ensemble": fit_log.get("ensemble"),
+        "view_classifier": fit_log.get("view_classifier"),
+    }
+
+
+def normals_tradeoff(
+    labels: Sequence[str], raw: np.ndarray, probs: np.ndarray, specificities: Sequence[float]
+) -> dict[str, Any]:
+    """Validation: mean Present findings on No Finding studies and mean pathology sensitivity
+    at each operating specificity (how the normals' behaviour trades against sensitivity)."""
+    from models.training.calibration import present_on_normals
+
+    out = {}
+    for spec in specificities:
+        t, _ = operating_thresholds(labels, raw, probs, spec)
+        sens = []
+        for j, lab in enumerate(labels):
+            if lab in ("No Finding", "Support Devices"):
+                continue
+            pos = raw[:, j] == 1
+            if pos.sum() >= 5:
+                sens.append(float((probs[pos, j] >= t[lab]).mean()))
+        pn = present_on_normals(labels, raw, probs, t)
+        out[f"{spec:.2f}"] = {
+            "present_on_no_finding": pn.get("mean_present"),
+            "share_of_normals_with_none": pn.get("share_with_none"),
+            "mean_pathology_sensitivity": round(float(np.mean(sens)), 4) if sens else None,
+        }
+    return out
+
+
+def finish_view(args: argparse.Namespace, fit_dir: Path, fit_log: dict[str, Any]) -> None:
+    """Score the fitted view classifier on its held-out images and CheXpert test (whole
+    images, served path) and write its card and split file."""
+    from models.training.pack import collect_view_images
+    from models.training.train_view import accuracy_report
+    from models.view_classifier import ARCHITECTURE as VIEW_ARCH
+    from models.view_classifier import ViewClassifier
+
+    view_args = argparse.Namespace(
+        chexpert=args.chexpert,
+        view_folder=args.view_folder,
+        covid=args.covid,
+        nih=args.nih,
+        chexpert_test=args.chexpert_test,
+        view_max_patients=args.view_max_patients,
+        view_val_fraction=args.view_val_fraction,
+        seed=args.seed,
+    )
+    splits = collect_view_images(view_args)
+    old = read_card(args.view_out) if args.view_out.exists() else None
+    from safetensors.torch import load_file
+
+    state = to_float(load_file(str(fit_dir / "view_classifier.safetensors")))
+    vrep = fit_log.get("view_classifier", {})
+    card = ModelCard(
+        name="view_classifier",
+        version=args.view_version,
+        architecture=VIEW_ARCH,
+        weights_file=args.view_out.with_suffix(".safetensors").name,
+        sha256="0" * 64,
+        input_size=int(fit_log["pack"]["view"]["size"]),
+        normalisation=Normalisation(mean=0.5, std=0.25),
+        labels=["frontal", "lateral"],
+        thresholds={"lateral": 0.5},
+        hyperparameters={
+            "width": 16,
+            "blocks": 5,
+            "epochs": vrep.get("epochs"),
+            "batch_size": 64,
+            "lr": 0.003,
+            "seed": 0,
+            "augment": "gamma exp(U(-ln 1.6, ln 1.6)), rotation 15 deg, zoom 15%, shift 8%, "
+            "contrast/brightness 20%, horizontal flip (on the GPU)",
+            "loss": "BCE with pos_weight = frontal/lateral ratio",
+            "max_patients_per_source": args.view_max_patients,
+            "trained_on": fit_log.get("device"),
+        },
+        training_data=f"{vrep.get('train_images')} images ({vrep.get('train_laterals')} "
+        f"lateral) of the pack (whole images, {fit_log['pack']['view']['size']} px, JPEG)",
+        split=fit_log["pack"]["view"].get("split", ""),
+        notes=args.view_notes,
+    )
+    from models.training.datasets.chexpert import load_image
+
+    metrics: dict[str, Any] = {"fit_on_pack_images": vrep}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(card, state, Path(tmp) / "view.json", half=True)
+        vc = ViewClassifier.from_card(Path(tmp) / "view.json")
+        for name in ("held_out", "chexpert_test"):
+            items = [(im.path, int(im.lateral)) for im in splits[name]]
+            probs = np.concatenate(
+                [
+                    vc.probabilities([load_image(p) for p, _ in items[i : i + 32]])
+                    for i in range(0, len(items), 32)
+                ]
+            )
+            metrics[name] = accuracy_report(items, probs >= card.threshold("lateral"))
+    both = [metrics[k] for k in ("held_out", "chexpert_test")]
+    images, errors = sum(m["images"] for m in both), sum(m["errors"] for m in both)
+    metrics["held_out_plus_chexpert_test"] = {
+        "images": images,
+        "errors": errors,
+        "accuracy": round(1 - errors / images, 4),
+    }
+    old_acc = old.metrics.get("held_out_plus_chexpert_test", {}).get("accuracy") if old else None
+    new_acc = metrics["held_out_plus_chexpert_test"]["accuracy"]
+    log.info(
+        "view classifier: held-out + CheXpert test %.4f (committed card: %s)", new_acc, old_acc
+    )
+    if old_acc is not None and new_acc < old_acc and not args.view_force:
+        log.warning(
+            "view classifier not written: %.4f is below the committed %.4f", new_acc, old_acc
+        )
+        return
+    card = card.model_copy(update={"metrics": metrics})
+    save_model(card, state, args.view_out, half=True)
+    args.view_out.with_suffix(".split.json").write_text(
+        json.dumps(
+            {"held_out_patients": sorted({im.patient for im in splits["held_out"]})}, indent=1
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    log.info("wrote %s", args.view_out)
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    """``cxr-worker evaluate classifier`` on the new card: held-out split and CheXpert test."""
+    from models.training import evaluate
+
+    base = {
+        "card": args.out,
+        "mimic": None,
+        "split": None,
+        "frontal_only": False,
+        "lung_mask": args.lung_mask,
+        "crop_margin": args.crop_margin,
+        "probabilities": None,
+        "device": "cpu",
+        "threads": args.threads,
+        "seed": args.seed,
+    }
+    stem = args.out.with_suffix("")
+    runs = [
+        dict(
+            held_out=True,
+            chexpert=args.chexpert,
+            chexpert_test=None,
+            nih=args.nih,
+            covid=args.covid,
+            folder=args.folder,
+            card_metrics="test",
+            out=Path(f"{stem}.eval.json"),
+            roc=Path(f"{stem}.roc.png"),
+        ),
+        dict(
+            held_out=False,
+            chexpert=None,
+            chexpert_test=args.chexpert_test,
+            nih=None,
+            covid=None,
+            folder=None,
+            card_metrics="chexpert_test",
+            out=Path(f"{stem}.eval_chexpert_test.json"),
+            roc=Path(f"{stem}.roc_chexpert_test.png"),
+        ),
+    ]
+    for extra in runs:
+        if extra["card_metrics"] == "chexpert_test" and not args.chexpert_test:
+            continue
+        evaluate.run(argparse.Namespace(**base, **extra))
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.training.datasets.sources import patient_split3, read_studies, studies_from_args
+    from models.training.studies import labelled
+    from models.training.train_model2 import CONSISTENCY_RULE, hyperparameters, write_cards
+
+    t0 = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fit_dir = args.fit
+    fit_log = json.loads((fit_dir / "fit_log.json").read_text(encoding="utf-8"))
+    pack = read_pack(args.pack)
+    labels = list(OBSERVATIONS)
+    everything = studies_from_args(args)
+    parts = patient_split3(everything, args.val_fraction, args.test_fraction, args.seed)
+    parts = {k: labelled(v, "model2") for k, v in parts.items()}
+    parts["chexpert_test"] = read_studies(chexpert_test=args.chexpert_test or [])
+    check_pack(pack, parts)
+    winner = fit_log["selection"]["winner"]
+    arch_name, size = winner.split(":")[0], int(winner.split(":")[1])
+    arch = ARCHS[arch_name]
+    from safetensors.torch import load_file
+
+    state = to_float(load_file(str(fit_dir / f"{args.weights}.safetensors")))
+    net = MultiViewClassifier(len(labels), **arch)
+    net.load_state_dict(state)
+    norm = Normalisation(mean=0.5, std=0.25)
+    fargs = fit_args(fit_log, args)
+    counts = {
+        k: {s: sum(r.source == s for r in v) for s in sorted({r.source for r in v})}
+        for k, v in parts.items()
+    }
+    base = ModelCard(
+        name="model2",
+        version=args.version,
+        architecture=ARCHITECTURE,
+        weights_file=args.out.with_suffix(".safetensors").name,
+        sha256="0" * 64,
+        input_size=size,
+        normalisation=norm,
+        labels=labels,
+        hyperparameters={**arch, "input_crop": f"lungs (margin {args.crop_margin})"},
+    )
+    logits: dict[str, np.ndarray] = {}
+    failed: dict[str, list[str]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_card = Path(tmp) / "model2.json"
+        save_model(base, net.state_dict(), tmp_card, half=True)
+        for split in SPLITS:
+            if parts[split]:
+                t = time.time()
+                logits[split], failed[split] = served_logits(
+                    tmp_card, parts[split], args.lung_mask, args.crop_margin
+                )
+                log.info(
+                    "served logits of %d %s studies in %.0f s",
+                    len(parts[split]),
+                    split,
+                    time.time() - t,
+                )
+    raw = {k: np.stack([r.raw for r in parts[k]]) for k in logits}
+    ok = {k: ~np.isnan(v).any(axis=1) for k, v in logits.items()}
+    lv, rv = logits["val"][ok["val"]], raw["val"][ok["val"]]
+    platt = fit_platt(labels, rv, lv)
+    pv = apply_platt(labels, lv, platt)
+    thresholds, unvalidated = operating_thresholds(labels, rv, pv, args.specificity)
+    nf = labels.index("No Finding")
+    keep = (rv[:, nf] == 0) | (rv[:, nf] == 1)
+    t_nf = youden_threshold(rv[keep, nf], pv[keep, nf]) if keep.any() else None
+    if t_nf is not None:
+        thresholds["No Finding"] = round(t_nf, 6)
+    seed = int(args.weights.rsplit("_s", 1)[-1])
+    fitted = next(r for r in fit_log["runs"] if r["candidate"] == winner and r["seed"] == seed)
+    metrics: dict[str, Any] = {
+        "train_loss_per_epoch": fitted["train_loss_per_epoch"],
+        "train_seconds": fitted["train_seconds"],
+        "device": fit_log.get("device"),
+        "machine": f"trained with models.training.gpu_fit on {fit_log.get('device')} "
+        f"(torch {fit_log.get('torch')}); calibrated and evaluated on the CPU",
+        "studies": counts,
+        "pack": {k: v for k, v in fit_log["pack"].items() if k != "sources"},
+        "validation": report(labels, rv, pv, thresholds, logits=lv, seed=args.seed),
+        "validation_normals_tradeoff": normals_tradeoff(labels, rv, pv, (0.9, 0.95, 0.97, 0.98)),
+        "design_measurements": design_measurements(fit_log, pack["meta"]),
+        "failed_studies": {k: len(v) for k, v in failed.items()},
+    }
+    for name in ("test", "chexpert_test"):
+        if name not in logits:
+            continue
+        lt, rt = logits[name][ok[name]], raw[name][ok[name]]
+        pt = apply_platt(labels, lt, platt)
+        rep = report(labels, rt, pt, thresholds, logits=lt, seed=args.seed)
+        rep["studies"] = int(ok[name].sum())
+        if name == "test":
+            srcs = [r.source for r, k in zip(parts[name], ok[name], strict=True) if k]
+            rep["per_source"] = per_source(labels, rt, pt, thresholds, srcs, seed=args.seed)
+        metrics[name] = rep
+    metrics["note"] = (
+        "validation/test figures are of the served path (Analyzer: decode, lung mask, crop, "
+        "resize, normalisation; calibration applied afterwards from the same logits); "
+        "served_* are written by cxr-worker evaluate on the finished card"
+    )
+    hp = hyperparameters(fargs, arch, platt, unvalidated)
+    hp["augment"] = (
+        f"on the GPU: gamma exp(U(-{fargs.gamma}, {fargs.gamma})), rotation 10 deg, zoom 10%, "
+        "shift 6%, contrast/brightness 15%; no flips"
+    )
+    hp["input_size_choice"] = f"{size} px, chosen on validation (see metrics.design_measurements)"
+    hp["weights"] = f"{args.weights} of the fit (seed {seed})"
+    hp["trained_on"] = fit_log.get("device")
+    card = base.model_copy(
+        update={
+            "thresholds": thresholds,
+            "hyperparameters": hp,
+            "training_data": f"{len(parts['train'])} training studies; arguments: "
+            + " ".join(
+                [
+                    *(f"--chexpert {d}" for d in args.chexpert or []),
+                    *(f"--nih {d}" for d in args.nih or []),
+                    *(f"--covid {d}" for d in args.covid or []),
+                    *(f"--folder {d}" for d in args.folder or []),
+                ]
+            ),
+            "split": (
+                f"patient-level over all sources together (SHA-256 of seed {args.seed} and the "
+                f"patient key): {args.test_fraction:.0%} of patients test (reported), "
+                f"{args.val_fraction:.0%} validation (model choice, calibration and thresholds), "
+                f"the rest training; studies per split and source: {json.dumps(counts)}; keys in "
+                f"{args.out.with_suffix('.split.json').name}"
+            ),
+            "metrics": metrics,
+            "notes": (CONSISTENCY_RULE + " " + args.notes).strip(),
+        }
+    )
+    split_parts = {k: parts[k] for k in ("train", "val", "test")}
+    write_cards(fargs, card, net.state_dict(), split_parts)
+    log.info("wrote %s and %s", args.out, args.model1_out)
+    v, t = metrics["validation"], metrics.get("test", {})
+    log.info(
+        "validation: 5-label %.4f, Model 1 %.4f, ECE %.4f, Present on normals %s; test: 5-label "
+        "%s, Model 1 %s, Present on normals %s",
+        v["mean_competition_auroc"] or float("nan"),
+        v["model1"]["auroc"] or float("nan"),
+        v["mean_ece"] or float("nan"),
+        v["present_on_no_finding"].get("mean_present"),
+        t.get("mean_competition_auroc"),
+        t.get("model1", {}).get("auroc"),
+        t.get("present_on_no_finding", {}).get("mean_present"),
+    )
+    if not args.skip_evaluate:
+        run_evaluate(args)
+    if args.view_out is not None and (fit_dir / "view_classifier.safetensors").exists():
+        finish_view(args, fit_dir, fit_log)
+    log.info("finished in %.0f s", time.time() - t0)
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from models.training.pack import parse_args as pack_args
+
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--fit", type=Path, required=True, help="folder gpu_fit wrote")
+    extra.add_argument("--weights", default="model2_s0", help="weights file stem in --fit")
+    extra.add_argument("--specificity", type=float, default=0.95)
+    extra.add_argument("--version", default="3.0.0")
+    extra.add_argument("--notes", default="")
+    extra.add_argument("--out", type=Path, default=Path("models/weights/model2.json"))
+    extra.add_argument("--model1-out", type=Path, default=Path("models/weights/model1.json"))
+    extra.add_argument("--view-out", type=Path, help="also write the view classifier card")
+    extra.add_argument("--view-version", default="0.3.0")
+    extra.add_argument("--view-notes", default="")
+    extra.add_argument("--view-force", action="store_true", help="write it even if worse")
+    extra.add_argument("--skip-evaluate", action="store_true")
+    extra.add_argument("--pack", type=Path, default=Path("var/pack/pack.npz"))
+    known, rest = extra.parse_known_args(argv)
+    args = pack_args(rest)
+    for k, v in vars(known).items():
+        setattr(args, k, v)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
