@@ -21,6 +21,7 @@ import numpy as np
 from models.api import (
     CropBox,
     Finding,
+    Heatmap,
     LungMaskResult,
     ModelInfo,
     ModelKind,
@@ -52,7 +53,9 @@ class ClassifierLike(Protocol):
 
     def heatmaps(
         self, frontal: np.ndarray, lateral: np.ndarray | None, labels: list[str]
-    ) -> dict[str, np.ndarray]: ...
+    ) -> dict[str, np.ndarray]:
+        """Grad-CAM maps for ``labels``: uint8 (rows, cols) at the network's input resolution."""
+        ...
 
 
 class MaskerLike(Protocol):
@@ -325,17 +328,14 @@ class Analyzer(StudyAnalyzer):
         assert w.mask is not None and w.crop is not None
         model1, model2 = self._findings(p1, p2)
         positives = [f.label for f in model2 if f.present and f.label not in self.heatmap_exclude]
-        heatmaps: dict[str, np.ndarray] = {}
+        heatmaps: dict[str, Heatmap] = {}
         if positives:
-            from models.gradcam import to_original_frame
-
             t0 = time.perf_counter()
             lateral = w.lateral if self.model2.uses_lateral else None
             image, box = self._input(self.model2, w)
             cams = self.model2.heatmaps(image, lateral, positives)
-            heatmaps = {
-                lab: to_original_frame(cam, box, w.frontal.shape) for lab, cam in cams.items()
-            }
+            # at the model's resolution, placed by the box: never copied into the full frame
+            heatmaps = {lab: Heatmap(cam, box) for lab, cam in cams.items()}
             w.timings["gradcam"] = _ms(t0)
         return StudyAnalysis(
             key=w.study.key,

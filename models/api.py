@@ -2,7 +2,8 @@
 
 Images cross this boundary as 2-D ``float32`` numpy arrays in [0, 1], 0 = black, already decoded
 and windowed (MONOCHROME1 inverted) by :mod:`dicom_node.pixels`, at their original resolution.
-Nothing here knows about DICOM.
+Grad-CAM maps come back small: uint8 at the network's input resolution with the box they cover
+(:class:`Heatmap`). Nothing here knows about DICOM.
 """
 
 from __future__ import annotations
@@ -116,6 +117,28 @@ class StudyInput:
     projection: str | None = None  # the frontal's projection when known: "PA" or "AP"
 
 
+@dataclass(frozen=True)
+class Heatmap:
+    """A finding's Grad-CAM map as the model made it, kept small until it is drawn.
+
+    ``values`` is uint8 (rows, cols) at the network's input resolution (e.g. 320 x 320, 100 KB;
+    a float32 copy in a 2k frontal's frame would be ~16 MB): 0 is the map's minimum, 255 its
+    maximum (all 0 when flat). It lies stretched over ``box`` of the original frontal image (the
+    lung crop, or the whole image for a model trained on full images) and is zero outside it."""
+
+    values: np.ndarray
+    box: CropBox
+
+    def __post_init__(self) -> None:
+        v = self.values
+        if not isinstance(v, np.ndarray) or v.dtype != np.uint8 or v.ndim != 2 or 0 in v.shape:
+            got = f"{v.dtype} {v.shape}" if isinstance(v, np.ndarray) else type(v).__name__
+            raise TypeError(f"Heatmap.values must be a non-empty 2-D uint8 array, got {got}")
+        b = self.box
+        if b.x1 <= b.x0 or b.y1 <= b.y0:
+            raise ValueError(f"Heatmap.box {b} is empty")
+
+
 @dataclass
 class StudyAnalysis:
     key: str
@@ -124,8 +147,8 @@ class StudyAnalysis:
     model2: list[Finding]  # in the model card's label order; labels the model lacks are absent
     models: list[ModelInfo]
     used_lateral: bool
-    # label -> float32 [0,1], frontal res
-    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
+    # label -> its Grad-CAM map (uint8, model resolution, placed by its box): Present findings
+    heatmaps: dict[str, Heatmap] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
     ctr: CardiothoracicRatio | None = None  # None when the models do not measure it
 

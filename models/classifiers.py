@@ -237,7 +237,7 @@ class Classifier:
     """A loaded Model 1 / Model 2 ready for inference on numpy images (models.api contract).
 
     ``predict`` returns sigmoid probabilities in the card's label order; ``heatmaps`` gives
-    Grad-CAM maps at the network's input resolution for the named labels."""
+    Grad-CAM maps, uint8 0..255 at the network's input resolution, for the named labels."""
 
     uses_lateral = True
 

@@ -3,8 +3,10 @@
 The caller splits its network in two: ``feature_fn(x) -> feature map`` (the last dense block,
 after its norm and ReLU) and ``head_fn(feature map) -> logits`` (pooling, fusion with the lateral,
 linear head). A heatmap is ReLU(sum_k w_k A_k) with w_k the spatially averaged gradient of the
-label's logit, upsampled to the network input, scaled to [0, 1], then mapped back into the
-original frontal image's frame (zero outside the crop).
+label's logit, upsampled to the network input, stretched to 0..255 and handed over as uint8 at
+that resolution (:class:`models.api.Heatmap` says where it lies in the original frontal image).
+A 320 px map is 100 KB, where a float32 map in a 2k frontal's frame was ~16 MB: maps stay small
+until the key image draws them at display size.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def grad_cam(
     x: torch.Tensor,
     label_indices: Sequence[int],
 ) -> np.ndarray:
-    """Heatmaps for one image ``x`` (1, C, H, W): float32 (K, H, W) in [0, 1], one per label index.
+    """Heatmaps for one image ``x`` (1, C, H, W): uint8 (K, H, W), one per label index, each
+    stretched so that its minimum is 0 and its maximum 255 (all 0 when the map is flat).
 
     Gradients are computed even under ``torch.no_grad`` callers (enabled locally); the network's
     parameters are not changed and need not require grad."""
@@ -32,7 +35,7 @@ def grad_cam(
         raise ValueError(f"grad_cam takes one image at a time, got a batch of {x.shape[0]}")
     h, w = x.shape[-2:]
     if not label_indices:
-        return np.zeros((0, h, w), dtype=np.float32)
+        return np.zeros((0, h, w), dtype=np.uint8)
     with torch.enable_grad():
         fmap = feature_fn(x).detach().float().requires_grad_(True)
         logits = head_fn(fmap).float()
@@ -53,18 +56,23 @@ def grad_cam(
     out = torch.where(
         hi - lo > 1e-12, (cam_all - lo) / (hi - lo).clamp(min=1e-12), torch.zeros_like(cam_all)
     )
-    return out.clamp(0, 1).cpu().numpy().astype(np.float32)
+    # quantised on the device: a quarter of the bytes to copy back
+    return out.clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
 
 
 def to_original_frame(
     cam: np.ndarray, crop: CropBox, original_shape: tuple[int, int]
 ) -> np.ndarray:
     """Map a heatmap over the (resized) crop back into the original frontal frame: resized to the
-    crop's size and placed at the crop box; zero outside it. float32 in [0, 1]."""
+    crop's size and placed at the crop box; zero outside it. float32 in [0, 1].
+
+    For analysis and tests only: the worker never makes this full-resolution copy (the key image
+    upsamples the uint8 map straight to display size). A uint8 ``cam`` is read as 0..255."""
     out = np.zeros(original_shape, dtype=np.float32)
     ch, cw = crop.y1 - crop.y0, crop.x1 - crop.x0
     if ch <= 0 or cw <= 0:
         raise ValueError(f"crop box {crop} is empty")
-    resized = cv2.resize(cam.astype(np.float32), (cw, ch), interpolation=cv2.INTER_LINEAR)
+    scale = 1 / 255 if cam.dtype == np.uint8 else 1.0
+    resized = cv2.resize(cam.astype(np.float32) * scale, (cw, ch), interpolation=cv2.INTER_LINEAR)
     out[crop.y0 : crop.y1, crop.x0 : crop.x1] = np.clip(resized, 0.0, 1.0)
     return out

@@ -22,8 +22,7 @@ from db.queue import ClaimedStudy
 from db.records import NewDelivery
 from dicom_node import sr as srmod
 from dicom_node.config import DestinationConfig
-from dicom_node.derived import hot_region
-from dicom_node.key_image import KeyImageInput
+from dicom_node.key_image import HeatmapInfo, KeyImageInput
 from dicom_node.views import ViewGuess
 from models.api import Finding, LineSegment, ModelInfo, ModelKind, StudyAnalysis
 
@@ -101,15 +100,26 @@ class StudyResult:
         )
 
     @cached_property
+    def heatmaps(self) -> dict[str, HeatmapInfo]:
+        """The Grad-CAM maps as the key image takes them: still uint8 at the model's resolution,
+        with the box of the frontal image each covers."""
+        out = {}
+        for label, heat in self.analysis.heatmaps.items():
+            b = heat.box
+            out[label] = HeatmapInfo(heat.values, srmod.CropInfo(b.x0, b.y0, b.x1, b.y1))
+        return out
+
+    @cached_property
     def regions(self) -> dict[str, srmod.CropInfo]:
         """Where each Present finding is marked: the box around its heat map's hot area (one
-        definition, :func:`dicom_node.derived.hot_region`, for the report and the key image)."""
+        definition, :meth:`dicom_node.key_image.HeatmapInfo.hot_region`, for the report and the
+        key image)."""
         shape = self.prepared.frontal_pixels.shape[:2]
         out = {}
         for f in self.analysis.model2:
-            heat = self.analysis.heatmaps.get(f.label)
+            heat = self.heatmaps.get(f.label)
             if f.present and heat is not None:
-                box = hot_region(heat, (int(shape[0]), int(shape[1])))
+                box = heat.hot_region((int(shape[0]), int(shape[1])))
                 if box is not None:
                     out[f.label] = box
         return out
@@ -175,7 +185,7 @@ class StudyResult:
             report_uid=report_uid,
             lung_mask=out.lung_mask.mask,
             crop=self.crop,
-            heatmaps=dict(out.heatmaps),
+            heatmaps=dict(self.heatmaps),
             regions=self.regions,
             mask_quality=self.mask_quality,
             ctr=self.ctr,

@@ -13,10 +13,13 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from dicom_node import derived
 from dicom_node.key_image import (
     BANNER,
+    HeatmapInfo,
     KeyImageInput,
     build_key_image,
+    encode_png,
     listed_present,
     write_key_image,
 )
@@ -39,8 +42,10 @@ def dciodvfy_errors(path: Path) -> tuple[list[str], list[str]]:
 
 
 def _gauss(shape: tuple[int, int], cy: float, cx: float, s: float) -> np.ndarray:
+    """A Grad-CAM-like map as the models hand it over: uint8, 255 at its peak (cy, cx)."""
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
-    return np.exp(-(((yy - cy) / s) ** 2 + ((xx - cx) / s) ** 2)).astype(np.float32)
+    g = np.exp(-(((yy - cy) / s) ** 2 + ((xx - cx) / s) ** 2))
+    return np.asarray(np.round(255 * g / g.max()), dtype=np.uint8)
 
 
 def _input(path: Path, **kw: object) -> KeyImageInput:
@@ -49,6 +54,7 @@ def _input(path: Path, **kw: object) -> KeyImageInput:
     mask = np.zeros((h, w), np.uint8)
     mask[h // 5 : h * 4 // 5, w // 8 : w * 7 // 16] = 1
     mask[h // 5 : h * 4 // 5, w * 9 // 16 : w * 7 // 8] = 1
+    crop = CropInfo(w // 10, h // 6, w * 9 // 10, h * 5 // 6)
     args: dict[str, object] = dict(
         frontal=pydicom.dcmread(path, stop_before_pixels=True),
         image=decoded.pixels,
@@ -61,12 +67,12 @@ def _input(path: Path, **kw: object) -> KeyImageInput:
         ],
         algorithms=ALGOS,
         lung_mask=mask,
-        crop=CropInfo(w // 10, h // 6, w * 9 // 10, h * 5 // 6),
-        heatmaps={
-            "Pneumothorax": _gauss((64, 64), 20, 16, 8),  # low resolution, resized by the renderer
-            "Pleural Effusion": _gauss((h, w), h * 0.7, w * 0.7, h / 10),
-            "Edema": _gauss((h, w), h / 2, w / 2, h / 4),
-            "No Finding": _gauss((h, w), h / 2, w / 2, h / 4),
+        crop=crop,
+        heatmaps={  # at the model's resolution: over the whole image, or over the lung crop
+            "Pneumothorax": HeatmapInfo(_gauss((64, 64), 20, 16, 8)),
+            "Pleural Effusion": HeatmapInfo(_gauss((320, 320), 224, 224, 32), crop),
+            "Edema": HeatmapInfo(_gauss((320, 320), 160, 160, 80), crop),
+            "No Finding": HeatmapInfo(_gauss((320, 320), 160, 160, 80), crop),
         },
     )
     args.update(kw)
@@ -260,3 +266,128 @@ def test_heat_maps_do_not_wash_over_the_image(data_dir: Path) -> None:
     assert key.shown == ["Pneumothorax", "Pleural Effusion", "No Finding"]
     strip = key.rgb[44 + int(rows * scale) :]
     assert strip.shape[0] > 100  # the thumbnails are there
+
+
+# --- issue 11: uint8 maps at the model's resolution, drawn at display size --------------------
+
+
+def _strip_thumb(key_rgb: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The first thumbnail of the strip (a one-finding strip: 320 px wide, label row below)."""
+    th = int(round(320 * shape[0] / shape[1]))
+    return key_rgb[-(th + 30) : -30, :320]
+
+
+def _coloured(rgb: np.ndarray, tol: int = 12) -> np.ndarray:
+    px = rgb.astype(np.int16)
+    return (np.abs(px[..., 0] - px[..., 1]) > tol) | (np.abs(px[..., 1] - px[..., 2]) > tol)
+
+
+@pytest.mark.parametrize("box_at", [(0.05, 0.1), (0.45, 0.4)])
+def test_heat_map_is_drawn_where_it_is_hot(data_dir: Path, box_at: tuple[float, float]) -> None:
+    """A 320 px map over a box of the frontal image is coloured in its thumbnail around the
+    map's hot spot, placed by the box (the map is upsampled straight to display size), and the
+    thumbnail stays grey away from it."""
+    base = _input(data_dir / "RG1_UNCR.dcm", lung_mask=None, crop=None)
+    h, w = base.image.shape
+    fx, fy = box_at
+    box = CropInfo(int(w * fx), int(h * fy), int(w * (fx + 0.5)), int(h * (fy + 0.5)))
+    # hot at a quarter across and three quarters down the box
+    values = _gauss((320, 320), 240, 80, 20)
+    inp = _input(
+        data_dir / "RG1_UNCR.dcm",
+        lung_mask=None,
+        crop=None,
+        findings=[FindingResult("Pneumothorax", 0.9, 0.5)],
+        heatmaps={"Pneumothorax": HeatmapInfo(values, box)},
+    )
+    key = build_key_image(inp)
+    assert key.shown == ["Pneumothorax"]
+    thumb = _strip_thumb(key.rgb, (h, w))
+    inner = _coloured(thumb)[4:-4, 4:-4]  # without the finding's coloured frame
+    ys, xs = np.nonzero(inner)
+    assert len(ys) > 50, "no colour in the thumbnail"
+    sx, sy = 320 / w, thumb.shape[0] / h
+    hot_x = (box.x0 + 0.25 * (box.x1 - box.x0)) * sx - 4
+    hot_y = (box.y0 + 0.75 * (box.y1 - box.y0)) * sy - 4
+    assert abs(xs.mean() - hot_x) < 4 and abs(ys.mean() - hot_y) < 4, (xs.mean(), ys.mean())
+    # everything coloured lies inside the box, and JET's hot end (red) sits at the peak
+    assert xs.min() >= box.x0 * sx - 5 and xs.max() <= box.x1 * sx and ys.max() <= box.y1 * sy
+    peak = thumb[int(round(hot_y)) + 4, int(round(hot_x)) + 4].astype(int)
+    assert peak[0] - peak[2] > 40, peak
+
+
+def test_heat_map_contract_is_uint8_with_its_box(data_dir: Path) -> None:
+    with pytest.raises(TypeError, match="2-D uint8"):
+        HeatmapInfo(np.ones((8, 8), np.float32))
+    with pytest.raises(TypeError, match="2-D uint8"):
+        HeatmapInfo(np.ones((2, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match="empty"):
+        HeatmapInfo(np.ones((8, 8), np.uint8), CropInfo(5, 5, 5, 9))
+    with pytest.raises(TypeError, match=r"heatmaps\['Edema'\] must be a HeatmapInfo"):
+        _input(data_dir / "RG1_UNCR.dcm", heatmaps={"Edema": np.ones((8, 8), np.float32)})
+
+
+def test_hot_region_at_model_resolution_matches_the_full_frame(data_dir: Path) -> None:
+    """The box found on the 320 px map and placed by its crop is the one the full-resolution
+    float copy gave before (within one model pixel)."""
+    shape = (1955, 1841)
+    crop = CropInfo(180, 320, 1660, 1630)
+    values = _gauss((320, 320), 100, 210, 25)
+    heat = HeatmapInfo(values, crop)
+    small = heat.hot_region(shape)
+    full = np.zeros(shape, np.float32)
+    full[crop.y0 : crop.y1, crop.x0 : crop.x1] = cv2.resize(
+        values.astype(np.float32) / 255, (crop.x1 - crop.x0, crop.y1 - crop.y0)
+    )
+    old = derived.hot_region(full, shape)
+    assert small is not None and old is not None
+    px = max((crop.x1 - crop.x0) / 320, (crop.y1 - crop.y0) / 320)
+    for a, b in zip(
+        (small.x0, small.y0, small.x1, small.y1), (old.x0, old.y0, old.x1, old.y1), strict=True
+    ):
+        assert abs(a - b) <= px + 1, (small, old)
+    assert HeatmapInfo(np.zeros((32, 32), np.uint8), crop).hot_region(shape) is None  # flat
+
+
+def test_display_size_radiograph_from_float_or_uint8(data_dir: Path) -> None:
+    """The radiograph is shown at display size (longest side 1024) as the area-average of the
+    full image, whether it comes as float [0, 1] or uint8; the panel sits beside it."""
+    inp = _input(data_dir / "RG1_UNCR.dcm", lung_mask=None, crop=None, heatmaps={})
+    h0, w0 = inp.image.shape
+    s = 1024 / max(h0, w0)
+    w, h = round(w0 * s), round(h0 * s)
+    key = build_key_image(inp)
+    assert key.rgb.shape == (44 + h, w + max(560, int(w * 0.6)), 3)
+    assert (key.dataset.Rows, key.dataset.Columns) == key.rgb.shape[:2]
+    main = key.rgb[44 : 44 + h, :w].astype(np.int16)
+    want = cv2.resize(inp.image, (w, h), interpolation=cv2.INTER_AREA) * 255
+    grey = ~_coloured(key.rgb[44 : 44 + h, :w], 0)
+    assert grey.mean() > 0.9
+    assert np.abs(main[..., 1][grey] - want[grey]).mean() < 1.0
+    as_uint8 = np.round(inp.image * 255).astype(np.uint8)
+    key8 = build_key_image(_input(data_dir / "RG1_UNCR.dcm", lung_mask=None, crop=None,
+                                  heatmaps={}, image=as_uint8))  # fmt: skip
+    assert key8.rgb.shape == key.rgb.shape
+    assert np.abs(key8.rgb.astype(np.int16) - key.rgb).max() <= 2
+
+
+@pytest.mark.parametrize("deflate", ["zlib", "isal"])
+def test_png_round_trips(deflate: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zlib
+
+    from dicom_node import key_image
+
+    if deflate == "isal":
+        isal_zlib = pytest.importorskip("isal.isal_zlib")
+        monkeypatch.setattr(key_image, "_deflate", lambda d: bytes(isal_zlib.compress(d, 1)))
+    else:
+        monkeypatch.setattr(key_image, "_deflate", lambda d: zlib.compress(d, 1))
+    rng = np.random.default_rng(4)
+    for shape in [(1, 1, 3), (7, 13, 3), (301, 211, 3)]:
+        rgb = rng.integers(0, 256, shape, dtype=np.uint8)
+        rgb[: shape[0] // 2] = 24  # a flat panel-like part as well as noise
+        png = encode_png(rgb)
+        back = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(cv2.cvtColor(back, cv2.COLOR_BGR2RGB), rgb)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(np.zeros((4, 4), np.uint8))

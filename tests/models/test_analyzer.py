@@ -91,8 +91,14 @@ def test_analyse_batch_with_and_without_lateral(cfg: ModelsConfig) -> None:
     assert nf.probability == pytest.approx(1 - a.model1.probability, abs=1e-6)
     # Grad-CAM for positive findings only (No Finding is not localised), in the frontal's frame
     assert set(a.heatmaps) == {"Cardiomegaly"}
+    # uint8 at Model 2's input resolution, placed by the box it saw (issue 11: no float32 copy
+    # at the frontal's resolution)
     hm = a.heatmaps["Cardiomegaly"]
-    assert hm.shape == (120, 100) and hm.dtype == np.float32 and 0 <= hm.min() and hm.max() <= 1
+    assert isinstance(an, Analyzer)
+    size = an.model2.card.input_size
+    assert hm.values.shape == (size, size) and hm.values.dtype == np.uint8
+    assert hm.values.max() in (0, 255) and hm.values.min() == 0  # stretched, or flat (all 0)
+    assert hm.box == a.lung_mask.crop  # the lung crop the model saw
     assert a.lung_mask.mask.shape == (120, 100)
     assert {m.name for m in a.models} >= {"lung_mask", "model1", "model2"}
     assert {"lung_mask", "model1", "model2", "gradcam"} <= set(a.timings_ms)

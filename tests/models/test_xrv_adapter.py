@@ -107,10 +107,8 @@ def test_adapter_with_operating_thresholds_drops_untrained_outputs(
     ours = clf.predict([img])[0]
     assert ours == pytest.approx([ref[10], ref[0], ref[7]], abs=1e-4)
     cams = clf.heatmaps(img, None, ["Cardiomegaly"])
-    assert (
-        cams["Cardiomegaly"].shape == (224, 224)
-        and 0 <= cams["Cardiomegaly"].min() <= cams["Cardiomegaly"].max() <= 1
-    )
+    cam = cams["Cardiomegaly"]
+    assert cam.shape == (224, 224) and cam.dtype == np.uint8 and cam.max() == 255
 
 
 def test_sidecar_names_outputs(tmp_path: Path, xrv_model: torch.nn.Module) -> None:

@@ -26,6 +26,7 @@ from models.api import (
     CardiothoracicRatio,
     CropBox,
     Finding,
+    Heatmap,
     LineSegment,
     LungMaskResult,
     MaskQuality,
@@ -41,8 +42,10 @@ THRESHOLDS = [0.50, 0.60, 0.45, 0.40, 0.55, 0.30]
 
 
 def _blob(shape: tuple[int, int], cy: float, cx: float, s: float) -> np.ndarray:
+    """A Grad-CAM-like map: uint8, 255 at (cy, cx)."""
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
-    return np.exp(-(((yy - cy) / s) ** 2 + ((xx - cx) / s) ** 2)).astype(np.float32)
+    g = np.exp(-(((yy - cy) / s) ** 2 + ((xx - cx) / s) ** 2))
+    return np.asarray(np.round(255 * g / g.max()), dtype=np.uint8)
 
 
 @pytest.fixture
@@ -71,10 +74,12 @@ def result(data_dir: Path) -> StudyResult:
         lateral_view=None,
     )
     model2 = [Finding(lbl, p, t) for lbl, p, t in zip(LABELS, PROBS, THRESHOLDS, strict=True)]
+    # at the model's resolution, each over the box of the frontal image the model saw
+    left, right = CropBox(0, 0, w // 2, h), CropBox(w // 4, h // 2, w, h)
     heat = {
-        "Cardiomegaly": _blob((64, 64), 40, 32, 9),  # low resolution, like a Grad-CAM map
-        "Pneumothorax": _blob((h, w), h * 0.3, w * 0.3, h / 12),
-        "Pleural Effusion": _blob((h, w), h * 0.7, w * 0.75, h / 14),
+        "Cardiomegaly": Heatmap(_blob((64, 64), 40, 32, 9), CropBox(0, 0, w, h)),
+        "Pneumothorax": Heatmap(_blob((320, 160), 320 * 0.3, 160 * 0.6, 320 / 12), left),
+        "Pleural Effusion": Heatmap(_blob((160, 240), 160 * 0.4, 240 * 2 / 3, 160 / 7), right),
     }
     analysis = StudyAnalysis(
         key="7",
@@ -159,3 +164,27 @@ def test_uninterpretable_ratio_is_reported_as_such(result: StudyResult) -> None:
     line = "Cardiothoracic ratio not reported: AP film."
     assert line in read_summary(build_report(report))
     assert line in key.dataset.ImageComments
+
+
+def test_regions_are_placed_by_the_maps_boxes(result: StudyResult) -> None:
+    """A model-resolution map marks its finding in the frontal image's pixels: around the hot
+    spot of the map, placed by the box the model saw (not in the map's own pixel grid)."""
+    h, w = result.prepared.frontal_pixels.shape
+    expect = {  # where each test map peaks, in frontal pixels
+        "Pneumothorax": (0.6 * (w // 2), 0.3 * h),
+        "Pleural Effusion": (w // 4 + (w - w // 4) * 2 / 3, h // 2 + (h - h // 2) * 0.4),
+        "Cardiomegaly": (32 / 64 * w, 40 / 64 * h),
+    }
+    for label, (cx, cy) in expect.items():
+        box = result.regions[label]
+        assert box.x0 < cx < box.x1 and box.y0 < cy < box.y1, (label, box, cx, cy)
+        assert (box.x1 - box.x0) < w / 3 and (box.y1 - box.y0) < h / 3, (label, box)
+    # the key image gets the same uint8 maps and boxes, never a full-resolution copy
+    key_in = result.key_image_input("2.25.1")
+    for label, heat in result.analysis.heatmaps.items():
+        mine = key_in.heatmaps[label]
+        assert mine.values is heat.values and mine.values.dtype == np.uint8
+        b = heat.box
+        assert mine.box is not None and (mine.box.x0, mine.box.y0, mine.box.x1, mine.box.y1) == (
+            b.x0, b.y0, b.x1, b.y1,
+        )  # fmt: skip
