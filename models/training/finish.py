@@ -10,15 +10,16 @@
         --out models/weights/model2.json --model1-out models/weights/model1.json
 
 Steps: the studies are read and split exactly as the pack was (same sources, seed and fractions;
-the pack's key hashes are checked against them). The fitted weights (``--weights``, default the
-winner's seed 0) are scored **through the serving path** (:class:`models.analyzer.Analyzer`:
-decode, lung mask, crop, resize, normalisation) with calibration switched off, giving raw logits
-per validation, test and CheXpert-test study. Platt scaling per label is fitted on the
-validation logits, thresholds are set there (pathologies at ``--specificity`` of validation
-negatives, No Finding at Youden's J, as :mod:`.train_model2`), test and CheXpert test are only
-measured. The cards, weights, split file and the derived Model 1 card are written with
-:func:`models.training.train_model2.write_cards`; then ``cxr-worker evaluate classifier`` is run
-on the card (held-out split, and CheXpert test) to write ``<card>.eval.json``,
+the pack's key hashes are checked against them). The fitted weights (``--weights``; default
+the winning candidate's run with the best validation score: seed 0 or the longer run) are
+scored **through the serving path** (:class:`models.analyzer.Analyzer`: decode, lung mask,
+crop, resize, normalisation) with calibration switched off, giving raw logits per validation,
+test and CheXpert-test study. Platt scaling per label is fitted on the validation logits,
+thresholds are set there (pathologies at ``--specificity`` of validation negatives, No Finding
+at Youden's J, as :mod:`.train_model2`), test and CheXpert test are only measured. The cards,
+weights, split file and the derived Model 1 card are written with
+:func:`models.training.train_model2.write_cards`; then ``cxr-worker evaluate classifier`` is
+run on the card (held-out split, and CheXpert test) to write ``<card>.eval.json``,
 ``<card>.eval_chexpert_test.json``, the ROC figures and the ``served_*`` card metrics.
 
 With ``--view-out`` the view classifier of the fit is scored on its held-out images and CheXpert
@@ -71,6 +72,22 @@ def served_logits(
     _, p2, failed = served_probabilities(analyzer, records)
     p = np.clip(p2.astype(np.float64), 1e-7, 1 - 1e-7)
     return np.log(p / (1 - p)).astype(np.float32), failed
+
+
+def pick_weights(fit_log: dict[str, Any], weights: str) -> dict[str, Any]:
+    """The fit-log run whose weights to ship: ``weights`` by file stem, or (``auto``) the run of
+    the winning candidate with weights and the best validation score."""
+    runs = [r for r in fit_log["runs"] if r.get("weights")]
+    if weights != "auto":
+        for r in runs:
+            if r["weights"] == weights:
+                return dict(r)
+        raise SystemExit(f"no run of the fit wrote weights {weights!r}")
+    winner = fit_log["selection"]["winner"]
+    mine = [r for r in runs if r["candidate"] == winner and r["complete"]]
+    if not mine:
+        raise SystemExit(f"the fit wrote no weights for its winner {winner}")
+    return dict(max(mine, key=lambda r: r["validation"].get("score") or 0.0))
 
 
 def check_pack(pack: dict[str, Any], parts: dict[str, list[StudyRecord]]) -> None:
@@ -335,12 +352,15 @@ def run(args: argparse.Namespace) -> int:
     parts = {k: labelled(v, "model2") for k, v in parts.items()}
     parts["chexpert_test"] = read_studies(chexpert_test=args.chexpert_test or [])
     check_pack(pack, parts)
+    if args.limit:  # debugging: the first studies of each scored split only
+        parts.update({k: parts[k][: args.limit] for k in SPLITS})
     winner = fit_log["selection"]["winner"]
     arch_name, size = winner.split(":")[0], int(winner.split(":")[1])
     arch = ARCHS[arch_name]
     from safetensors.torch import load_file
 
-    state = to_float(load_file(str(fit_dir / f"{args.weights}.safetensors")))
+    fitted = pick_weights(fit_log, args.weights)
+    state = to_float(load_file(str(fit_dir / f"{fitted['weights']}.safetensors")))
     net = MultiViewClassifier(len(labels), **arch)
     net.load_state_dict(state)
     norm = Normalisation(mean=0.5, std=0.25)
@@ -388,8 +408,6 @@ def run(args: argparse.Namespace) -> int:
     t_nf = youden_threshold(rv[keep, nf], pv[keep, nf]) if keep.any() else None
     if t_nf is not None:
         thresholds["No Finding"] = round(t_nf, 6)
-    seed = int(args.weights.rsplit("_s", 1)[-1])
-    fitted = next(r for r in fit_log["runs"] if r["candidate"] == winner and r["seed"] == seed)
     metrics: dict[str, Any] = {
         "train_loss_per_epoch": fitted["train_loss_per_epoch"],
         "train_seconds": fitted["train_seconds"],
@@ -425,7 +443,12 @@ def run(args: argparse.Namespace) -> int:
         "shift 6%, contrast/brightness 15%; no flips"
     )
     hp["input_size_choice"] = f"{size} px, chosen on validation (see metrics.design_measurements)"
-    hp["weights"] = f"{args.weights} of the fit (seed {seed})"
+    hp["epochs"] = fitted["epochs"]
+    hp["seed"] = fitted["seed"]
+    hp["weights"] = (
+        f"{fitted['weights']} of the fit ({fitted['epochs']} epochs, seed {fitted['seed']}; "
+        f"validation score {fitted['validation'].get('score')})"
+    )
     hp["trained_on"] = fit_log.get("device")
     card = base.model_copy(
         update={
@@ -479,7 +502,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--fit", type=Path, required=True, help="folder gpu_fit wrote")
-    extra.add_argument("--weights", default="model2_s0", help="weights file stem in --fit")
+    extra.add_argument(
+        "--weights",
+        default="auto",
+        help="weights file stem in --fit (auto: the winner's run with the best validation score)",
+    )
     extra.add_argument("--specificity", type=float, default=0.95)
     extra.add_argument("--version", default="3.0.0")
     extra.add_argument("--notes", default="")
@@ -490,6 +517,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     extra.add_argument("--view-notes", default="")
     extra.add_argument("--view-force", action="store_true", help="write it even if worse")
     extra.add_argument("--skip-evaluate", action="store_true")
+    extra.add_argument("--limit", type=int, default=0, help="debug: score N studies per split")
     extra.add_argument("--pack", type=Path, default=Path("var/pack/pack.npz"))
     known, rest = extra.parse_known_args(argv)
     args = pack_args(rest)

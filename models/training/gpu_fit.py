@@ -409,10 +409,20 @@ class Run:
     logits: dict[str, np.ndarray] = field(default_factory=dict)
     val: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    tag: str = ""  # "long": the winner trained longer
+    weights: str | None = None  # the safetensors file stem written for it
+
+    @property
+    def key(self) -> str:
+        """Unique per run: candidate, seed and tag (the logits' name in logits.npz)."""
+        return f"{self.name}/s{self.seed}{'-' + self.tag if self.tag else ''}"
 
     def summary(self) -> dict[str, Any]:
         return {
             "candidate": self.name,
+            "key": self.key,
+            "tag": self.tag,
+            "weights": self.weights,
             "arch": self.arch,
             "arch_params": ARCHS[self.arch],
             "input_size": self.size,
@@ -762,7 +772,7 @@ class Outputs:
         for r in runs:
             if not r.logits:
                 continue
-            tag = f"{r.name}/s{r.seed}"
+            tag = r.key
             names.append(tag)
             for split, lg in r.logits.items():
                 arrays[f"{tag}/{split}"] = lg.astype(np.float32)
@@ -805,7 +815,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cudnn-benchmark", action="store_true")
     p.add_argument("--epochs", type=int, default=0, help="fixed epoch count (skips the timing)")
     p.add_argument("--selection-share", type=float, default=0.5)
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the winner (ensemble) at most")
+    p.add_argument(
+        "--long-factor",
+        type=float,
+        default=2.0,
+        help="train the winner again for this many times the selection epochs (time allowing)",
+    )
+    p.add_argument(
+        "--seeds", type=int, default=1, help="seeds of the winner at the selection length"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -860,6 +878,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.view_epochs = min(args.view_epochs, 1)
         args.batch_size = min(args.batch_size, 16)
         args.seeds = min(args.seeds, 2)
+        args.long_factor = min(args.long_factor, 2.0)
     for a, _ in cands:
         if a not in ARCHS:
             raise SystemExit(f"unknown architecture {a!r}: one of {', '.join(ARCHS)}")
@@ -905,6 +924,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             epoch_s[(a, s)] = fitter.time_steps(a, s, args.time_steps)
             say(f"timing {a}:{s}: {epoch_s[(a, s)]:.2f} s per epoch")
         budget = (deadline - time.time() - args.reserve_s) * args.selection_share
+        first = cands[0]
         while cands:
             total = sum(epoch_s[c] for c in cands) * 1.1
             epochs = min(args.max_epochs, int(budget / total))
@@ -917,8 +937,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 break
             say(f"dropping candidate {cands[-1]}: {args.min_epochs} epochs of all do not fit")
             cands = cands[:-1]
-        if not cands:
-            raise SystemExit("no candidate fits the time budget")
+        if not cands:  # keep the first (the shipped kind) with what fits
+            cands = [first]
+            epochs = max(1, int(budget / (epoch_s[first] * 1.1)))
+            say(f"only {first} for {epochs} epochs fits the budget")
     else:
         epochs = args.epochs
     outs.log["selection"] = {
@@ -958,9 +980,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         (r.name, r.val["score"]) for r in sorted(done, key=lambda r: -r.val["score"])
     ]
     assert best.state is not None
-    outs.write_weights("model2_s0", half_state(best.state))
+    best.weights = "model2_s0"
+    outs.write_weights(best.weights, half_state(best.state))
+    outs.log["runs"] = [r.summary() for r in runs]
     others: dict[str, torch.Tensor] = {}
-    room = min(MAX_FILE_BYTES, MAX_OUT_BYTES - args.seeds * state_bytes(best.state) - 1_000_000)
+    winner_files = args.seeds + (1 if args.long_factor > 1 else 0)
+    room = min(MAX_FILE_BYTES, MAX_OUT_BYTES - winner_files * state_bytes(best.state) - 1_000_000)
     for r in sorted(done, key=lambda r: -r.val["score"]):
         if r is best or r.state is None:
             continue
@@ -973,20 +998,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     outs.write_log()
     say(f"winner {best.name} (score {best.val['score']}); seed 0 written")
 
-    # more seeds of the winner (ensemble) while the budget allows
+    # the winner again, trained longer (the serving code loads one network, so a longer run is
+    # worth more than an ensemble); then extra seeds at the selection length while time allows
+    per_epoch = best.seconds / max(len(best.losses), 1) * 1.1
+    left = deadline - args.reserve_s - time.time()
+    long_epochs = min(round(best.epochs * args.long_factor), int((left - 5) / per_epoch))
+    if args.long_factor > 1 and long_epochs >= best.epochs * 1.3:
+        run = Run(best.name, best.arch, best.size, 1, long_epochs, tag="long")
+        fitter.train(run, hard, log_every=max(1, long_epochs // 4))
+        runs.append(run)
+        if run.complete and run.state is not None:
+            run.weights = "model2_long"
+            outs.write_weights(run.weights, half_state(run.state))
+        say(f"{run.name} long ({long_epochs} epochs): val score {run.val.get('score')}")
+    else:
+        say(f"no long run: {left:.0f} s left allow {long_epochs} epochs")
+    outs.log["runs"] = [r.summary() for r in runs]
+    outs.write_logits(runs)
+    outs.write_log()
     seeds_done = [best]
-    per_run = best.seconds * 1.15 + 3
-    for seed in range(1, args.seeds):
+    for seed in range(2, args.seeds + 1):
         left = deadline - args.reserve_s - time.time()
-        if left < per_run:
-            say(f"no time for seed {seed} ({left:.0f} s left, a run takes ~{per_run:.0f} s)")
+        if left < best.seconds * 1.15 + 3:
+            say(f"no time for seed {seed} ({left:.0f} s left)")
             break
         run = Run(best.name, best.arch, best.size, seed, best.epochs)
         fitter.train(run, hard, log_every=max(1, best.epochs // 2))
         runs.append(run)
         if run.complete and run.state is not None:
             seeds_done.append(run)
-            outs.write_weights(f"model2_s{seed}", half_state(run.state))
+            run.weights = f"model2_s{seed}"
+            outs.write_weights(run.weights, half_state(run.state))
         outs.log["runs"] = [r.summary() for r in runs]
         say(f"{run.name} seed {seed}: val score {run.val.get('score')}")
         outs.write_logits(runs)
@@ -997,6 +1039,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "candidate": best.name,
             "seeds": [r.seed for r in seeds_done],
             "validation_mean_logits": scores(data.raw[data.rows("val")], mean_logits),
+            "note": "measured only: the serving code loads one network",
         }
         say(f"ensemble of {len(seeds_done)}: {outs.log['ensemble']['validation_mean_logits']}")
     outs.log["total_seconds"] = round(time.time() - t_start, 1)
