@@ -7,7 +7,12 @@
         --folder DATA/jsrt/labels.csv:DATA/jsrt:CXR_png/{id}.png \\
         --folder DATA/actualmed_partial/labels.csv:DATA/actualmed_partial \\
         --chexpert-test DATA/chexpert_sample --version 3.0.0 \\
-        --out models/weights/model2.json --model1-out models/weights/model1.json
+        --out models/weights/model2.json --model1-out models/weights/model1.json \\
+        --view-folder DATA/actualmed_partial/labels.csv:DATA/actualmed_partial \\
+        --view-folder DATA/frontal_small/labels.csv:DATA/frontal_small \\
+        --view-folder 'DATA/jsrt/labels.csv:DATA/jsrt/CXR_png:{id}.png' \\
+        --view-folder 'DATA/openist_normals/labels.csv:DATA/openist_normals:{id}.jpg' \\
+        --view-out models/weights/view_classifier.json --view-version 0.3.0
 
 Steps: the studies are read and split exactly as the pack was (same sources, seed and fractions;
 the pack's key hashes are checked against them). The fitted weights (``--weights``; default

@@ -21,7 +21,10 @@ Steps, all on the device:
    budget (candidates at the end of the list are dropped if even ``--min-epochs`` do not fit).
    Each is trained E epochs with seed 0 and scored on the validation split (never the test
    split): the score is the mean of the 5-label competition AUROC and Model 1's AUROC.
-4. The winner is trained with more seeds (same E) while the budget allows, for an ensemble.
+4. The winner is trained again (seed 1) for ``--long-factor`` times E epochs, as far as the
+   budget allows: the serving code loads one network, so a longer run is worth more than an
+   ensemble (``--seeds`` > 1 adds seeds at E epochs, measured as an ensemble only).
+   :mod:`.finish` ships whichever of the winner's runs scores best on validation.
 
 Training: GPU augmentation per image (gamma exp(U(-0.3, 0.3)), rotation +-10 deg, zoom +-10%,
 shift +-6% with affine_grid/grid_sample, contrast/brightness +-15%; never a flip), lateral
@@ -29,13 +32,13 @@ dropout 0.3, masked BCE over the 14 labels under the uncertainty policy (u-ignor
 and blank labels are out of the loss), AdamW + one-cycle, bf16 autocast and channels-last on
 CUDA. Frontal and lateral images of a batch go through the shared backbone in one pass.
 
-Outputs under ``--out`` (at most 7 files, each < 16 MB): ``fit_log.json`` (every run's
-validation metrics, epochs/s, losses, the choice), ``logits.npz`` (val / test / chexpert_test
-logits of every run with the pack's key hashes, and the view classifier's probabilities),
-``model2_s<seed>.safetensors`` (the winner, float16), ``candidates.safetensors`` (other
-candidates' seed-0 weights as fit, keys prefixed ``<candidate>/``),
-``view_classifier.safetensors`` and ``fit.log``. Files are rewritten as runs finish, so a run
-cut short still leaves its finished results.
+Outputs under ``--out`` (7 files, each < 16 MB, about 45 MB at most): ``fit_log.json`` (every
+run's validation metrics and curve, epochs/s, images/s, losses, the choice), ``logits.npz``
+(val / test / chexpert_test logits of every run with the pack's key hashes and raw labels, and
+the view classifier's probabilities), ``model2_s0.safetensors`` and ``model2_long.safetensors``
+(the winner, float16), ``candidates.safetensors`` (other candidates' seed-0 weights as fit
+in 15 MB, keys prefixed ``<candidate>/``), ``view_classifier.safetensors`` and ``fit.log``.
+Files are rewritten as runs finish, so a run cut short still leaves its finished results.
 """
 
 from __future__ import annotations
