@@ -82,6 +82,15 @@ class WorkerSection(BaseModel):
     finish_workers: int | None = Field(
         None, ge=1, le=64, description="Report/key image/write threads; null: from the CPU cores"
     )
+    processes: int | Literal["auto"] = Field(
+        1,
+        description=(
+            "Worker processes (worker.processes): each runs its own queue connection, models and "
+            "worker loop on the same database and device, so the Python work of several studies "
+            "runs on several cores at once; auto: on CUDA min(cores // 2, 8), on the CPU one "
+            "per core; 1: the worker loop runs inside the serve process (no children)"
+        ),
+    )
     max_inflight_batches: int = Field(
         3,
         ge=2,
@@ -91,6 +100,23 @@ class WorkerSection(BaseModel):
             "bounds memory: about this many batches' images are held"
         ),
     )
+
+    @field_validator("processes")
+    @classmethod
+    def _processes_range(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 64:
+            raise ValueError("must be 'auto' or a whole number from 1 to 64")
+        return v
+
+    def process_count(self, *, cuda: bool) -> int:
+        """How many worker processes ``serve`` runs: ``processes``, or for ``auto`` half the
+        cores (at most 8) on CUDA, where the device does the models' work and each process
+        mostly feeds it (and holds its own copy of the models in device memory), and one per
+        core on the CPU."""
+        if self.processes != "auto":
+            return int(self.processes)
+        cores = cpu_count()
+        return max(1, min(cores // 2, 8)) if cuda else cores
 
     def workers(self) -> tuple[int, int]:
         """``(prepare_workers, finish_workers)``, from the cores this process may use where not

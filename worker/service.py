@@ -16,6 +16,7 @@ from db.queue import Queue
 from .config import AppConfig, device_info
 from .health import Check, CheckFn, HealthServer, database_check, storage_check
 from .metrics import Metrics
+from .processes import cuda_present
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from dicom_node.scp import StorageSCP
 
     from .loop import BatchProcessor, WorkerLoop
+    from .processes import WorkerProcesses
     from .stages import StagedPipeline
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,11 @@ Role = Literal["all", "scp", "worker"]
 
 class Service:
     """One ``serve`` process. Role ``all``: SCP, scheduler and worker loop together; ``scp`` or
-    ``worker`` run one side each, to scale out (the scheduler runs in both, jobs per role)."""
+    ``worker`` run one side each, to scale out (the scheduler runs in both, jobs per role).
+
+    The worker side runs in this process (``worker.processes: 1``) or in N worker processes
+    that this one starts, watches and stops (:mod:`worker.processes`); the SCP, the scheduler
+    and the health endpoint always stay here."""
 
     def __init__(self, cfg: AppConfig, role: Role = "all") -> None:
         self.cfg = cfg
@@ -45,6 +51,8 @@ class Service:
         self.processor: BatchProcessor | None = None
         self.staged: StagedPipeline | None = None  # the processor, when worker.overlap is on
         self._loop_thread: threading.Thread | None = None
+        #: the worker processes, when worker.processes is more than 1 (no loop here then)
+        self.workers: WorkerProcesses | None = None
         disks = {"storage": cfg.dicom.storage_dir}
         if cfg.results_dir is not None:
             disks["results"] = cfg.results_dir
@@ -70,9 +78,10 @@ class Service:
             self.stop()
             raise
         log.info(
-            "service started (role %s, worker %s, database %s)",
+            "service started (role %s, worker %s, %s, database %s)",
             self.role,
             cfg.worker.name,
+            f"{self.workers.count} worker processes" if self.workers else "worker loop in process",
             safe_url(cfg.queue.database_url),
         )
 
@@ -88,19 +97,12 @@ class Service:
         self._check("database", partial(database_check, queue.ping))
         if self.role in ("all", "worker"):
             self._check("models", lambda: Check(False, "loading the models"))
-            from .loop import WorkerLoop
-            from .pipeline import Pipeline
-
-            pipeline = Pipeline.from_config(cfg, queue)
-            pipeline.observer = self.metrics
-            self.loop = WorkerLoop(
-                queue,
-                pipeline,
-                worker_id=cfg.worker.name,
-                batch_size=cfg.worker.batch_size,
-                poll_interval=cfg.worker.poll_interval_seconds,
-                heartbeat_interval=cfg.queue.heartbeat_seconds,
-            )
+            auto = cfg.worker.processes == "auto"  # torch is imported here only then
+            count = cfg.worker.process_count(cuda=auto and cuda_present(cfg))
+            if count > 1:
+                self._start_processes(count)
+            else:
+                self._start_loop(queue)
             self._check("models", self._models_check)
         if self.role in ("all", "scp"):
             from dicom_node.scp import StorageSCP
@@ -127,11 +129,46 @@ class Service:
             )
             self._loop_thread.start()
 
+    def _start_loop(self, queue: Queue) -> None:
+        """The worker loop in this process (``worker.processes: 1``), around the overlapped
+        pipeline when ``worker.overlap`` is on."""
+        cfg = self.cfg
+        from .loop import WorkerLoop
+        from .pipeline import Pipeline
+
+        pipeline = Pipeline.from_config(cfg, queue)
+        pipeline.observer = self.metrics
+        self.processor = pipeline
+        if cfg.worker.overlap:
+            from .stages import StagedPipeline
+
+            self.staged = self.processor = StagedPipeline(pipeline)
+        self.loop = WorkerLoop(
+            queue,
+            self.processor,
+            worker_id=cfg.worker.name,
+            batch_size=cfg.worker.batch_size,
+            poll_interval=cfg.worker.poll_interval_seconds,
+            heartbeat_interval=cfg.queue.heartbeat_seconds,
+        )
+
+    def _start_processes(self, count: int) -> None:
+        """``count`` worker processes (:mod:`worker.processes`); returns once each has loaded
+        its models."""
+        from .processes import WorkerProcesses
+
+        self.workers = WorkerProcesses(self.cfg, count, observer=self.metrics)
+        self.workers.start()
+
     def _check(self, name: str, fn: CheckFn) -> None:
         if self.health is not None:
             self.health.checks[name] = fn
 
     def _models_check(self) -> Check:
+        if self.workers is not None:
+            ready, wanted = self.workers.running()
+            detail = f"{ready} of {wanted} worker processes running with their models loaded"
+            return Check(ready == wanted, detail)
         if self.loop is None:
             return Check(False, "no worker loop")
         thread = self._loop_thread
@@ -150,6 +187,9 @@ class Service:
         log.info("stopping")
         if self.scp is not None:
             self.scp.stop()  # stop accepting first: nothing half-received is acknowledged
+        if self.workers is not None:
+            # each child stops claiming and drains its batches in flight; then by PID
+            self.workers.stop(timeout=self.cfg.worker.study_timeout_seconds)
         if self.loop is not None:
             self.loop.stop()
         if self._loop_thread is not None:
