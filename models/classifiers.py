@@ -27,7 +27,7 @@ from torchvision.models import DenseNet
 
 from models.common import channels_last, compile_module, device_images, resize_on_device
 from models.config import InferenceConfig
-from models.registry import ModelCard, ModelLoadError, load_state, load_weights, read_card
+from models.registry import ModelCard, ModelLoadError, load_member_weights, load_state, read_card
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,30 @@ class MultiViewClassifier(nn.Module):
         return self.fuse(self.pool(self.feature_map(frontal)), lateral, lateral_present)
 
 
+class LogitMean(nn.Module):
+    """An ensemble of :class:`MultiViewClassifier` s (a card with ``members``): the same inputs
+    go through every member and the output is the mean of their raw logits (float32);
+    calibration is applied to that mean (:func:`calibrated`)."""
+
+    def __init__(self, members: list[MultiViewClassifier]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def nets(self) -> list[MultiViewClassifier]:
+        return [m for m in self.members if isinstance(m, MultiViewClassifier)]
+
+    def forward(
+        self,
+        frontal: torch.Tensor,
+        lateral: torch.Tensor | None = None,
+        lateral_present: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        outs = [m(frontal, lateral, lateral_present).float() for m in self.members]
+        return torch.stack(outs).mean(dim=0)
+
+
 def arch_kwargs(card: ModelCard) -> dict[str, Any]:
     hp = card.hyperparameters
     return {k: hp.get(k, v) for k, v in DENSENET121.items()}
@@ -143,18 +167,25 @@ def derived_from(card: ModelCard) -> str | None:
 
 def load_classifier(
     card_path: Path, device: torch.device | str = "cpu"
-) -> tuple[ModelCard, MultiViewClassifier]:
-    """Load a classifier from its card (SHA-256 checked), in eval mode on ``device``.
+) -> tuple[ModelCard, MultiViewClassifier | LogitMean]:
+    """Load a classifier from its card (SHA-256 checked), in eval mode on ``device``: its
+    network, or for an ensemble card (``members``) a :class:`LogitMean` of the members (each
+    file's SHA-256 checked).
 
     A derived card (Model 1 = 1 - P(No Finding) of Model 2) has no network of its own: the
     card and network it is derived from are returned."""
     src = derived_from(read_card(Path(card_path)))
     if src is not None:
         card_path = Path(card_path).parent / src
-    card, state = load_weights(Path(card_path))
-    model = build_classifier(card)
-    load_state(model, state, card_path)
-    return card, model.to(device).eval()
+    card, states = load_member_weights(Path(card_path))
+    nets = []
+    for state in states:
+        model = build_classifier(card)
+        load_state(model, state, card_path)
+        nets.append(model.to(device).eval())
+    if not card.members:
+        return card, nets[0]
+    return card, LogitMean(nets).to(device).eval()
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -236,17 +267,25 @@ def validate_image(image: np.ndarray, what: str) -> np.ndarray:
 class Classifier:
     """A loaded Model 1 / Model 2 ready for inference on numpy images (models.api contract).
 
-    ``predict`` returns sigmoid probabilities in the card's label order; ``heatmaps`` gives
-    Grad-CAM maps, uint8 0..255 at the network's input resolution, for the named labels."""
+    ``predict`` returns calibrated probabilities in the card's label order; ``heatmaps`` gives
+    Grad-CAM maps, uint8 0..255 at the network's input resolution, for the named labels.
+
+    ``net`` is one network or a :class:`LogitMean` ensemble: the batch is prepared once and run
+    through every member (one forward of the ensemble module, compiled as a whole when
+    ``models.inference.compile`` is on), the raw logits are averaged, then calibrated."""
 
     uses_lateral = True
 
     def __init__(
-        self, card: ModelCard, net: MultiViewClassifier, device: torch.device | str = "cpu"
+        self,
+        card: ModelCard,
+        net: MultiViewClassifier | LogitMean,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.card = card
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
+        self.members = net.nets() if isinstance(net, LogitMean) else [net]
         self.channels_last = False
         self._forward: Callable[..., torch.Tensor] = self.net
 
@@ -307,10 +346,23 @@ class Classifier:
 
         idx = [self.card.labels.index(lab) for lab in labels]
         f, lat, present = self._inputs([frontal], [lateral])
-        cams = grad_cam(
-            self.net.feature_map, lambda fm: self.net.fuse(self.net.pool(fm), lat, present), f, idx
-        )
+
+        def head(net: MultiViewClassifier) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda fm: net.fuse(net.pool(fm), lat, present)
+
+        maps = [grad_cam(net.feature_map, head(net), f, idx) for net in self.members]
+        cams = maps[0] if len(maps) == 1 else mean_cams(maps)
         return dict(zip(labels, cams, strict=True))
+
+
+def mean_cams(maps: list[np.ndarray]) -> np.ndarray:
+    """An ensemble's Grad-CAM: the mean of its members' uint8 maps (K, H, W), stretched again to
+    0..255 per map as :func:`models.gradcam.grad_cam` does (all 0 where the mean is flat)."""
+    mean = np.mean(np.stack(maps).astype(np.float32), axis=0)
+    lo = mean.min(axis=(1, 2), keepdims=True)
+    span = mean.max(axis=(1, 2), keepdims=True) - lo
+    out = np.where(span > 0, (mean - lo) * 255.0 / np.maximum(span, 1e-12), 0.0)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 NO_FINDING = "No Finding"
