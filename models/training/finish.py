@@ -27,6 +27,15 @@ weights, split file and the derived Model 1 card are written with
 run on the card (held-out split, and CheXpert test) to write ``<card>.eval.json``,
 ``<card>.eval_chexpert_test.json``, the ROC figures and the ``served_*`` card metrics.
 
+With ``--member CARD`` (given two or more times) the shipped model is an **ensemble** of those
+one-network Model 2 cards instead of the fit's weights (same architecture, input size,
+normalisation and labels, checked): the ensemble's logits are the mean of the members' raw
+logits through the serving path (:class:`models.classifiers.LogitMean`), Platt scaling and
+thresholds are fitted to that mean on validation as above, every member and the ensemble are
+scored on validation (``metrics.ensemble_selection``), and the card lists the members (each
+weights file copied byte for byte as ``<out stem>.member<i>.safetensors`` with its SHA-256, the
+machine it was trained on and how). The fit folder still supplies the design measurements.
+
 With ``--view-out`` the view classifier of the fit is scored on its held-out images and CheXpert
 test (whole images through :class:`models.view_classifier.ViewClassifier`) and its card written.
 """
@@ -46,8 +55,18 @@ import numpy as np
 import torch
 
 from models.classifiers import ARCHITECTURE, MultiViewClassifier
-from models.labels import OBSERVATIONS
-from models.registry import ModelCard, Normalisation, read_card, save_model, to_float
+from models.labels import COMPETITION, OBSERVATIONS
+from models.registry import (
+    Member,
+    ModelCard,
+    Normalisation,
+    load_member_weights,
+    read_card,
+    save_ensemble,
+    save_model,
+    sha256_file,
+    to_float,
+)
 from models.training.calibration import (
     apply_platt,
     fit_platt,
@@ -77,6 +96,159 @@ def served_logits(
     _, p2, failed = served_probabilities(analyzer, records)
     p = np.clip(p2.astype(np.float64), 1e-7, 1 - 1e-7)
     return np.log(p / (1 - p)).astype(np.float32), failed
+
+
+#: what a member card's hyperparameters say about how it was trained (kept per member)
+MEMBER_TRAINING = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "uncertainty",
+    "augment",
+    "lateral_dropout",
+    "seed",
+    "init_from",
+)
+ARCH_KEYS = ("growth_rate", "block_config", "num_init_features")
+
+
+def read_members(cards: Sequence[Path], out: Path) -> list[tuple[Path, ModelCard, Member]]:
+    """The ensemble's members from one-network Model 2 cards (SHA-256 checked): each member's
+    weights file, card, and :class:`Member` entry (file name ``<out stem>.member<i>``)."""
+    found: list[tuple[Path, ModelCard, Member]] = []
+    for i, path in enumerate(cards):
+        card, _ = load_member_weights(path)
+        if card.members:
+            raise SystemExit(f"--member {path} is itself an ensemble; give one-network cards")
+        first = found[0][1] if found else card
+        same = (
+            card.architecture == first.architecture
+            and card.input_size == first.input_size
+            and card.normalisation == first.normalisation
+            and card.labels == first.labels
+            and all(card.hyperparameters.get(k) == first.hyperparameters.get(k) for k in ARCH_KEYS)
+            and card.hyperparameters.get("input_crop") == first.hyperparameters.get("input_crop")
+        )
+        if not same:
+            raise SystemExit(
+                f"--member {path} differs from {cards[0]} in architecture, input, "
+                "normalisation, labels or crop: members must be the same network shape"
+            )
+        hp, m = card.hyperparameters, card.metrics
+        trained_on = str(hp.get("trained_on") or m.get("device") or "")
+        how = ", ".join(f"{k} {hp[k]}" for k in MEMBER_TRAINING if hp.get(k) is not None)
+        desc = (
+            f"{card.name} {card.version} (weights sha256 {card.sha256[:12]}): {how}; "
+            f"{m.get('machine', '')}; {m.get('train_seconds')} s training"
+        )
+        member = Member(
+            weights_file=f"{out.stem}.member{i}.safetensors",
+            sha256=card.sha256,
+            trained_on=trained_on,
+            description=desc,
+        )
+        found.append((path.parent / card.weights_file, card, member))
+    return found
+
+
+def selection_figures(labels: Sequence[str], raw: np.ndarray, logits: np.ndarray) -> dict[str, Any]:
+    """The fit's selection rule on one set of logits: 5-label competition mean AUROC, Model 1
+    AUROC (of 1 - No Finding), the mean over all labels, and score = mean of the first two."""
+    from sklearn.metrics import roc_auc_score
+
+    per: dict[str, float] = {}
+    for j, lab in enumerate(labels):
+        keep = ((raw[:, j] == 0) | (raw[:, j] == 1)) & ~np.isnan(logits[:, j])
+        y = raw[keep, j]
+        if keep.any() and 0 < y.sum() < len(y):
+            per[lab] = float(roc_auc_score(y, logits[keep, j]))
+    c5 = float(np.mean([per[c] for c in COMPETITION if c in per]))
+    m1 = per.get("No Finding", float("nan"))  # AUROC is the same for 1 - P and for labels 1 - y
+    return {
+        "competition5_mean_auroc": round(c5, 4),
+        "model1_auroc": round(m1, 4),
+        "mean_auroc_all_labels": round(float(np.mean(list(per.values()))), 4),
+        "support_devices_auroc": round(per["Support Devices"], 4)
+        if "Support Devices" in per
+        else None,
+        "score": round((c5 + m1) / 2, 4),
+    }
+
+
+def member_logits(
+    members: list[tuple[Path, ModelCard, Member]],
+    base: ModelCard,
+    records: Sequence[StudyRecord],
+    args: argparse.Namespace,
+    tmp: Path,
+) -> list[np.ndarray]:
+    """Each member's own raw logits on ``records`` through the serving path (uncalibrated
+    one-network cards in ``tmp``)."""
+    out = []
+    for i, (src, _, _) in enumerate(members):
+        path = tmp / f"member{i}.json"
+        dst = tmp / f"member{i}.safetensors"
+        dst.write_bytes(src.read_bytes())
+        single = base.model_copy(
+            update={"weights_file": dst.name, "sha256": sha256_file(dst), "members": []}
+        )
+        path.write_text(json.dumps(single.model_dump(), indent=2) + "\n", encoding="utf-8")
+        out.append(served_logits(path, records, args.lung_mask, args.crop_margin)[0])
+    return out
+
+
+def ensemble_metrics(
+    members: list[tuple[Path, ModelCard, Member]],
+    own: list[np.ndarray],
+    labels: Sequence[str],
+    raw_val: np.ndarray,
+    logits_val: np.ndarray,
+    ok_val: np.ndarray,
+) -> dict[str, Any]:
+    """The card's training record of an ensemble: each member's (from its card) and the
+    validation selection figures of every member and of the ensemble (served path)."""
+    figures = {
+        m.weights_file: selection_figures(labels, raw_val, lg[ok_val])
+        for (_, _, m), lg in zip(members, own, strict=True)
+    }
+    ens = selection_figures(labels, raw_val, logits_val)
+    best = max(v["score"] for v in figures.values())
+    if ens["score"] <= best:
+        log.warning("the ensemble (%.4f) does not beat its best member (%.4f)", ens["score"], best)
+    return {
+        "device": "ensemble: "
+        + "; ".join(f"{m.weights_file} on {m.trained_on}" for *_, m in members),
+        "machine": "members trained as listed in members / hyperparameters.ensemble; logits "
+        "averaged, calibrated and evaluated on the CPU",
+        "members": {
+            m.weights_file: {
+                "from_card": f"{c.name} {c.version}",
+                "sha256": m.sha256,
+                "trained_on": m.trained_on,
+                "machine": c.metrics.get("machine"),
+                "train_seconds": c.metrics.get("train_seconds"),
+                "train_loss_per_epoch": c.metrics.get("train_loss_per_epoch"),
+            }
+            for _, c, m in members
+        },
+        "ensemble_selection": {
+            "rule": "validation split only (served path): score = mean of the 5-label "
+            "competition AUROC and Model 1 AUROC; the test split is never used to choose",
+            "members": figures,
+            "ensemble_mean_logits": ens,
+        },
+    }
+
+
+def members_note(members: list[tuple[Path, ModelCard, Member]]) -> str:
+    """The card notes' sentence naming the members."""
+    parts = [f"member {i} ({m.weights_file}): {m.description}" for i, (*_, m) in enumerate(members)]
+    return (
+        f"Ensemble of {len(members)} networks of the same shape: the served logits are the mean "
+        "of the members' raw logits, calibrated by this card's Platt scaling; the card's sha256 "
+        "is the SHA-256 of the members' SHA-256s (one per line). " + "; ".join(parts) + "."
+    )
 
 
 def pick_weights(fit_log: dict[str, Any], weights: str) -> dict[str, Any]:
@@ -343,7 +515,13 @@ def run_evaluate(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from models.training.datasets.sources import patient_split3, read_studies, studies_from_args
     from models.training.studies import labelled
-    from models.training.train_model2 import CONSISTENCY_RULE, hyperparameters, write_cards
+    from models.training.train_model2 import (
+        CONSISTENCY_RULE,
+        hyperparameters,
+        write_cards,
+        write_model1,
+        write_split,
+    )
 
     t0 = time.time()
     if args.threads:
@@ -364,11 +542,21 @@ def run(args: argparse.Namespace) -> int:
     arch = ARCHS[arch_name]
     from safetensors.torch import load_file
 
-    fitted = pick_weights(fit_log, args.weights)
-    state = to_float(load_file(str(fit_dir / f"{fitted['weights']}.safetensors")))
-    net = MultiViewClassifier(len(labels), **arch)
-    net.load_state_dict(state)
-    norm = Normalisation(mean=0.5, std=0.25)
+    members = read_members(args.member, args.out) if args.member else []
+    if members:
+        first = members[0][1]
+        if first.labels != labels:
+            raise SystemExit(f"--member {args.member[0]}: labels are not the 14 observations")
+        arch = {k: first.hyperparameters[k] for k in ARCH_KEYS}
+        size = first.input_size
+        fitted: dict[str, Any] = {}
+        net = MultiViewClassifier(len(labels), **arch)  # unused: the members are shipped
+    else:
+        fitted = pick_weights(fit_log, args.weights)
+        state = to_float(load_file(str(fit_dir / f"{fitted['weights']}.safetensors")))
+        net = MultiViewClassifier(len(labels), **arch)
+        net.load_state_dict(state)
+    norm = members[0][1].normalisation if members else Normalisation(mean=0.5, std=0.25)
     fargs = fit_args(fit_log, args)
     counts = {
         k: {s: sum(r.source == s for r in v) for s in sorted({r.source for r in v})}
@@ -389,7 +577,10 @@ def run(args: argparse.Namespace) -> int:
     failed: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_card = Path(tmp) / "model2.json"
-        save_model(base, net.state_dict(), tmp_card, half=True)
+        if members:
+            save_ensemble(base, [(src, m) for src, _, m in members], tmp_card)
+        else:
+            save_model(base, net.state_dict(), tmp_card, half=True)
         for split in SPLITS:
             if parts[split]:
                 t = time.time()
@@ -402,6 +593,7 @@ def run(args: argparse.Namespace) -> int:
                     split,
                     time.time() - t,
                 )
+        own = member_logits(members, base, parts["val"], args, Path(tmp)) if members else []
     raw = {k: np.stack([r.raw for r in parts[k]]) for k in logits}
     ok = {k: ~np.isnan(v).any(axis=1) for k, v in logits.items()}
     lv, rv = logits["val"][ok["val"]], raw["val"][ok["val"]]
@@ -413,19 +605,29 @@ def run(args: argparse.Namespace) -> int:
     t_nf = youden_threshold(rv[keep, nf], pv[keep, nf]) if keep.any() else None
     if t_nf is not None:
         thresholds["No Finding"] = round(t_nf, 6)
-    metrics: dict[str, Any] = {
-        "train_loss_per_epoch": fitted["train_loss_per_epoch"],
-        "train_seconds": fitted["train_seconds"],
-        "device": fit_log.get("device"),
-        "machine": f"trained with models.training.gpu_fit on {fit_log.get('device')} "
-        f"(torch {fit_log.get('torch')}); calibrated and evaluated on the CPU",
-        "studies": counts,
-        "pack": {k: v for k, v in fit_log["pack"].items() if k != "sources"},
-        "validation": report(labels, rv, pv, thresholds, logits=lv, seed=args.seed),
-        "validation_normals_tradeoff": normals_tradeoff(labels, rv, pv, (0.9, 0.95, 0.97, 0.98)),
-        "design_measurements": design_measurements(fit_log, pack["meta"]),
-        "failed_studies": {k: len(v) for k, v in failed.items()},
-    }
+    metrics: dict[str, Any] = (
+        ensemble_metrics(members, own, labels, rv, lv, ok["val"])
+        if members
+        else {
+            "train_loss_per_epoch": fitted["train_loss_per_epoch"],
+            "train_seconds": fitted["train_seconds"],
+            "device": fit_log.get("device"),
+            "machine": f"trained with models.training.gpu_fit on {fit_log.get('device')} "
+            f"(torch {fit_log.get('torch')}); calibrated and evaluated on the CPU",
+        }
+    )
+    metrics.update(
+        {
+            "studies": counts,
+            "pack": {k: v for k, v in fit_log["pack"].items() if k != "sources"},
+            "validation": report(labels, rv, pv, thresholds, logits=lv, seed=args.seed),
+            "validation_normals_tradeoff": normals_tradeoff(
+                labels, rv, pv, (0.9, 0.95, 0.97, 0.98)
+            ),
+            "design_measurements": design_measurements(fit_log, pack["meta"]),
+            "failed_studies": {k: len(v) for k, v in failed.items()},
+        }
+    )
     for name in ("test", "chexpert_test"):
         if name not in logits:
             continue
@@ -443,18 +645,34 @@ def run(args: argparse.Namespace) -> int:
         "served_* are written by cxr-worker evaluate on the finished card"
     )
     hp = hyperparameters(fargs, arch, platt, unvalidated)
-    hp["augment"] = (
-        f"on the GPU: gamma exp(U(-{fargs.gamma}, {fargs.gamma})), rotation 10 deg, zoom 10%, "
-        "shift 6%, contrast/brightness 15%; no flips"
-    )
     hp["input_size_choice"] = f"{size} px, chosen on validation (see metrics.design_measurements)"
-    hp["epochs"] = fitted["epochs"]
-    hp["seed"] = fitted["seed"]
-    hp["weights"] = (
-        f"{fitted['weights']} of the fit ({fitted['epochs']} epochs, seed {fitted['seed']}; "
-        f"validation score {fitted['validation'].get('score')})"
-    )
-    hp["trained_on"] = fit_log.get("device")
+    if members:
+        for k in MEMBER_TRAINING:
+            hp.pop(k, None)
+        hp["ensemble"] = {
+            "rule": "mean of the members' raw logits (same inputs, one batch), then the "
+            "card's Platt scaling per label; Grad-CAM: mean of the members' maps",
+            "members": {
+                m.weights_file: {
+                    "from_card": f"{c.name} {c.version}",
+                    "trained_on": m.trained_on,
+                    **{k: c.hyperparameters.get(k) for k in MEMBER_TRAINING},
+                }
+                for _, c, m in members
+            },
+        }
+    else:
+        hp["augment"] = (
+            f"on the GPU: gamma exp(U(-{fargs.gamma}, {fargs.gamma})), rotation 10 deg, zoom "
+            "10%, shift 6%, contrast/brightness 15%; no flips"
+        )
+        hp["epochs"] = fitted["epochs"]
+        hp["seed"] = fitted["seed"]
+        hp["weights"] = (
+            f"{fitted['weights']} of the fit ({fitted['epochs']} epochs, seed {fitted['seed']}; "
+            f"validation score {fitted['validation'].get('score')})"
+        )
+        hp["trained_on"] = fit_log.get("device")
     card = base.model_copy(
         update={
             "thresholds": thresholds,
@@ -476,11 +694,18 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.out.with_suffix('.split.json').name}"
             ),
             "metrics": metrics,
-            "notes": (CONSISTENCY_RULE + " " + args.notes).strip(),
+            "notes": " ".join(
+                [CONSISTENCY_RULE, members_note(members) if members else "", args.notes]
+            ).strip(),
         }
     )
     split_parts = {k: parts[k] for k in ("train", "val", "test")}
-    write_cards(fargs, card, net.state_dict(), split_parts)
+    if members:
+        card = save_ensemble(card, [(src, m) for src, _, m in members], args.out)
+        write_model1(card, args.model1_out, args.out, card.metrics)
+        write_split(fargs, split_parts)
+    else:
+        write_cards(fargs, card, net.state_dict(), split_parts)
     log.info("wrote %s and %s", args.out, args.model1_out)
     v, t = metrics["validation"], metrics.get("test", {})
     log.info(
@@ -511,6 +736,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--weights",
         default="auto",
         help="weights file stem in --fit (auto: the winner's run with the best validation score)",
+    )
+    extra.add_argument(
+        "--member",
+        type=Path,
+        action="append",
+        default=[],
+        help="a one-network Model 2 card; given 2+ times, ship their logit-mean ensemble",
     )
     extra.add_argument("--specificity", type=float, default=0.95)
     extra.add_argument("--version", default="3.0.0")

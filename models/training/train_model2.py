@@ -35,7 +35,7 @@ import torch
 from models.classifiers import ARCHITECTURE, MultiViewClassifier
 from models.common import seed_everything, select_device, set_threads
 from models.labels import MODEL1_LABELS, OBSERVATIONS
-from models.registry import ModelCard, Normalisation, save_model
+from models.registry import ModelCard, Normalisation, card_json, save_model
 from models.training.calibration import (
     apply_platt,
     fit_platt,
@@ -306,6 +306,11 @@ def write_cards(
     card = save_model(card, state, args.out, half=True)
     if args.model1_out is not None:
         write_model1(card, args.model1_out, args.out, card.metrics)
+    write_split(args, parts)
+
+
+def write_split(args: argparse.Namespace, parts: dict[str, list[StudyRecord]]) -> None:
+    """The split file beside ``args.out``: seed, fractions and the keys of every split."""
     args.out.with_suffix(".split.json").write_text(
         json.dumps(
             {
@@ -341,4 +346,4 @@ def write_model1(card2: ModelCard, path: Path, card2_path: Path, metrics: dict[s
             "metrics": {"model1": m1},
         }
     )
-    path.write_text(json.dumps(card1.model_dump(), indent=2) + "\n", encoding="utf-8")
+    path.write_text(card_json(card1), encoding="utf-8")
