@@ -19,6 +19,13 @@ skipped once the time budget (``--budget-s``) is spent; every figure goes to
    decompressed once), JPEG 2000 lossless 2k (RG1_J2KR) with GPU decode, and the same J2K studies
    with ``CXR_GPU_DECODE=off`` (the CPU-decode baseline). Each prints studies/s and the mean of
    every per-stage time the worker recorded per study.
+   With ``--processes N`` (default the ``worker.processes: auto`` rule: on CUDA
+   min(cores // 2, 8), on the CPU one per core) these four run through N worker processes
+   (``worker.processes.WorkerProcesses``, as ``serve`` starts them; each loads its own models
+   and handles a warm-up batch before the clock starts; the clock stops when every study is
+   done and delivered, or at ``--scenario-s``), and ``e2e_uncompressed_1k_in_process`` runs
+   the uncompressed 1k studies through the one-process worker first, the baseline of the
+   ratio printed at the end.
 5. ``models``: lung mask generator and Model 2 images/s at batch 64, bf16 vs fp32; the whole
    analyzer (preprocessing, mask post-processing, both models, Grad-CAM) on 64 decoded 2k images.
 6. ``compile``: the same networks under ``torch.compile`` (first-call time and images/s).
@@ -313,7 +320,7 @@ def start_receiver(ctx: Ctx) -> subprocess.Popen[bytes] | None:
     return None
 
 
-def fill_queue(root: Path, template: Path, n: int) -> Any:
+def fill_queue(root: Path, template: Path, n: int, *, ready: bool = True) -> Any:
     from db.migrate import upgrade
     from db.queue import Queue
     from dicom_node.sink import StoredInstance
@@ -336,11 +343,12 @@ def fill_queue(root: Path, template: Path, n: int) -> Any:
                 ds, rel_path=rel, size_bytes=(storage / rel).stat().st_size, calling_ae="BENCH"
             )
         )
-    queue.sweep_completion(quiet_seconds=0.001, max_wait_seconds=0.001)
+    if ready:
+        queue.sweep_completion(quiet_seconds=0.001, max_wait_seconds=0.001)
     return queue
 
 
-def app_config(ctx: Ctx, root: Path, label: str) -> Any:
+def app_config(ctx: Ctx, root: Path, label: str, processes: int = 1) -> Any:
     from worker.config import parse_config
 
     dest = []
@@ -366,7 +374,11 @@ def app_config(ctx: Ctx, root: Path, label: str) -> Any:
                 "device": ctx.args.device,
                 "batch_size": ctx.args.batch_size,
                 "name": f"bench-{label}",
+                "processes": processes,
+                "overlap": processes == 1 or ctx.args.child_overlap == "on",
+                "poll_interval_seconds": 0.02,
             },
+            "logging": {"level": "WARNING"},
         },
         environ={},
     )
@@ -433,20 +445,97 @@ def _stage_summary(
     return means, groups
 
 
-def run_e2e(
-    ctx: Ctx, label: str, template: str, n: int, *, gpu_decode_on: bool, prepare_in: str = "thread"
-) -> dict[str, Any]:
-    from worker.loop import WorkerLoop
+def _wait_done(queue: Any, total: int, cap: float) -> bool:
+    """Until ``total`` studies are done and nothing is left to deliver, or ``cap`` seconds;
+    True when all were done."""
+    deadline = time.perf_counter() + cap
+    while time.perf_counter() < deadline:
+        snap = queue.snapshot()
+        unsent = sum(v for (_, st), v in snap.deliveries.items() if st in ("pending", "retry"))
+        finished = sum(snap.studies.get(k, 0) for k in ("done", "failed", "ignored"))
+        if finished >= total and unsent == 0:
+            return True
+        time.sleep(0.05)
+    return False
 
+
+def _run_processes(
+    ctx: Ctx, label: str, root: Path, template: str, n: int, processes: int
+) -> tuple[Any, int, float, str]:
+    """The multi-process worker (``worker.processes``, as ``serve`` runs it): children load
+    their own models and each handles a warm-up batch, then ``n`` studies turn ready at once
+    and the clock runs until every one is done (or the cap). (queue, studies done within the
+    time, seconds, engine)."""
+    from worker.processes import WorkerProcesses, threads_per_child
+
+    queue = fill_queue(root, ctx.templates[template], 0, ready=False)
+    cfg = app_config(ctx, root, label, processes)
+    warm = processes * min(8, ctx.args.batch_size)
+    fill_queue(root, ctx.templates[template], warm)
+    workers = WorkerProcesses(cfg, processes)
+    t0 = time.perf_counter()
+    try:
+        workers.start(ready_timeout=max(60.0, ctx.left() - 30))
+        loaded = time.perf_counter() - t0
+        _wait_done(queue, warm, max(10.0, min(120.0, ctx.left() - 60)))
+        say(f"  {label}: {processes} worker processes up in {loaded:.1f} s, {warm} warm-up studies")
+        fill_queue(root, ctx.templates[template], n, ready=False)
+        cap = min(ctx.args.scenario_s, max(5.0, ctx.left() - 60))
+        t0 = time.perf_counter()
+        queue.sweep_completion(quiet_seconds=0.001, max_wait_seconds=0.001)
+        _wait_done(queue, warm + n, cap)
+        elapsed = time.perf_counter() - t0
+        done = queue.snapshot().studies.get("done", 0) - warm
+    finally:
+        workers.stop(timeout=60)
+    engine = (
+        f"{processes} worker processes ({'overlapped' if cfg.worker.overlap else 'serial'} "
+        f"pipeline each, {threads_per_child(processes)} torch threads each)"
+    )
+    return queue, done, elapsed, engine
+
+
+def run_e2e(
+    ctx: Ctx,
+    label: str,
+    template: str,
+    n: int,
+    *,
+    gpu_decode_on: bool,
+    prepare_in: str = "thread",
+    processes: int = 1,
+) -> dict[str, Any]:
     root = ctx.work / label
     root.mkdir(parents=True)
-    t0 = time.perf_counter()
-    queue = fill_queue(root, ctx.templates[template], n)
-    say(f"  {label}: {n} studies queued in {time.perf_counter() - t0:.1f} s")
     if gpu_decode_on:
         os.environ.pop("CXR_GPU_DECODE", None)
     else:
-        os.environ["CXR_GPU_DECODE"] = "off"
+        os.environ["CXR_GPU_DECODE"] = "off"  # the children inherit it
+    timed: int | None = None  # studies done within the time (the processes' drain is not timed)
+    per_study: dict[str, Any] = {}
+    if processes > 1:
+        try:
+            queue, timed, elapsed, engine = _run_processes(ctx, label, root, template, n, processes)
+        finally:
+            os.environ.pop("CXR_GPU_DECODE", None)
+        claimed = n
+    else:
+        queue, claimed, elapsed, engine, per_study = _run_in_process(
+            ctx, label, root, template, n, prepare_in
+        )
+    res = _summary(ctx, label, queue, n, claimed, elapsed, engine, per_study, gpu_decode_on, timed)
+    res["processes"] = processes
+    return res
+
+
+def _run_in_process(
+    ctx: Ctx, label: str, root: Path, template: str, n: int, prepare_in: str
+) -> tuple[Any, int, float, str, dict[str, Any]]:
+    from worker.loop import WorkerLoop
+
+    t0 = time.perf_counter()
+    queue = fill_queue(root, ctx.templates[template], n)
+    say(f"  {label}: {n} studies queued in {time.perf_counter() - t0:.1f} s")
     cfg = app_config(ctx, root, label)
     processor, engine = make_processor(cfg, queue, ctx.analyzer, prepare_in)
     loop = WorkerLoop(
@@ -474,6 +563,24 @@ def run_e2e(
     finally:
         _close(processor)
         os.environ.pop("CXR_GPU_DECODE", None)
+    return queue, claimed, elapsed, engine, per_study
+
+
+def _summary(
+    ctx: Ctx,
+    label: str,
+    queue: Any,
+    n: int,
+    claimed: int,
+    elapsed: float,
+    engine: str,
+    per_study: dict[str, Any],
+    gpu_decode_on: bool,
+    timed: int | None = None,
+) -> dict[str, Any]:
+    """``timed``: studies done within ``elapsed`` when the drain after it was not timed (the
+    processes' runs); by default every study done counts."""
+    root = ctx.work / label
     states: dict[str, int] = {}
     timings: list[dict[str, float]] = []
     delivered = 0
@@ -492,7 +599,7 @@ def run_e2e(
             )
         delivered += any(x.state == "delivered" for x in d.deliveries)
     queue.close()
-    done = states.get("done", 0)
+    done = states.get("done", 0) if timed is None else timed
     means, groups = _stage_summary(timings)
     res = {
         "engine": engine,
@@ -633,7 +740,13 @@ def section_compile(ctx: Ctx) -> dict[str, Any]:
 # --- main -----------------------------------------------------------------------------------------
 
 
-E2E = ("e2e_uncompressed_1k", "e2e_uncompressed_2k", "e2e_j2k_gpu_decode", "e2e_j2k_cpu_decode")
+E2E = (
+    "e2e_uncompressed_1k_in_process",
+    "e2e_uncompressed_1k",
+    "e2e_uncompressed_2k",
+    "e2e_j2k_gpu_decode",
+    "e2e_j2k_cpu_decode",
+)
 
 
 def main() -> int:
@@ -642,7 +755,7 @@ def main() -> int:
     )
     ap.add_argument("--out", type=Path, required=True, help="folder for gpu_bench.json")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--budget-s", type=float, default=420.0, help="skip sections after this")
+    ap.add_argument("--budget-s", type=float, default=450.0, help="skip sections after this")
     ap.add_argument("--scenario-s", type=float, default=30.0, help="cap per end-to-end run")
     ap.add_argument("--studies", type=int, default=0, help="studies per end-to-end run")
     ap.add_argument("--batch-size", type=int, default=0)
@@ -653,6 +766,21 @@ def main() -> int:
         default="process",
         choices=["thread", "process"],
         help="where the CPU-decode J2K baseline decodes (processes: every core)",
+    )
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help=(
+            "worker processes for the e2e runs (worker.processes); default the 'auto' rule: "
+            "on CUDA min(cores // 2, 8), on the CPU one per core; 1: the in-process worker"
+        ),
+    )
+    ap.add_argument(
+        "--child-overlap",
+        default="on",
+        choices=["on", "off"],
+        help="each worker process runs the overlapped pipeline (on) or one batch at a time",
     )
     args = ap.parse_args()
     if not args.batch_size:
@@ -666,25 +794,50 @@ def main() -> int:
     from models.common import select_device
 
     ctx.device = select_device(args.device)
-    n = args.studies
+    if not args.processes:
+        from worker.config import WorkerSection
+
+        args.processes = WorkerSection(processes="auto").process_count(
+            cuda=ctx.device.type == "cuda"
+        )
+    n, procs = args.studies, args.processes
     sections: list[tuple[str, Callable[[Ctx], Any], float]] = [
         ("env", section_env, 0),
         ("templates", lambda c: {k: str(v) for k, v in make_templates(c).items()}, 10),
         ("bitexact", section_bitexact, 10),
         ("warmup", section_warmup, 30),
-        (
-            "e2e_uncompressed_1k",
-            lambda c: run_e2e(c, "unc1k", "unc_1k", 2 * n, gpu_decode_on=True),
+        (  # the baseline: today's one-process overlapped worker
+            "e2e_uncompressed_1k_in_process",
+            lambda c: run_e2e(c, "unc1k1", "unc_1k", 2 * n, gpu_decode_on=True),
             30,
         ),
-        ("e2e_uncompressed_2k", lambda c: run_e2e(c, "unc2k", "unc_2k", n, gpu_decode_on=True), 30),
-        ("e2e_j2k_gpu_decode", lambda c: run_e2e(c, "j2kgpu", "j2k_2k", n, gpu_decode_on=True), 30),
+        (
+            "e2e_uncompressed_1k",
+            lambda c: run_e2e(c, "unc1k", "unc_1k", 2 * n, gpu_decode_on=True, processes=procs),
+            40,
+        ),
+        (
+            "e2e_uncompressed_2k",
+            lambda c: run_e2e(c, "unc2k", "unc_2k", n, gpu_decode_on=True, processes=procs),
+            40,
+        ),
+        (
+            "e2e_j2k_gpu_decode",
+            lambda c: run_e2e(c, "j2kgpu", "j2k_2k", n, gpu_decode_on=True, processes=procs),
+            40,
+        ),
         (
             "e2e_j2k_cpu_decode",
             lambda c: run_e2e(
-                c, "j2kcpu", "j2k_2k", n, gpu_decode_on=False, prepare_in=args.cpu_prepare_in
+                c,
+                "j2kcpu",
+                "j2k_2k",
+                n,
+                gpu_decode_on=False,
+                prepare_in=args.cpu_prepare_in,
+                processes=procs,
             ),
-            30,
+            40,
         ),
         ("models", section_models, 20),
         ("decode", section_decode, 20),
@@ -743,6 +896,10 @@ def main() -> int:
             f"stages {r.get('stage_ms_per_study')}"
         )
     j = ctx.results
+    one = j.get("e2e_uncompressed_1k_in_process", {}).get("studies_per_s")
+    many = j.get("e2e_uncompressed_1k", {}).get("studies_per_s")
+    if one and many:
+        say(f"uncompressed 1k, {procs} worker processes / one process: {many / one:.2f}x")
     gpu = j.get("e2e_j2k_gpu_decode", {}).get("studies_per_s")
     cpu = j.get("e2e_j2k_cpu_decode", {}).get("studies_per_s")
     if gpu and cpu:

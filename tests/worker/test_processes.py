@@ -47,7 +47,7 @@ def test_process_count_auto_rule_and_limits(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(ValueError, match="from 1 to 64"):
         WorkerSection(processes=0)
     with pytest.raises(ValueError):
-        WorkerSection(processes="many")  # type: ignore[arg-type]
+        WorkerSection(processes="many")
 
 
 def test_threads_are_shared_out_and_names_are_unique_per_process() -> None:
@@ -215,8 +215,9 @@ def test_a_child_killed_mid_batch_has_its_studies_finished_by_the_others(
         held.clear()
         for ds in studies:
             d = queue.study(ds.StudyInstanceUID)
-            if d is not None and d.state == "processing" and d.lease_owner in names.values():
-                held.setdefault(d.lease_owner, []).append(ds.StudyInstanceUID)
+            owner = d.lease_owner if d is not None and d.state == "processing" else None
+            if owner is not None and owner in names.values():
+                held.setdefault(owner, []).append(ds.StudyInstanceUID)
         return any(len(v) >= 2 for v in held.values())
 
     _wait(one_holds_two, 120, "no child held two studies at once")
