@@ -136,7 +136,7 @@ def read_members(cards: Sequence[Path], out: Path) -> list[tuple[Path, ModelCard
                 "normalisation, labels or crop: members must be the same network shape"
             )
         hp, m = card.hyperparameters, card.metrics
-        trained_on = str(hp.get("trained_on") or m.get("device") or "")
+        trained_on = str(hp.get("trained_on") or f"{m.get('device')}: {m.get('machine')}")
         how = ", ".join(f"{k} {hp[k]}" for k in MEMBER_TRAINING if hp.get(k) is not None)
         desc = (
             f"{card.name} {card.version} (weights sha256 {card.sha256[:12]}): {how}; "
