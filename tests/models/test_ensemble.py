@@ -209,3 +209,18 @@ def test_finish_reads_members_of_one_shape_only(tmp_path: Path) -> None:
     m1 = roc_auc_score(raw[:, NF], logits[:, NF])
     assert fig["competition5_mean_auroc"] == pytest.approx(c5, abs=1e-4)
     assert fig["score"] == pytest.approx((c5 + m1) / 2, abs=1e-4)
+
+
+def test_ensemble_channels_last_gives_the_same_probabilities(tmp_path: Path) -> None:
+    clf = Classifier.from_card(_ensemble(tmp_path))
+    frontals, laterals = _images(2)
+    before = clf.predict(frontals, laterals)
+
+    def converted() -> list[bool]:  # a 3x3 convolution of each member (not trivially both)
+        w = [m.features.denseblock1.denselayer1.conv2.weight for m in clf.members]
+        return [x.is_contiguous(memory_format=torch.channels_last) for x in w]
+
+    assert converted() == [False, False]
+    clf.set_channels_last(True)  # models.inference.channels_last: every member converted
+    assert converted() == [True, True]
+    np.testing.assert_allclose(clf.predict(frontals, laterals), before, atol=1e-5)
