@@ -370,11 +370,12 @@ NO_FINDING = "No Finding"
 
 class DerivedModel1:
     """Model 1 derived from Model 2: P(Abnormal) = 1 - P(No Finding), both calibrated, from the
-    one network; its threshold is 1 - Model 2's No Finding threshold, so the two decisions are
-    one decision (:func:`models.analyzer.reconcile` keeps them equal at the boundary).
+    one network or ensemble; its threshold is 1 - Model 2's No Finding threshold, so the two
+    decisions are one decision (:func:`models.analyzer.reconcile` keeps them equal at the
+    boundary).
 
     Its card names the Model 2 card (``hyperparameters.derived_from.card``) and carries the same
-    weights file and SHA-256."""
+    weights file(s) and SHA-256."""
 
     def __init__(self, card: ModelCard, source: Classifier) -> None:
         if NO_FINDING not in source.card.labels:
