@@ -31,8 +31,10 @@ The parent (:class:`WorkerProcesses`), in one supervisor thread:
   lost from the histograms (its results are in the database, and the gauges read there,
   ``cxr_studies`` by state, count them);
 - stops them by PID on shutdown: a stop message on each child's control pipe (the child's loop
-  stops claiming and drains its batches in flight), a join with a timeout, then SIGTERM (a child
-  already stopping exits at once), a last join, then SIGKILL.
+  stops claiming and drains its batches in flight), a wait with a timeout, then SIGTERM (a child
+  already stopping exits at once), a last wait, then SIGKILL. Only the supervisor thread
+  reaps (``waitpid``); the other threads read a slot's process as running until it has
+  reaped it (a child reaped by two threads at once looks alive to the one that loses).
 
 A child stops by itself when the parent dies (its control pipe reads end-of-file). SIGINT is
 ignored in the children (a Ctrl-C reaches the whole process group; the parent stops them in
@@ -274,9 +276,7 @@ class WorkerProcesses:
         """The PIDs of the children now running."""
         with self._lock:
             return [
-                s.proc.pid
-                for s in self._slots
-                if s.proc is not None and s.proc.pid is not None and s.proc.is_alive()
+                s.proc.pid for s in self._slots if s.proc is not None and s.proc.pid is not None
             ]
 
     def all_pids(self) -> list[int]:
@@ -290,15 +290,13 @@ class WorkerProcesses:
             return {
                 s.proc.pid: child_name(self.cfg.worker.name, s.index, s.proc.pid)
                 for s in self._slots
-                if s.proc is not None and s.proc.pid is not None and s.proc.is_alive()
+                if s.proc is not None and s.proc.pid is not None
             }
 
     def running(self) -> tuple[int, int]:
         """(children alive that have loaded their models, children wanted)."""
         with self._lock:
-            ready = sum(
-                1 for s in self._slots if s.ready and s.proc is not None and s.proc.is_alive()
-            )
+            ready = sum(1 for s in self._slots if s.ready and s.proc is not None)
         return ready, self.count
 
     # --- starting ---------------------------------------------------------------------------------
@@ -452,34 +450,40 @@ class WorkerProcesses:
     # --- stopping ---------------------------------------------------------------------------------
 
     def stop(self, timeout: float = 600.0) -> None:
-        """Stop every child by PID: the stop message, a join for up to ``timeout`` seconds in
-        all (each drains its batches in flight), then SIGTERM, then SIGKILL."""
+        """Stop every child by PID: the stop message, a wait of up to ``timeout`` seconds in
+        all (each drains its batches in flight), then SIGTERM, then SIGKILL.
+
+        Only the supervisor thread reaps children (``waitpid``): two threads reaping the same
+        child race, and the loser sees a child that has already exited as still running. So
+        this method waits for the supervisor to report each child gone, and signals a child
+        only while it is still in its slot (not reaped, so its PID cannot have been reused)."""
         self._stopping.set()
         with self._lock:
-            procs = [(s.proc, s.control) for s in self._slots if s.proc is not None]
-        for _proc, control in procs:
-            if control is not None:
-                try:
-                    control.send("stop")
-                except (OSError, ValueError):
-                    pass
-        deadline = time.monotonic() + timeout
-        for proc, _ in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        for step, grace in ((BaseProcess.terminate, 5.0), (BaseProcess.kill, 5.0)):
-            late = [p for p, _ in procs if p.is_alive()]
-            if not late:
+            controls = [s.control for s in self._slots if s.control is not None]
+        for control in controls:
+            try:
+                control.send("stop")
+            except (OSError, ValueError):
+                pass
+        gone = self._wait_gone(time.monotonic() + timeout)
+        for name, signum in (("SIGTERM", signal.SIGTERM), ("SIGKILL", signal.SIGKILL)):
+            if gone:
                 break
-            log.warning(
-                "%d worker process(es) still running after the stop (pids %s): %s",
-                len(late),
-                [p.pid for p in late],
-                "SIGTERM" if step is BaseProcess.terminate else "SIGKILL",
-            )
-            for p in late:
-                step(p)
-            for p in late:
-                p.join(grace)
+            with self._lock:
+                late = [s.proc.pid for s in self._slots if s.proc is not None]
+                log.warning(
+                    "%d worker process(es) still running after the stop (pids %s): %s",
+                    len(late),
+                    late,
+                    name,
+                )
+                for pid in late:
+                    if pid is not None:
+                        try:
+                            os.kill(pid, signum)
+                        except ProcessLookupError:  # exited meanwhile (a zombie until reaped)
+                            pass
+            gone = self._wait_gone(time.monotonic() + 5.0)
         if self._thread is not None:
             self._thread.join(timeout=10.0)
             self._thread = None
@@ -493,6 +497,24 @@ class WorkerProcesses:
                     slot.proc.join(0)
                     slot.proc = None
         log.info("worker processes stopped")
+
+    def _wait_gone(self, deadline: float) -> bool:
+        """Wait until every slot is empty (each child reaped) or ``deadline``; True when empty.
+        The supervisor reaps; without it (never started, or ended) this thread does."""
+        while True:
+            supervised = self._thread is not None and self._thread.is_alive()
+            if not supervised:
+                self._reap()
+            with self._ready_cond:
+                if all(s.proc is None for s in self._slots):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if supervised:
+                    self._ready_cond.wait(min(left, 0.5))
+            if not supervised:
+                time.sleep(min(max(left, 0.0), 0.05))
 
 
 def cuda_present(cfg: AppConfig) -> bool:
