@@ -306,8 +306,8 @@ def comment_lines(inp: ReportInput) -> list[str]:
     unvalidated = [f.label for f in inp.findings if not f.threshold_validated]
     if unvalidated:
         lines.append(
-            "Decision thresholds not validated on held-out data (model card default): "
-            + ", ".join(unvalidated)
+            "Decision thresholds not validated on held-out data (too few held-out cases to set "
+            "them; read these calls as unmeasured): " + ", ".join(unvalidated)
         )
     return lines
 

@@ -196,9 +196,11 @@ def print_table(details: dict[str, StudyDetail | None], samples: list[Path]) -> 
         )
         present = [f for f in result.get("model2", []) if f["present"]]
         present.sort(key=lambda f: -f["probability"])
-        top_txt = ", ".join(f"{f['label']} {f['probability']:.2f}" for f in present) or (
-            "none Present" if result else (d.state_reason or "")
-        )
+        top_txt = ", ".join(
+            f"{f['label']} {f['probability']:.2f}"
+            + ("" if f.get("threshold_validated", True) else " (threshold unvalidated)")
+            for f in present
+        ) or ("none Present" if result else (d.state_reason or ""))
         print(
             f"{names.get(uid, '?')[:22]:<22} {d.state:<8} {view_txt[:22]:<22} "
             f"{m1_txt:<24} {top_txt}"

@@ -90,17 +90,29 @@ def specificity_threshold(y: np.ndarray, p: np.ndarray, specificity: float) -> f
 
 
 def operating_thresholds(
-    labels: Sequence[str], raw: np.ndarray, probs: np.ndarray, specificity: float
+    labels: Sequence[str],
+    raw: np.ndarray,
+    probs: np.ndarray,
+    specificity: float,
+    *,
+    min_negatives: int | None = None,
 ) -> tuple[dict[str, float], list[str]]:
     """Per-label thresholds at ``specificity`` on (validation) negatives; No Finding's threshold
     is set for the same specificity on abnormal studies (its own negatives). Returns the
-    thresholds and the labels without validation negatives (threshold 0.5, unvalidated)."""
+    thresholds and the labels whose threshold is **not validated**: those without validation
+    negatives (threshold 0.5) and those with fewer than ``min_negatives`` of them (default
+    ``ceil(1 / (1 - specificity))``, 20 at 0.95: with fewer, one negative more or less moves the
+    specificity by more than the operating point's own margin, so the threshold the few
+    negatives give is kept but reported as unvalidated)."""
+    if min_negatives is None:
+        min_negatives = int(np.ceil(1.0 / max(1e-6, 1.0 - specificity) - 1e-9))
     out: dict[str, float] = {}
     missing: list[str] = []
     for j, lab in enumerate(labels):
         keep = _labelled(raw, j)
         t = specificity_threshold(raw[keep, j], probs[keep, j], specificity)
-        if t is None:
+        negatives = int(np.sum(raw[keep, j] == 0))
+        if t is None or negatives < min_negatives:
             missing.append(lab)
         out[lab] = 0.5 if t is None else round(min(max(t, 1e-4), 1 - 1e-4), 6)
     return out, missing

@@ -149,3 +149,16 @@ def test_derived_card_must_match_model2_weights(derived: ModelsConfig) -> None:
     # load_classifier follows the derivation to Model 2's network (bench, tools)
     card, net = load_classifier(derived.weights_dir / "model2.json")
     assert card.name == "model2"
+
+
+def test_a_threshold_from_too_few_negatives_is_kept_but_unvalidated() -> None:
+    """At 95% specificity fewer than 20 negatives cannot place the operating point: the label
+    keeps the threshold they give and is listed as unvalidated (one more negative: validated)."""
+    rng = np.random.default_rng(3)
+    for negatives, validated in ((19, False), (20, True)):
+        y = np.array([0] * negatives + [1] * 30, dtype=np.float32)
+        p = np.concatenate([rng.uniform(0, 0.6, negatives), rng.uniform(0.4, 1, 30)])
+        thr, missing = operating_thresholds(["A"], y[:, None], p[:, None], 0.95)
+        t = specificity_threshold(y, p, 0.95)
+        assert t is not None and thr["A"] == pytest.approx(t, abs=1e-5)
+        assert (missing == []) is validated
