@@ -19,8 +19,9 @@ skipped once the time budget (``--budget-s``) is spent; every figure goes to
    decompressed once), JPEG 2000 lossless 2k (RG1_J2KR) with GPU decode, and the same J2K studies
    with ``CXR_GPU_DECODE=off`` (the CPU-decode baseline). Each prints studies/s and the mean of
    every per-stage time the worker recorded per study.
-   With ``--processes N`` (default the ``worker.processes: auto`` rule: on CUDA
-   min(cores // 2, 8), on the CPU one per core) these four run through N worker processes
+   With ``--processes N`` (default the ``worker.processes: auto`` rule: on CUDA half the
+   cores, on the CPU one per core, at most 8 and one per 2 GiB) these four run through N
+   worker processes
    (``worker.processes.WorkerProcesses``, as ``serve`` starts them; each loads its own models
    and handles a warm-up batch before the clock starts; the clock stops when every study is
    done and delivered, or at ``--scenario-s``), and ``e2e_uncompressed_1k_in_process`` runs
@@ -773,7 +774,7 @@ def main() -> int:
         default=0,
         help=(
             "worker processes for the e2e runs (worker.processes); default the 'auto' rule: "
-            "on CUDA min(cores // 2, 8), on the CPU one per core; 1: the in-process worker"
+            "on CUDA half the cores, on the CPU one per core, at most 8; 1: the in-process worker"
         ),
     )
     ap.add_argument(

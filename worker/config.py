@@ -43,6 +43,29 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: resident memory one worker process needs on the CPU (torch, the models, a batch in flight:
+#: ~0.8 GB measured), with headroom; ``processes: auto`` never starts more than RAM / this
+PROCESS_MEMORY_BYTES = 2 * 1024**3
+#: the most worker processes ``processes: auto`` starts (more: set a number)
+AUTO_PROCESSES_MAX = 8
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory (None where it cannot be read); a cgroup limit, when
+    lower, wins (a container's ``memory.max``)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not on Linux
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
 def default_worker_name() -> str:
     """``HOST:PID``: unique per process, so leases and events tell two workers apart."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -87,8 +110,9 @@ class WorkerSection(BaseModel):
         description=(
             "Worker processes (worker.processes): each runs its own queue connection, models and "
             "worker loop on the same database and device, so the Python work of several studies "
-            "runs on several cores at once; auto: on CUDA min(cores // 2, 8), on the CPU one "
-            "per core; 1: the worker loop runs inside the serve process (no children)"
+            "runs on several cores at once; auto: on CUDA half the cores, on the CPU one per "
+            "core, at most 8 and at most one per 2 GiB of memory; 1: the worker loop runs "
+            "inside the serve process (no children)"
         ),
     )
     max_inflight_batches: int = Field(
@@ -110,13 +134,18 @@ class WorkerSection(BaseModel):
 
     def process_count(self, *, cuda: bool) -> int:
         """How many worker processes ``serve`` runs: ``processes``, or for ``auto`` half the
-        cores (at most 8) on CUDA, where the device does the models' work and each process
-        mostly feeds it (and holds its own copy of the models in device memory), and one per
-        core on the CPU."""
+        cores on CUDA, where the device does the models' work and each process mostly feeds
+        it (and holds its own copy of the models in device memory), and one per core on the
+        CPU; either way at most 8 (``AUTO_PROCESSES_MAX``) and at most one per 2 GiB of
+        memory (``PROCESS_MEMORY_BYTES``), so a large server is not filled by default."""
         if self.processes != "auto":
             return int(self.processes)
         cores = cpu_count()
-        return max(1, min(cores // 2, 8)) if cuda else cores
+        count = cores // 2 if cuda else cores
+        memory = memory_bytes()
+        if memory is not None:
+            count = min(count, memory // PROCESS_MEMORY_BYTES)
+        return int(max(1, min(count, AUTO_PROCESSES_MAX)))
 
     def workers(self) -> tuple[int, int]:
         """``(prepare_workers, finish_workers)``, from the cores this process may use where not

@@ -36,10 +36,21 @@ weights = test_pipeline.weights  # the tiny models' fixture
 def test_process_count_auto_rule_and_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     import worker.config
 
-    monkeypatch.setattr(worker.config, "cpu_count", lambda: 16)
+    gib = 1024**3
+    monkeypatch.setattr(worker.config, "memory_bytes", lambda: 128 * gib)
+    monkeypatch.setattr(worker.config, "cpu_count", lambda: 12)
     auto = WorkerSection(processes="auto")
-    assert auto.process_count(cuda=True) == 8  # half the cores, at most 8
-    assert auto.process_count(cuda=False) == 16  # one per core
+    assert auto.process_count(cuda=True) == 6  # half the cores
+    assert auto.process_count(cuda=False) == 8  # one per core, at most 8
+    monkeypatch.setattr(worker.config, "cpu_count", lambda: 64)
+    assert auto.process_count(cuda=True) == 8 and auto.process_count(cuda=False) == 8
+    # one per 2 GiB of memory: a 64-core box with 6 GiB gets 3, a 3 GiB one 1
+    monkeypatch.setattr(worker.config, "memory_bytes", lambda: 6 * gib)
+    assert auto.process_count(cuda=False) == 3
+    monkeypatch.setattr(worker.config, "memory_bytes", lambda: 3 * gib)
+    assert auto.process_count(cuda=False) == 1
+    monkeypatch.setattr(worker.config, "memory_bytes", lambda: None)  # unreadable: cores rule
+    assert auto.process_count(cuda=False) == 8
     monkeypatch.setattr(worker.config, "cpu_count", lambda: 1)
     assert auto.process_count(cuda=True) == 1 and auto.process_count(cuda=False) == 1
     assert WorkerSection().process_count(cuda=True) == 1  # the default: in the serve process
