@@ -1,5 +1,6 @@
 """Inference throughput of each model (images/s) at batch 1 and batch 16, on CPU and on CUDA when
-available, in one run; plus the whole Analyzer (mask -> crop -> Model 1 + Model 2 -> Grad-CAM).
+available, in one run; Model 2's Grad-CAM one study at a time against batched (ms per study,
+ratio); plus the whole Analyzer (mask -> crop -> Model 1 + Model 2 -> Grad-CAM).
 
     .venv/bin/python bench/models.py [--threads 2] [--weights-dir models/weights] [--repeats 3]
 
@@ -109,6 +110,52 @@ def _analyzer_rate(weights_dir: Path, device: str, batch: int, repeats: int) -> 
     return repeats * batch / (time.perf_counter() - t0)
 
 
+def _gradcam_rows(weights_dir: Path, device: str, batch: int, repeats: int) -> None:
+    """Model 2's Grad-CAM for ``batch`` studies with three Present labels each: one study at a
+    time (the Analyzer before batching; the baseline) against ``heatmaps_batch`` (one forward
+    pass and one backward pass per label for the batch), ms per study and the ratio, with the
+    largest difference between the two paths' uint8 maps."""
+    from models.classifiers import Classifier
+
+    path = weights_dir / "model2.json"
+    try:
+        model = Classifier.from_card(path, device)
+    except Exception as exc:  # noqa: BLE001 - a missing card just skips these rows
+        print(f"  (Grad-CAM skipped: {exc})")
+        return
+    rng = np.random.default_rng(1)
+    size = model.card.input_size
+    base = rng.random((size, size), dtype=np.float32)
+    images = [
+        np.clip(base + rng.normal(0, 0.1, base.shape), 0, 1).astype(np.float32)
+        for _ in range(batch)
+    ]
+    laterals: list[np.ndarray | None] = [None] * batch
+    labels = [["Lung Opacity", "Pleural Effusion", "Edema"]] * batch
+    model.heatmaps_batch(images[:2], laterals[:2], labels[:2])  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        alone = [model.heatmaps(im, None, labs) for im, labs in zip(images, labels, strict=True)]
+    one = (time.perf_counter() - t0) / (repeats * batch)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        batched = model.heatmaps_batch(images, laterals, labels)
+    many = (time.perf_counter() - t0) / (repeats * batch)
+    diff = max(
+        int(np.abs(a[k].astype(int) - b[k].astype(int)).max())
+        for a, b in zip(alone, batched, strict=True)
+        for k in a
+    )
+    print(
+        f"{'Grad-CAM, 3 labels, per study':34s} {size:6d} {device:>6s} {batch:5d} "
+        f"{one * 1000:7.1f}ms {1.0:6.2f}"
+    )
+    print(
+        f"{'Grad-CAM, 3 labels, batched':34s} {size:6d} {device:>6s} {batch:5d} "
+        f"{many * 1000:7.1f}ms {one / many:6.2f}   (largest map difference {diff}/255)"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -141,6 +188,8 @@ def main() -> int:
                     f"{name:34s} {size:6d} {dev.type:>6s} {batch:5d} {rate:9.1f} {rate / base:6.2f}"
                 )
         module.to("cpu")
+    for dev in devices:
+        _gradcam_rows(args.weights_dir, dev.type, 16, args.repeats if dev.type == "cpu" else 10)
     if not args.no_analyzer:
         for dev in devices:
             for batch in (1, 16):

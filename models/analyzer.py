@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: studies whose Grad-CAM maps are computed in one batched call (one forward pass for them all
+#: and one backward pass per distinct Present label)
+GRADCAM_BATCH = 32
+
 
 class ClassifierLike(Protocol):
     card: ModelCard
@@ -160,15 +164,36 @@ class Analyzer(StudyAnalyzer):
         """One result per study, in order: its analysis or the exception that stopped it."""
         results, work, probs = self._classify(studies)
 
-        # 3. findings, Grad-CAM for Model 2's positive findings
+        def fail(w: _Work, exc: Exception) -> None:
+            log.warning("study %s: analysis failed: %s: %s", w.study.key, type(exc).__name__, exc)
+            results[w.index] = exc
+
+        # 3. findings; Grad-CAM for Model 2's positive findings, for the batch at once
+        found: dict[int, tuple[Finding, list[Finding]]] = {}
+        positives: dict[int, list[str]] = {}
         for w in work:
             try:
-                results[w.index] = self._finish(w, probs["model1"][id(w)], probs["model2"][id(w)])
+                model1, model2 = self._findings(probs["model1"][id(w)], probs["model2"][id(w)])
             except Exception as exc:  # noqa: BLE001
-                log.warning(
-                    "study %s: analysis failed: %s: %s", w.study.key, type(exc).__name__, exc
-                )
-                results[w.index] = exc
+                fail(w, exc)
+                continue
+            found[id(w)] = (model1, model2)
+            positives[id(w)] = [
+                f.label for f in model2 if f.present and f.label not in self.heatmap_exclude
+            ]
+        work = [w for w in work if id(w) in found]
+        with_maps = [w for w in work if positives[id(w)]]
+        maps: dict[int, dict[str, Heatmap]] = {}
+        for at in range(0, len(with_maps), GRADCAM_BATCH):
+            chunk = with_maps[at : at + GRADCAM_BATCH]
+            maps.update(self._batched(chunk, partial(self._heatmaps, positives), fail))
+        for w in work:
+            if results[w.index] is not None:  # its Grad-CAM failed
+                continue
+            try:
+                results[w.index] = self._finish(w, *found[id(w)], maps.get(id(w), {}))
+            except Exception as exc:  # noqa: BLE001
+                fail(w, exc)
         return [r if r is not None else RuntimeError("study was not analysed") for r in results]
 
     def findings(
@@ -324,19 +349,37 @@ class Analyzer(StudyAnalyzer):
         ]
         return reconcile(model1, model2)
 
-    def _finish(self, w: _Work, p1: np.ndarray, p2: np.ndarray) -> StudyAnalysis:
+    def _heatmaps(
+        self, positives: dict[int, list[str]], ws: list[_Work]
+    ) -> list[dict[str, Heatmap]]:
+        """Grad-CAM maps of each study's Present findings, for a batch of studies: one batched
+        call where Model 2 has ``heatmaps_batch`` (:class:`~models.classifiers.Classifier`),
+        else one call per study. Maps stay at the model's resolution, placed by the crop box:
+        never copied into the full frame."""
+        t0 = time.perf_counter()
+        inputs = [self._input(self.model2, w) for w in ws]
+        laterals = [w.lateral if self.model2.uses_lateral else None for w in ws]
+        labels = [positives[id(w)] for w in ws]
+        batch = getattr(self.model2, "heatmaps_batch", None)
+        if callable(batch):
+            cams = batch([img for img, _ in inputs], laterals, labels)
+        else:
+            cams = [
+                self.model2.heatmaps(img, lat, labs)
+                for (img, _), lat, labs in zip(inputs, laterals, labels, strict=True)
+            ]
+        ms = _ms(t0) / len(ws)
+        for w in ws:
+            w.timings["gradcam"] = ms
+        return [
+            {lab: Heatmap(cam, box) for lab, cam in c.items()}
+            for c, (_, box) in zip(cams, inputs, strict=True)
+        ]
+
+    def _finish(
+        self, w: _Work, model1: Finding, model2: list[Finding], heatmaps: dict[str, Heatmap]
+    ) -> StudyAnalysis:
         assert w.mask is not None and w.crop is not None
-        model1, model2 = self._findings(p1, p2)
-        positives = [f.label for f in model2 if f.present and f.label not in self.heatmap_exclude]
-        heatmaps: dict[str, Heatmap] = {}
-        if positives:
-            t0 = time.perf_counter()
-            lateral = w.lateral if self.model2.uses_lateral else None
-            image, box = self._input(self.model2, w)
-            cams = self.model2.heatmaps(image, lateral, positives)
-            # at the model's resolution, placed by the box: never copied into the full frame
-            heatmaps = {lab: Heatmap(cam, box) for lab, cam in cams.items()}
-            w.timings["gradcam"] = _ms(t0)
         return StudyAnalysis(
             key=w.study.key,
             lung_mask=w.mask,

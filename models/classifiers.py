@@ -342,22 +342,42 @@ class Classifier:
     def heatmaps(
         self, frontal: np.ndarray, lateral: np.ndarray | None, labels: list[str]
     ) -> dict[str, np.ndarray]:
-        from models.gradcam import grad_cam
+        return self.heatmaps_batch([frontal], [lateral], [labels])[0]
 
-        idx = [self.card.labels.index(lab) for lab in labels]
-        f, lat, present = self._inputs([frontal], [lateral])
+    def heatmaps_batch(
+        self,
+        frontals: list[np.ndarray],
+        laterals: list[np.ndarray | None],
+        labels: list[list[str]],
+    ) -> list[dict[str, np.ndarray]]:
+        """Grad-CAM maps for several studies at once (one forward pass per member for the batch,
+        one backward pass per distinct label: :func:`models.gradcam.grad_cam_batch`); for study
+        i, ``labels[i]`` -> uint8 map at the input resolution. An ensemble's map is the mean of
+        its members' (:func:`mean_cams`)."""
+        from models.gradcam import grad_cam_batch
+
+        if len(labels) != len(frontals):
+            raise ValueError(f"{len(frontals)} frontal images but {len(labels)} label lists")
+        idx = [[self.card.labels.index(lab) for lab in labs] for labs in labels]
+        f, lat, present = self._inputs(frontals, laterals)
 
         def head(net: MultiViewClassifier) -> Callable[[torch.Tensor], torch.Tensor]:
             return lambda fm: net.fuse(net.pool(fm), lat, present)
 
-        maps = [grad_cam(net.feature_map, head(net), f, idx) for net in self.members]
-        cams = maps[0] if len(maps) == 1 else mean_cams(maps)
-        return dict(zip(labels, cams, strict=True))
+        per_member = [grad_cam_batch(net.feature_map, head(net), f, idx) for net in self.members]
+        out = []
+        for i, labs in enumerate(labels):
+            maps = [m[i] for m in per_member]
+            cams = maps[0] if len(maps) == 1 else mean_cams(maps)
+            out.append(dict(zip(labs, cams, strict=True)))
+        return out
 
 
 def mean_cams(maps: list[np.ndarray]) -> np.ndarray:
     """An ensemble's Grad-CAM: the mean of its members' uint8 maps (K, H, W), stretched again to
     0..255 per map as :func:`models.gradcam.grad_cam` does (all 0 where the mean is flat)."""
+    if maps[0].shape[0] == 0:  # no labels asked for
+        return maps[0]
     mean = np.mean(np.stack(maps).astype(np.float32), axis=0)
     lo = mean.min(axis=(1, 2), keepdims=True)
     span = mean.max(axis=(1, 2), keepdims=True) - lo

@@ -33,22 +33,48 @@ def grad_cam(
     parameters are not changed and need not require grad."""
     if x.shape[0] != 1:
         raise ValueError(f"grad_cam takes one image at a time, got a batch of {x.shape[0]}")
+    return grad_cam_batch(feature_fn, head_fn, x, [label_indices])[0]
+
+
+def grad_cam_batch(
+    feature_fn: Callable[[torch.Tensor], torch.Tensor],
+    head_fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    wanted: Sequence[Sequence[int]],
+) -> list[np.ndarray]:
+    """Heatmaps for a batch ``x`` (N, C, H, W): for image i, uint8 (K_i, H, W) for the label
+    indices ``wanted[i]``, as :func:`grad_cam` makes them one image at a time.
+
+    One forward pass for the batch and one backward pass per distinct label (the sum of that
+    label's logits over the images that want it), not one forward and one backward per image
+    and label: the network runs in eval mode, where no layer mixes images of a batch, so each
+    image's gradient is its own. ``head_fn`` takes the whole batch's feature map."""
+    if x.shape[0] != len(wanted):
+        raise ValueError(f"{x.shape[0]} images but {len(wanted)} label lists")
     h, w = x.shape[-2:]
-    if not label_indices:
-        return np.zeros((0, h, w), dtype=np.uint8)
+    if not any(wanted):
+        return [np.zeros((0, h, w), dtype=np.uint8) for _ in wanted]
+    labels = sorted({j for js in wanted for j in js})
+    cams: dict[tuple[int, int], torch.Tensor] = {}
     with torch.enable_grad():
         fmap = feature_fn(x).detach().float().requires_grad_(True)
         logits = head_fn(fmap).float()
-        cams = []
-        for k, j in enumerate(label_indices):
+        for k, j in enumerate(labels):
+            rows = [i for i, js in enumerate(wanted) if j in js]
             (grad,) = torch.autograd.grad(
-                logits[0, j], fmap, retain_graph=k < len(label_indices) - 1
+                logits[rows, j].sum(), fmap, retain_graph=k < len(labels) - 1
             )
-            weights = grad.mean(dim=(2, 3), keepdim=True)
-            cam = torch.relu((weights * fmap).sum(dim=1, keepdim=True))
-            cams.append(cam.detach())
+            sel = torch.tensor(rows, device=fmap.device)
+            weights = grad.index_select(0, sel).mean(dim=(2, 3), keepdim=True)
+            cam = torch.relu((weights * fmap.detach().index_select(0, sel)).sum(dim=1))
+            for r, i in enumerate(rows):
+                cams[(i, j)] = cam[r]
+    order = [(i, j) for i, js in enumerate(wanted) for j in js]
     cam_all = torch.nn.functional.interpolate(
-        torch.cat(cams), size=(h, w), mode="bilinear", align_corners=False
+        torch.stack([cams[key] for key in order])[:, None],
+        size=(h, w),
+        mode="bilinear",
+        align_corners=False,
     )[:, 0]
     flat = cam_all.flatten(1)
     lo = flat.min(dim=1).values.view(-1, 1, 1)
@@ -57,7 +83,12 @@ def grad_cam(
         hi - lo > 1e-12, (cam_all - lo) / (hi - lo).clamp(min=1e-12), torch.zeros_like(cam_all)
     )
     # quantised on the device: a quarter of the bytes to copy back
-    return out.clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+    maps = out.clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+    result, at = [], 0
+    for js in wanted:
+        result.append(maps[at : at + len(js)])
+        at += len(js)
+    return result
 
 
 def to_original_frame(

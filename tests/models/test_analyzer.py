@@ -10,6 +10,7 @@ import torch
 
 from models.analyzer import Analyzer
 from models.api import ModelKind, StudyAnalysis, StudyAnalyzer, StudyInput
+from models.classifiers import Classifier
 from models.config import ModelsConfig
 from models.labels import OBSERVATIONS
 from models.pix2pix import UNetGenerator
@@ -141,6 +142,59 @@ def test_batched_failure_is_attributed_to_its_study(cfg: ModelsConfig) -> None:
     out = an.analyse([StudyInput("x", _img(rng, 60, 60)), StudyInput("y", _img(rng, 77, 77))])
     assert isinstance(out[0], StudyAnalysis)
     assert isinstance(out[1], RuntimeError) and "77x77" in str(out[1])
+
+
+def test_gradcam_is_batched_and_a_failing_study_fails_alone(cfg: ModelsConfig) -> None:
+    """Grad-CAM runs once for the batch (issue 11); when the batched call fails, each study is
+    tried alone, and only the one that fails loses its result."""
+    an = Analyzer.from_config(cfg, device="cpu")
+    assert isinstance(an.model2, Classifier)
+    real = an.model2.heatmaps_batch
+    calls: list[int] = []
+
+    def spy(
+        frontals: list[np.ndarray], laterals: list[np.ndarray | None], labels: list[list[str]]
+    ) -> list[dict[str, np.ndarray]]:
+        calls.append(len(frontals))
+        if any(float(f.mean()) > 0.9 for f in frontals):
+            raise RuntimeError("simulated Grad-CAM failure on the bright study")
+        return real(frontals, laterals, labels)
+
+    an.model2.heatmaps_batch = spy  # type: ignore[method-assign]
+    rng = np.random.default_rng(5)
+    ok = [StudyInput(k, _img(rng, 70, 70)) for k in ("p", "q", "r")]
+    out = an.analyse(ok)
+    assert calls == [3] and all(isinstance(r, StudyAnalysis) for r in out)
+    assert all(set(r.heatmaps) == {"Cardiomegaly"} for r in out if isinstance(r, StudyAnalysis))
+    calls.clear()
+    bright = StudyInput("bright", np.full((70, 70), 0.95, np.float32))
+    out = an.analyse([ok[0], bright, ok[1]])
+    assert calls == [3, 1, 1, 1]  # the batch, then one by one
+    assert isinstance(out[0], StudyAnalysis) and isinstance(out[2], StudyAnalysis)
+    assert isinstance(out[1], RuntimeError) and "bright" in str(out[1])
+    # a Model 2 without heatmaps_batch (a torchxrayvision checkpoint) is asked study by study
+    an.model2.heatmaps_batch = real  # type: ignore[method-assign]
+    an.model2 = _PerStudyOnly(an.model2)  # type: ignore[assignment]
+    out = an.analyse(ok)
+    assert an.model2.calls == 3
+    assert all(isinstance(r, StudyAnalysis) and set(r.heatmaps) == {"Cardiomegaly"} for r in out)
+
+
+class _PerStudyOnly:
+    """A Model 2 with ``heatmaps`` but no ``heatmaps_batch``, as the torchxrayvision adapter."""
+
+    def __init__(self, inner: Classifier) -> None:
+        self.inner, self.card, self.uses_lateral = inner, inner.card, inner.uses_lateral
+        self.calls = 0
+
+    def predict(self, frontals: list[np.ndarray], laterals: list[np.ndarray | None]) -> np.ndarray:
+        return self.inner.predict(frontals, laterals)
+
+    def heatmaps(
+        self, frontal: np.ndarray, lateral: np.ndarray | None, labels: list[str]
+    ) -> dict[str, np.ndarray]:
+        self.calls += 1
+        return self.inner.heatmaps(frontal, lateral, labels)
 
 
 def test_classify_views_and_model_infos(cfg: ModelsConfig) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from models.api import CropBox, ModelKind
 from models.classifiers import ARCHITECTURE, Classifier, MultiViewClassifier, to_tensor
-from models.gradcam import grad_cam, to_original_frame
+from models.gradcam import grad_cam, grad_cam_batch, to_original_frame
 from models.labels import OBSERVATIONS
 from models.registry import ModelCard, ModelLoadError, Normalisation, save_model
 from models.training.datasets.chexpert import (
@@ -413,3 +413,34 @@ def test_bootstrap_auroc_matches_sklearn_and_brackets_it() -> None:
     assert rep["per_label"]["Fracture"]["auroc"] is None and rep[
         "mean_competition_auroc"
     ] == pytest.approx(auc, abs=1e-4)
+
+
+def test_gradcam_batch_gives_each_image_its_own_maps() -> None:
+    """One forward pass for the batch and one backward pass per label (issue 11): each image's
+    maps equal what :func:`grad_cam` gives it alone, images with a lateral and without mixed,
+    an image with no labels gets none."""
+    torch.manual_seed(0)
+    net = MultiViewClassifier(3, **TINY).eval()  # type: ignore[arg-type]
+    x = torch.randn(4, 1, 64, 64)
+    lat = torch.randn(4, 1, 64, 64)
+    present = torch.tensor([True, False, True, False])
+    wanted = [[0, 2], [], [2, 1, 0], [1]]
+    batch = grad_cam_batch(
+        net.feature_map, lambda fm: net.fuse(net.pool(fm), lat, present), x, wanted
+    )
+    assert [b.shape for b in batch] == [(len(w), 64, 64) for w in wanted]
+    spread = 0
+    for i, js in enumerate(wanted):
+        alone = grad_cam(
+            net.feature_map,
+            lambda fm, i=i: net.fuse(net.pool(fm), lat[i : i + 1], present[i : i + 1]),
+            x[i : i + 1],
+            js,
+        )
+        assert batch[i].dtype == np.uint8
+        diff = np.abs(batch[i].astype(int) - alone.astype(int))
+        assert diff.size == 0 or diff.max() <= 1  # float rounding of the batched convolutions
+        spread += sum(len(np.unique(m)) >= 32 for m in alone)
+    assert spread >= 4  # real maps, not flat ones that would match trivially
+    with pytest.raises(ValueError, match="label lists"):
+        grad_cam_batch(net.feature_map, net.pool, x, [[0]])

@@ -224,3 +224,31 @@ def test_ensemble_channels_last_gives_the_same_probabilities(tmp_path: Path) -> 
     clf.set_channels_last(True)  # models.inference.channels_last: every member converted
     assert converted() == [True, True]
     np.testing.assert_allclose(clf.predict(frontals, laterals), before, atol=1e-5)
+
+
+def test_batched_heatmaps_of_an_ensemble_are_the_mean_of_its_members(tmp_path: Path) -> None:
+    """``heatmaps_batch`` (the Analyzer's batched Grad-CAM) for several studies: each study gets
+    maps for its own labels (none for a study without any), an ensemble's are the mean of its
+    members' batched maps, and a one-study batch is what ``heatmaps`` returns. That a batch gives
+    each image its own maps is checked on a network with real spatial maps in
+    tests/models/test_classifiers.py (the tiny cards' maps are nearly flat)."""
+    path = _ensemble(tmp_path)
+    ens = Classifier.from_card(path)
+    frontals, laterals = _images(4)
+    wanted = [["Cardiomegaly", "Edema"], [], ["Edema", "Pleural Effusion", "No Finding"]]
+    batch = ens.heatmaps_batch(frontals, laterals, wanted)
+    assert [list(b) for b in batch] == wanted
+    size = ens.card.input_size
+    members = [
+        Classifier.from_card(tmp_path / f"src{i}.json").heatmaps_batch(frontals, laterals, wanted)
+        for i in range(2)
+    ]
+    for i, labs in enumerate(wanted):
+        for lab in labs:
+            assert batch[i][lab].dtype == np.uint8 and batch[i][lab].shape == (size, size)
+            want = mean_cams([members[0][i][lab][None], members[1][i][lab][None]])[0]
+            np.testing.assert_array_equal(batch[i][lab], want)
+    one = ens.heatmaps(frontals[2], laterals[2], wanted[2])
+    assert list(one) == wanted[2] and all(one[k].shape == (size, size) for k in one)
+    with pytest.raises(ValueError, match="label lists"):
+        ens.heatmaps_batch(frontals, laterals, wanted[:2])
