@@ -257,7 +257,10 @@ def summary_lines(inp: ReportInput, replaced: Sequence[str]) -> list[str]:
         + f"{len(present)} of {len(inp.findings)} findings Present.",
     ]
     lines += [
-        f"Present: {f.label} p={_p(f.probability)} (threshold {_p(f.threshold)})." for f in present
+        f"Present: {f.label} p={_p(f.probability)} (threshold {_p(f.threshold)}"
+        + ("" if f.threshold_validated else ", unvalidated")
+        + ")."
+        for f in present
     ]
     if absent:
         lines.append(f"Absent: {', '.join(f.label for f in absent)}.")

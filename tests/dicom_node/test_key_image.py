@@ -391,3 +391,20 @@ def test_png_round_trips(deflate: str, monkeypatch: pytest.MonkeyPatch) -> None:
         np.testing.assert_array_equal(cv2.cvtColor(back, cv2.COLOR_BGR2RGB), rgb)
     with pytest.raises(ValueError, match="uint8"):
         encode_png(np.zeros((4, 4), np.uint8))
+
+
+def test_an_unvalidated_threshold_is_marked_on_the_key_image(data_dir: Path) -> None:
+    inp = _input(
+        data_dir / "siim_cr_pa_secondary_capture.dcm",
+        findings=[
+            FindingResult("Pneumothorax", 0.9, 0.5),
+            FindingResult("Support Devices", 0.98, 0.97, threshold_validated=False),
+            FindingResult("Edema", 0.2, 0.5, threshold_validated=False),
+        ],
+        heatmaps={},
+    )
+    ds = build_key_image(inp).dataset
+    text = str(ds.ImageComments)
+    assert "Support Devices p=0.98 (threshold 0.97, unvalidated)" in text
+    assert "Pneumothorax p=0.90 (threshold 0.50);" in text
+    assert listed_present(ds) == ["Pneumothorax", "Support Devices"]

@@ -519,6 +519,27 @@ def test_nothing_present_still_marks_model1_on_the_lungs(frontal: Dataset, tmp_p
     assert summary[2] == "Model 2 (cxr-model2 2.0.1): 0 of 14 findings Present."
 
 
+def test_an_unvalidated_threshold_is_marked_where_the_call_is_read(
+    frontal: Dataset, tmp_path: Path
+) -> None:
+    """A Present call whose threshold no held-out data could set says so in the summary line
+    a reader sees first, and the notes name it; validated calls are not marked."""
+    findings = [FindingResult(lbl, 0.1, 0.5) for lbl in LABELS]
+    findings[LABELS.index("Edema")] = FindingResult("Edema", 0.9, 0.5)
+    findings[LABELS.index("Support Devices")] = FindingResult(
+        "Support Devices", 0.98, 0.97, threshold_validated=False
+    )
+    path = write_report(build_report(_input(frontal, findings=findings)), tmp_path / "sd.dcm")
+    validate(path)
+    back = read_report(path)
+    summary = read_summary(back)
+    assert "Present: Support Devices p=0.98 (threshold 0.97, unvalidated)." in summary
+    assert "Present: Edema p=0.90 (threshold 0.50)." in summary
+    texts = [n.TextValue for n in walk(back) if n.ValueType == "TEXT"]
+    notes = [t for t in texts if t.startswith("Decision thresholds not validated")]
+    assert len(notes) == 1 and notes[0].endswith("): Support Devices")
+
+
 def test_replacing_report_says_why_and_is_numbered(frontal: Dataset, lateral: Dataset) -> None:
     first = build_report(_input(frontal))
     second = build_report(
