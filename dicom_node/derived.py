@@ -117,7 +117,7 @@ class FindingResult:
     label: str
     probability: float
     threshold: float
-    threshold_validated: bool = True  # False: the model card's default, not set on held-out data
+    threshold_validated: bool = True  # False: no or too few held-out cases set it
 
     def __post_init__(self) -> None:
         if not require_str(self.label, "FindingResult.label").strip():
@@ -128,6 +128,13 @@ class FindingResult:
     @property
     def present(self) -> bool:
         return self.probability >= self.threshold
+
+    @property
+    def threshold_text(self) -> str:
+        """``threshold 0.97``, with ``, unvalidated`` after it where no held-out data could set
+        it: the wording the SR summary and the key image share."""
+        text = f"threshold {self.threshold:.2f}"
+        return text if self.threshold_validated else text + ", unvalidated"
 
 
 @dataclass(frozen=True)

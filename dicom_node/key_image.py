@@ -369,9 +369,7 @@ def _panel_lines(inp: KeyImageInput) -> list[tuple[str, tuple[int, int, int]]]:
         )
     )
     for i, f in enumerate(present):
-        rows.append(
-            (f"{i + 1}  {f.label}  p={f.probability:.2f} ({_threshold_text(f)})", _color(i))
-        )
+        rows.append((f"{i + 1}  {f.label}  p={f.probability:.2f} ({f.threshold_text})", _color(i)))
     absent = [f for f in inp.findings if not f.present]
     if absent:
         rows.append((f"Absent: {', '.join(f.label for f in absent)}", _GREY))
@@ -539,12 +537,6 @@ def encode_png(rgb: np.ndarray) -> bytes:
 # --- the DICOM object ---------------------------------------------------------------------------
 
 
-def _threshold_text(f: FindingResult) -> str:
-    """``threshold 0.97``, and ``unvalidated`` after it where no held-out data could set it."""
-    text = f"threshold {f.threshold:.2f}"
-    return text if f.threshold_validated else text + ", unvalidated"
-
-
 def comments(inp: KeyImageInput) -> str:
     """The Image Comments: the findings the picture lists, as text."""
     parts = [f"{BANNER}. Annotated copy of the frontal image."]
@@ -558,7 +550,7 @@ def comments(inp: KeyImageInput) -> str:
     parts.append(
         "Present: "
         + (
-            "; ".join(f"{f.label} p={f.probability:.2f} ({_threshold_text(f)})" for f in present)
+            "; ".join(f"{f.label} p={f.probability:.2f} ({f.threshold_text})" for f in present)
             if present
             else "none"
         )

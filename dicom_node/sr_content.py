@@ -256,12 +256,7 @@ def summary_lines(inp: ReportInput, replaced: Sequence[str]) -> list[str]:
         f"{MODEL2} ({inp.model2_algorithm.name} {inp.model2_algorithm.version}): "
         + f"{len(present)} of {len(inp.findings)} findings Present.",
     ]
-    lines += [
-        f"Present: {f.label} p={_p(f.probability)} (threshold {_p(f.threshold)}"
-        + ("" if f.threshold_validated else ", unvalidated")
-        + ")."
-        for f in present
-    ]
+    lines += [f"Present: {f.label} p={_p(f.probability)} ({f.threshold_text})." for f in present]
     if absent:
         lines.append(f"Absent: {', '.join(f.label for f in absent)}.")
     if inp.ctr is not None:

@@ -100,7 +100,7 @@ class Finding:
     label: str  # one of the model card's labels (the 14 CheXpert observations for Model 2)
     probability: float
     threshold: float
-    threshold_validated: bool = True  # False: no held-out data could set it (card default)
+    threshold_validated: bool = True  # False: no or too few held-out cases set it
 
     @property
     def present(self) -> bool:
