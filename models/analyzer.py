@@ -163,10 +163,7 @@ class Analyzer(StudyAnalyzer):
     def analyse(self, studies: Sequence[StudyInput]) -> list[StudyAnalysis | Exception]:
         """One result per study, in order: its analysis or the exception that stopped it."""
         results, work, probs = self._classify(studies)
-
-        def fail(w: _Work, exc: Exception) -> None:
-            log.warning("study %s: analysis failed: %s: %s", w.study.key, type(exc).__name__, exc)
-            results[w.index] = exc
+        fail = _recorder(results)
 
         # 3. findings; Grad-CAM for Model 2's positive findings, for the batch at once
         found: dict[int, tuple[Finding, list[Finding]]] = {}
@@ -233,9 +230,7 @@ class Analyzer(StudyAnalyzer):
             except Exception as exc:  # noqa: BLE001 - reported for this study only
                 results[i] = exc
 
-        def fail(w: _Work, exc: Exception) -> None:
-            log.warning("study %s: analysis failed: %s: %s", w.study.key, type(exc).__name__, exc)
-            results[w.index] = exc
+        fail = _recorder(results)
 
         # 1. lung mask + crop of every frontal
         t0 = time.perf_counter()
@@ -393,6 +388,19 @@ class Analyzer(StudyAnalyzer):
             timings_ms=dict(w.timings),
             ctr=measure_ctr(w.mask, w.study.projection),
         )
+
+
+def _recorder(
+    results: list[StudyAnalysis | Exception | None],
+) -> Callable[[_Work, Exception], None]:
+    """``fail(w, exc)``: log that study ``w``'s analysis failed (its key and the exception) and
+    record the exception as its result."""
+
+    def fail(w: _Work, exc: Exception) -> None:
+        log.warning("study %s: analysis failed: %s: %s", w.study.key, type(exc).__name__, exc)
+        results[w.index] = exc
+
+    return fail
 
 
 def reconcile(model1: Finding, model2: list[Finding]) -> tuple[Finding, list[Finding]]:
