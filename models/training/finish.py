@@ -34,7 +34,10 @@ logits through the serving path (:class:`models.classifiers.LogitMean`), Platt s
 thresholds are fitted to that mean on validation as above, every member and the ensemble are
 scored on validation (``metrics.ensemble_selection``), and the card lists the members (each
 weights file copied byte for byte as ``<out stem>.member<i>.safetensors`` with its SHA-256, the
-machine it was trained on and how). The fit folder still supplies the design measurements.
+machine it was trained on and how). ``--member-of ENSEMBLE_CARD`` puts an earlier ensemble's
+members first (their records rebuilt from that card), so a new network can join them. The fit
+folder supplies the design measurements, unless ``--design-from CARD`` keeps an earlier card's
+(for a fit that trained one network and compared nothing).
 
 With ``--view-out`` the view classifier of the fit is scored on its held-out images and CheXpert
 test (whole images through :class:`models.view_classifier.ViewClassifier`) and its card written.
@@ -109,8 +112,26 @@ MEMBER_TRAINING = (
     "lateral_dropout",
     "seed",
     "init_from",
+    "loss_weighting",
 )
 ARCH_KEYS = ("growth_rate", "block_config", "num_init_features")
+
+
+def same_shape(card: ModelCard, first: ModelCard, what: str, first_name: str) -> None:
+    """Refuse a member whose network differs from the first member's."""
+    same = (
+        card.architecture == first.architecture
+        and card.input_size == first.input_size
+        and card.normalisation == first.normalisation
+        and card.labels == first.labels
+        and all(card.hyperparameters.get(k) == first.hyperparameters.get(k) for k in ARCH_KEYS)
+        and card.hyperparameters.get("input_crop") == first.hyperparameters.get("input_crop")
+    )
+    if not same:
+        raise SystemExit(
+            f"{what} differs from {first_name} in architecture, input, normalisation, labels "
+            "or crop: members must be the same network shape"
+        )
 
 
 def read_members(cards: Sequence[Path], out: Path) -> list[tuple[Path, ModelCard, Member]]:
@@ -121,20 +142,8 @@ def read_members(cards: Sequence[Path], out: Path) -> list[tuple[Path, ModelCard
         card, _ = load_member_weights(path)
         if card.members:
             raise SystemExit(f"--member {path} is itself an ensemble; give one-network cards")
-        first = found[0][1] if found else card
-        same = (
-            card.architecture == first.architecture
-            and card.input_size == first.input_size
-            and card.normalisation == first.normalisation
-            and card.labels == first.labels
-            and all(card.hyperparameters.get(k) == first.hyperparameters.get(k) for k in ARCH_KEYS)
-            and card.hyperparameters.get("input_crop") == first.hyperparameters.get("input_crop")
-        )
-        if not same:
-            raise SystemExit(
-                f"--member {path} differs from {cards[0]} in architecture, input, "
-                "normalisation, labels or crop: members must be the same network shape"
-            )
+        if found:
+            same_shape(card, found[0][1], f"--member {path}", str(cards[0]))
         hp, m = card.hyperparameters, card.metrics
         trained_on = str(hp.get("trained_on") or f"{m.get('device')}: {m.get('machine')}")
         how = ", ".join(f"{k} {hp[k]}" for k in MEMBER_TRAINING if hp.get(k) is not None)
@@ -150,6 +159,52 @@ def read_members(cards: Sequence[Path], out: Path) -> list[tuple[Path, ModelCard
         )
         found.append((path.parent / card.weights_file, card, member))
     return found
+
+
+def members_of(path: Path) -> list[tuple[Path, ModelCard, Member]]:
+    """The members of an ensemble card (each weights file's SHA-256 checked), each with a
+    one-network card rebuilt from the ensemble card's records of it (architecture, input and
+    crop of the ensemble; training hyper-parameters, machine and seconds of the member), so
+    that a new ensemble can keep them beside new ``--member`` cards."""
+    card, _ = load_member_weights(path)
+    if not card.members:
+        raise SystemExit(f"--member-of {path} is not an ensemble card")
+    hp = card.hyperparameters
+    trained = hp.get("ensemble", {}).get("members", {})
+    records = card.metrics.get("members", {})
+    found = []
+    for m in card.members:
+        own = trained.get(m.weights_file, {})
+        rec = records.get(m.weights_file, {})
+        name, _, version = str(own.get("from_card") or f"{card.name} {card.version}").partition(" ")
+        single = card.model_copy(
+            update={
+                "version": version or card.version,
+                "weights_file": m.weights_file,
+                "sha256": m.sha256,
+                "members": [],
+                "hyperparameters": {
+                    **{k: hp[k] for k in (*ARCH_KEYS, "input_crop") if k in hp},
+                    **{k: own[k] for k in MEMBER_TRAINING if own.get(k) is not None},
+                    "trained_on": m.trained_on,
+                },
+                "metrics": {
+                    k: rec.get(k) for k in ("machine", "train_seconds", "train_loss_per_epoch")
+                },
+            }
+        )
+        found.append((path.parent / m.weights_file, single, m))
+    return found
+
+
+def numbered(
+    members: list[tuple[Path, ModelCard, Member]], out: Path
+) -> list[tuple[Path, ModelCard, Member]]:
+    """The members in order, each weights file named ``<out stem>.member<i>.safetensors``."""
+    return [
+        (src, card, m.model_copy(update={"weights_file": f"{out.stem}.member{i}.safetensors"}))
+        for i, (src, card, m) in enumerate(members)
+    ]
 
 
 def selection_figures(labels: Sequence[str], raw: np.ndarray, logits: np.ndarray) -> dict[str, Any]:
@@ -542,7 +597,17 @@ def run(args: argparse.Namespace) -> int:
     arch = ARCHS[arch_name]
     from safetensors.torch import load_file
 
-    members = read_members(args.member, args.out) if args.member else []
+    members = numbered(
+        [
+            *(members_of(args.member_of) if args.member_of else []),
+            *(read_members(args.member, args.out) if args.member else []),
+        ],
+        args.out,
+    )
+    if len(members) == 1:
+        raise SystemExit("an ensemble needs two or more members (--member-of, --member)")
+    for src, card, _ in members[1:]:
+        same_shape(card, members[0][1], f"member {src}", f"member {members[0][0]}")
     if members:
         first = members[0][1]
         if first.labels != labels:
@@ -624,7 +689,11 @@ def run(args: argparse.Namespace) -> int:
             "validation_normals_tradeoff": normals_tradeoff(
                 labels, rv, pv, (0.9, 0.95, 0.97, 0.98)
             ),
-            "design_measurements": design_measurements(fit_log, pack["meta"]),
+            "design_measurements": (
+                read_card(args.design_from).metrics["design_measurements"]
+                if args.design_from
+                else design_measurements(fit_log, pack["meta"])
+            ),
             "failed_studies": {k: len(v) for k, v in failed.items()},
         }
     )
@@ -666,6 +735,11 @@ def run(args: argparse.Namespace) -> int:
             f"on the GPU: gamma exp(U(-{fargs.gamma}, {fargs.gamma})), rotation 10 deg, zoom "
             "10%, shift 6%, contrast/brightness 15%; no flips"
         )
+        if fit_log["args"].get("balance_sources") == "True":
+            hp["loss_weighting"] = (
+                "source-balanced: within each source, each label's positives and negatives "
+                "weigh n / (2 n_class), clipped to [0.2, 5] (gpu_fit.source_balance)"
+            )
         hp["epochs"] = fitted["epochs"]
         hp["seed"] = fitted["seed"]
         hp["weights"] = (
@@ -743,6 +817,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         help="a one-network Model 2 card; given 2+ times, ship their logit-mean ensemble",
+    )
+    extra.add_argument(
+        "--member-of",
+        type=Path,
+        help="an ensemble card whose members come first (then the --member cards)",
+    )
+    extra.add_argument(
+        "--design-from",
+        type=Path,
+        help="keep this card's metrics.design_measurements (a fit that compared no candidates)",
     )
     extra.add_argument("--specificity", type=float, default=0.95)
     extra.add_argument("--version", default="3.0.0")

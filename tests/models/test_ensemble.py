@@ -211,6 +211,41 @@ def test_finish_reads_members_of_one_shape_only(tmp_path: Path) -> None:
     assert fig["score"] == pytest.approx((c5 + m1) / 2, abs=1e-4)
 
 
+def test_finish_keeps_an_ensembles_members_beside_a_new_one(tmp_path: Path) -> None:
+    from models.training.finish import members_of, numbered, read_members
+
+    ens = _ensemble(tmp_path)
+    data = json.loads(ens.read_text())
+    data["hyperparameters"]["ensemble"] = {
+        "members": {
+            "ens.member0.safetensors": {"from_card": "model2 2.0.0", "epochs": 9, "seed": 0},
+            "ens.member1.safetensors": {"from_card": "model2 3.0.0", "epochs": 24, "seed": 1},
+        }
+    }
+    data["metrics"] = {"members": {"ens.member1.safetensors": {"train_seconds": 30.4}}}
+    ens.write_text(json.dumps(data))
+    old = members_of(ens)
+    assert [src.name for src, *_ in old] == ["ens.member0.safetensors", "ens.member1.safetensors"]
+    assert [c.version for _, c, _ in old] == ["2.0.0", "3.0.0"]
+    assert old[1][1].hyperparameters["epochs"] == 24 and old[1][1].hyperparameters["seed"] == 1
+    assert old[1][1].metrics["train_seconds"] == 30.4 and not old[1][1].members
+    assert [m.sha256 for *_, m in old] == [m["sha256"] for m in data["members"]]
+    tiny_card(tmp_path / "new.json", LABELS, seed=7)
+    out = tmp_path / "w" / "model2.json"
+    both = numbered([*old, *read_members([tmp_path / "new.json"], out)], out)
+    assert [m.weights_file for *_, m in both] == [f"model2.member{i}.safetensors" for i in range(3)]
+    assert both[2][0] == tmp_path / "new.safetensors"
+    # a one-network card is not an ensemble to keep the members of
+    with pytest.raises(SystemExit, match="not an ensemble"):
+        members_of(tmp_path / "new.json")
+    # a member whose weights file no longer matches the ensemble card is refused
+    w = tmp_path / "ens.member0.safetensors"
+    good = w.read_bytes()
+    w.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+    with pytest.raises(ModelLoadError, match="ens.member0"):
+        members_of(ens)
+
+
 def test_ensemble_channels_last_gives_the_same_probabilities(tmp_path: Path) -> None:
     clf = Classifier.from_card(_ensemble(tmp_path))
     frontals, laterals = _images(2)
