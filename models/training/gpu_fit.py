@@ -442,6 +442,41 @@ class Run:
         }
 
 
+def source_balance(
+    target: np.ndarray, mask: np.ndarray, source: np.ndarray, rows: np.ndarray, clip: float = 5.0
+) -> np.ndarray:
+    """Per-study, per-label loss weights (studies x labels) that balance each label's
+    positives and negatives **within each source** of the training ``rows``.
+
+    Sources differ wildly in prevalence (the COVID-19 collection is almost all abnormal, OpenIST
+    all normal, CheXpert mostly abnormal), so a network can lower its loss by recognising the
+    site instead of the finding, and then calls every film from a sick-looking site abnormal.
+    Here, within a (source, label) cell with n labelled studies, a positive weighs n / (2 n_pos)
+    and a negative n / (2 n_neg), clipped to [1 / ``clip``, ``clip``]: the cell's prior is then
+    close to one half whatever the source, so the site alone predicts little. A cell with one
+    class only (OpenIST's No Finding) keeps weight 1; rows outside ``rows`` and masked entries
+    get 0. The weights are scaled to mean 1 over the labelled training entries."""
+    w = np.zeros(target.shape, dtype=np.float32)
+    for src in np.unique(source[rows]):
+        r = rows[source[rows] == src]
+        for j in range(target.shape[1]):
+            lab = mask[r, j] > 0
+            pos = lab & (target[r, j] > 0.5)
+            neg = lab & ~pos
+            n, n_pos, n_neg = int(lab.sum()), int(pos.sum()), int(neg.sum())
+            if n == 0:
+                continue
+            if n_pos == 0 or n_neg == 0:
+                w[r[lab], j] = 1.0
+                continue
+            w[r[pos], j] = np.clip(n / (2 * n_pos), 1 / clip, clip)
+            w[r[neg], j] = np.clip(n / (2 * n_neg), 1 / clip, clip)
+    labelled = w[rows][mask[rows] > 0]
+    if labelled.size:
+        w /= labelled.mean()
+    return w
+
+
 @dataclass
 class Fitter:
     data: Data
@@ -452,6 +487,16 @@ class Fitter:
     lateral_dropout: float
     gamma: float
     eval_batch: int = 128
+    balance_sources: bool = False
+    weights: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        d = self.data
+        if self.balance_sources:
+            w = source_balance(
+                d.target.cpu().numpy(), d.mask.cpu().numpy(), d.source, d.rows("train")
+            )
+            self.weights = torch.from_numpy(w).to(self.device)
 
     @property
     def cuda(self) -> bool:
@@ -554,7 +599,7 @@ class Fitter:
                 f, lat = self.inputs(fi, li, run.size, gen)
                 with self.autocast():
                     logits = net(f, lat, pos)
-                m = d.mask[rows]
+                m = d.mask[rows] if self.weights is None else self.weights[rows]
                 loss = F.binary_cross_entropy_with_logits(
                     logits.float(), d.target[rows], reduction="none"
                 )
@@ -832,6 +877,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--lateral-dropout", type=float, default=0.3)
     p.add_argument("--gamma", type=float, default=0.3)
+    p.add_argument(
+        "--balance-sources",
+        action="store_true",
+        help="weight the loss so each label's positives and negatives balance within each source",
+    )
     p.add_argument("--uncertainty", default="u-ignore", choices=["u-ignore", "u-zeros", "u-ones"])
     p.add_argument("--view-epochs", type=int, default=40, help="0 = no view classifier")
     p.add_argument("--time-steps", type=int, default=8, help="timed steps per candidate")
@@ -919,6 +969,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         weight_decay=args.weight_decay,
         lateral_dropout=args.lateral_dropout,
         gamma=args.gamma,
+        balance_sources=args.balance_sources,
     )
     # timing -> epochs
     epoch_s: dict[tuple[str, int], float] = {}

@@ -221,3 +221,33 @@ def test_finish_refuses_a_pack_of_another_split(tmp_path: Path) -> None:
     parts["val"], parts["test"] = parts["val"][:-1], parts["test"] + parts["val"][-1:]
     with pytest.raises(SystemExit, match="val split"):
         check_pack(pk, parts)
+
+
+def test_source_balance_evens_each_sources_prior() -> None:
+    # source 0: 2 positives / 8 negatives of label 0; source 1: 9 / 1; source 2: all positive
+    source = np.repeat([0, 1, 2], 10)
+    target = np.zeros((30, 2), dtype=np.float32)
+    target[[0, 1], 0] = 1
+    target[10:19, 0] = 1
+    target[20:, 0] = 1
+    mask = np.ones_like(target)
+    mask[5, 0] = 0  # an unlabelled entry
+    rows = np.arange(30)
+    w = gpu_fit.source_balance(target, mask, source, rows)
+    assert w[5, 0] == 0
+    for src in (0, 1):  # positives and negatives of a two-class cell weigh the same in total
+        r = np.flatnonzero((source == src) & (mask[:, 0] > 0))
+        pos, neg = r[target[r, 0] > 0], r[target[r, 0] == 0]
+        assert w[pos, 0].sum() == pytest.approx(w[neg, 0].sum(), rel=1e-5)
+    # one class only: equal weights, unchanged relative to an unweighted study
+    assert np.allclose(w[20:, 0], w[20, 0]) and np.allclose(w[:, 1], w[0, 1])
+    assert w[20, 0] == pytest.approx(w[0, 1])
+    # the weights average 1 over the labelled entries; rows outside training get none
+    assert w[mask > 0].mean() == pytest.approx(1.0)
+    w2 = gpu_fit.source_balance(target, mask, source, rows[:20])
+    assert not w2[20:].any()
+    # a rare class is clipped rather than weighted without bound
+    t = np.zeros((101, 1), dtype=np.float32)
+    t[0] = 1
+    w3 = gpu_fit.source_balance(t, np.ones_like(t), np.zeros(101, int), np.arange(101))
+    assert w3[0, 0] / w3[1, 0] == pytest.approx(5.0 / (101 / 200), rel=1e-5)
