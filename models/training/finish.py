@@ -306,6 +306,12 @@ def members_note(members: list[tuple[Path, ModelCard, Member]]) -> str:
     )
 
 
+def trained_on(fit_log: dict[str, Any]) -> str:
+    """Where the fit ran: its device, and the machine's CPU when the fit recorded it."""
+    device = str(fit_log.get("device"))
+    return f"{device}: {fit_log['machine']}" if fit_log.get("machine") else device
+
+
 def pick_weights(fit_log: dict[str, Any], weights: str) -> dict[str, Any]:
     """The fit-log run whose weights to ship: ``weights`` by file stem, or (``auto``) the run of
     the winning candidate with weights and the best validation score."""
@@ -677,7 +683,7 @@ def run(args: argparse.Namespace) -> int:
             "train_loss_per_epoch": fitted["train_loss_per_epoch"],
             "train_seconds": fitted["train_seconds"],
             "device": fit_log.get("device"),
-            "machine": f"trained with models.training.gpu_fit on {fit_log.get('device')} "
+            "machine": f"trained with models.training.gpu_fit on {trained_on(fit_log)} "
             f"(torch {fit_log.get('torch')}); calibrated and evaluated on the CPU",
         }
     )
@@ -731,8 +737,9 @@ def run(args: argparse.Namespace) -> int:
             },
         }
     else:
+        on = "GPU" if str(fit_log.get("device", "")).startswith("cuda") else "CPU"
         hp["augment"] = (
-            f"on the GPU: gamma exp(U(-{fargs.gamma}, {fargs.gamma})), rotation 10 deg, zoom "
+            f"on the {on}: gamma exp(U(-{fargs.gamma}, {fargs.gamma})), rotation 10 deg, zoom "
             "10%, shift 6%, contrast/brightness 15%; no flips"
         )
         if fit_log["args"].get("balance_sources") == "True":
@@ -746,7 +753,7 @@ def run(args: argparse.Namespace) -> int:
             f"{fitted['weights']} of the fit ({fitted['epochs']} epochs, seed {fitted['seed']}; "
             f"validation score {fitted['validation'].get('score')})"
         )
-        hp["trained_on"] = fit_log.get("device")
+        hp["trained_on"] = trained_on(fit_log)
     card = base.model_copy(
         update={
             "thresholds": thresholds,

@@ -26,6 +26,11 @@ Steps, all on the device:
    ensemble (``--seeds`` > 1 adds seeds at E epochs, measured as an ensemble only).
    :mod:`.finish` ships whichever of the winner's runs scores best on validation.
 
+With ``--balance-sources`` the loss weights each label's positives and negatives equally within
+each source (:func:`source_balance`), so that the site alone predicts little; Model 2 3.1.0's
+second member was trained so, on the CPU (``--device cpu --candidates small:224 --epochs 12
+--long-factor 1 --view-epochs 0``, 25 minutes on 2 cores).
+
 Training: GPU augmentation per image (gamma exp(U(-0.3, 0.3)), rotation +-10 deg, zoom +-10%,
 shift +-6% with affine_grid/grid_sample, contrast/brightness +-15%; never a flip), lateral
 dropout 0.3, masked BCE over the 14 labels under the uncertainty policy (u-ignore: uncertain
@@ -440,6 +445,19 @@ class Run:
             "validation_curve": self.val_curve,
             "error": self.error,
         }
+
+
+def cpu_machine() -> str:
+    """The CPU model and core count of this machine (the card records where a fit ran)."""
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name or 'unknown CPU'}, {os.cpu_count()} cores"
 
 
 def source_balance(
@@ -944,6 +962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     outs = Outputs(args.out, data)
     outs.log.update(
         device=f"{dev} ({gpu})",
+        machine=cpu_machine(),
         torch=torch.__version__,
         args={k: str(v) for k, v in vars(args).items()},
         studies=counts,
