@@ -4,6 +4,7 @@ metrics against the training code's, and weights that load into the serving clas
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +252,14 @@ def test_source_balance_evens_each_sources_prior() -> None:
     t[0] = 1
     w3 = gpu_fit.source_balance(t, np.ones_like(t), np.zeros(101, int), np.arange(101))
     assert w3[0, 0] / w3[1, 0] == pytest.approx(5.0 / (101 / 200), rel=1e-5)
+
+
+def test_a_fit_records_where_it_ran() -> None:
+    from models.training.finish import trained_on
+
+    assert gpu_fit.cpu_machine().endswith(f"{os.cpu_count()} cores")
+    assert trained_on({"device": "cpu (cpu)", "machine": "Xeon, 2 cores"}) == (
+        "cpu (cpu): Xeon, 2 cores"
+    )
+    # a fit log from before the machine was recorded keeps its device
+    assert trained_on({"device": "cuda (NVIDIA H200)"}) == "cuda (NVIDIA H200)"
