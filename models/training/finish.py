@@ -78,7 +78,7 @@ from models.training.calibration import (
     report,
 )
 from models.training.datasets.chexpert import StudyRecord
-from models.training.gpu_fit import ARCHS
+from models.training.gpu_fit import ARCHS, BALANCE_CLIP
 from models.training.metrics import youden_threshold
 from models.training.pack import PACK_SPLITS, read_pack, short_hash
 
@@ -176,7 +176,7 @@ def members_of(path: Path) -> list[tuple[Path, ModelCard, Member]]:
     for m in card.members:
         own = trained.get(m.weights_file, {})
         rec = records.get(m.weights_file, {})
-        name, _, version = str(own.get("from_card") or f"{card.name} {card.version}").partition(" ")
+        version = str(own.get("from_card") or f"{card.name} {card.version}").partition(" ")[2]
         single = card.model_copy(
             update={
                 "version": version or card.version,
@@ -745,7 +745,8 @@ def run(args: argparse.Namespace) -> int:
         if fit_log["args"].get("balance_sources") == "True":
             hp["loss_weighting"] = (
                 "source-balanced: within each source, each label's positives and negatives "
-                "weigh n / (2 n_class), clipped to [0.2, 5] (gpu_fit.source_balance)"
+                f"weigh n / (2 n_class), clipped to [{1 / BALANCE_CLIP:g}, {BALANCE_CLIP:g}] "
+                "(gpu_fit.source_balance)"
             )
         hp["epochs"] = fitted["epochs"]
         hp["seed"] = fitted["seed"]

@@ -448,8 +448,11 @@ class Run:
 
 
 def cpu_machine() -> str:
-    """The CPU model and core count of this machine (the card records where a fit ran)."""
-    name = ""
+    """The CPU model and core count of this machine (the cards record where a model was
+    trained; :func:`models.training.train_model2.machine` adds the GPU)."""
+    import platform
+
+    name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
@@ -457,11 +460,19 @@ def cpu_machine() -> str:
                 break
     except OSError:
         pass
-    return f"{name or 'unknown CPU'}, {os.cpu_count()} cores"
+    return f"{name}, {os.cpu_count()} cores"
+
+
+#: :func:`source_balance` clips a class weight to [1 / BALANCE_CLIP, BALANCE_CLIP]
+BALANCE_CLIP = 5.0
 
 
 def source_balance(
-    target: np.ndarray, mask: np.ndarray, source: np.ndarray, rows: np.ndarray, clip: float = 5.0
+    target: np.ndarray,
+    mask: np.ndarray,
+    source: np.ndarray,
+    rows: np.ndarray,
+    clip: float = BALANCE_CLIP,
 ) -> np.ndarray:
     """Per-study, per-label loss weights (studies x labels) that balance each label's
     positives and negatives **within each source** of the training ``rows``.

@@ -97,20 +97,11 @@ def fill_cache(cache: ImageCache, records: list[StudyRecord], path: Path | None)
 
 
 def machine() -> str:
-    """The CPU this ran on (the card records the training machine)."""
-    import os
-    import platform
+    """The CPU this ran on, and the GPU if any (the card records the training machine)."""
+    from models.training.gpu_fit import cpu_machine
 
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{name}, {os.cpu_count()} cores (shared with other jobs), {gpu}"
+    return f"{cpu_machine()} (shared with other jobs), {gpu}"
 
 
 def _raw(records: list[StudyRecord]) -> np.ndarray:
