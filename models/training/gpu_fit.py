@@ -19,9 +19,9 @@ Steps, all on the device:
    DenseNet and DenseNet-121 at 224 and 320 px) are timed for a few steps; the epoch count E
    is the largest (<= ``--max-epochs``) for which all of them fit in about half the remaining
    budget (candidates at the end of the list are dropped if even ``--min-epochs`` do not fit).
-   Each is trained E epochs with seed 0 and scored on the validation split (never the test
-   split): the score is the mean of the 5-label competition AUROC and Model 1's AUROC.
-4. The winner is trained again (seed 1) for ``--long-factor`` times E epochs, as far as the
+   Each is trained E epochs with seed ``--seed`` (0) and scored on the validation split (never
+   the test split): the score is the mean of the 5-label competition AUROC and Model 1's AUROC.
+4. The winner is trained again (the next seed) for ``--long-factor`` times E epochs, as far as the
    budget allows: the serving code loads one network, so a longer run is worth more than an
    ensemble (``--seeds`` > 1 adds seeds at E epochs, measured as an ensemble only).
    :mod:`.finish` ships whichever of the winner's runs scores best on validation.
@@ -40,7 +40,7 @@ CUDA. Frontal and lateral images of a batch go through the shared backbone in on
 Outputs under ``--out`` (7 files, each < 16 MB, about 45 MB at most): ``fit_log.json`` (every
 run's validation metrics and curve, epochs/s, images/s, losses, the choice), ``logits.npz``
 (val / test / chexpert_test logits of every run with the pack's key hashes and raw labels, and
-the view classifier's probabilities), ``model2_s0.safetensors`` and ``model2_long.safetensors``
+the view classifier's probabilities), ``model2_s<seed>.safetensors`` and ``model2_long.safetensors``
 (the winner, float16), ``candidates.safetensors`` (other candidates' seed-0 weights as fit
 in 15 MB, keys prefixed ``<candidate>/``), ``view_classifier.safetensors`` and ``fit.log``.
 Files are rewritten as runs finish, so a run cut short still leaves its finished results.
@@ -901,6 +901,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--seeds", type=int, default=1, help="seeds of the winner at the selection length"
     )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the selection runs (later runs count on)"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -1031,15 +1034,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "epochs": epochs,
         "candidates": [f"{a}:{s}" for a, s in cands],
         "seconds_per_epoch_timed": {f"{a}:{s}": round(v, 3) for (a, s), v in epoch_s.items()},
-        "rule": "each candidate trained the same epochs with seed 0; score = mean of the "
-        "validation 5-label competition AUROC and Model 1 AUROC; test split never used",
+        "rule": f"each candidate trained the same epochs with seed {args.seed}; score = mean of "
+        "the validation 5-label competition AUROC and Model 1 AUROC; test split never used",
     }
     say(f"selection: {len(cands)} candidates x {epochs} epochs")
 
     runs: list[Run] = []
     hard = deadline - args.reserve_s
     for a, s in cands:
-        run = Run(f"{a}:{s}", a, s, 0, epochs)
+        run = Run(f"{a}:{s}", a, s, args.seed, epochs)
         try:
             fitter.train(run, hard, log_every=max(1, epochs // 4))
         except torch.OutOfMemoryError as exc:
@@ -1064,7 +1067,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (r.name, r.val["score"]) for r in sorted(done, key=lambda r: -r.val["score"])
     ]
     assert best.state is not None
-    best.weights = "model2_s0"
+    best.weights = f"model2_s{args.seed}"
     outs.write_weights(best.weights, half_state(best.state))
     outs.log["runs"] = [r.summary() for r in runs]
     others: dict[str, torch.Tensor] = {}
@@ -1080,7 +1083,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         outs.write_weights("candidates", others)
     outs.write_logits(runs)
     outs.write_log()
-    say(f"winner {best.name} (score {best.val['score']}); seed 0 written")
+    say(f"winner {best.name} (score {best.val['score']}); seed {args.seed} written")
 
     # the winner again, trained longer (the serving code loads one network, so a longer run is
     # worth more than an ensemble); then extra seeds at the selection length while time allows
@@ -1088,7 +1091,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     left = deadline - args.reserve_s - time.time()
     long_epochs = min(round(best.epochs * args.long_factor), int((left - 5) / per_epoch))
     if args.long_factor > 1 and long_epochs >= best.epochs * 1.3:
-        run = Run(best.name, best.arch, best.size, 1, long_epochs, tag="long")
+        run = Run(best.name, best.arch, best.size, args.seed + 1, long_epochs, tag="long")
         fitter.train(run, hard, log_every=max(1, long_epochs // 4))
         runs.append(run)
         if run.complete and run.state is not None:
@@ -1106,12 +1109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if left < best.seconds * 1.15 + 3:
             say(f"no time for seed {seed} ({left:.0f} s left)")
             break
-        run = Run(best.name, best.arch, best.size, seed, best.epochs)
+        run = Run(best.name, best.arch, best.size, args.seed + seed, best.epochs)
         fitter.train(run, hard, log_every=max(1, best.epochs // 2))
         runs.append(run)
         if run.complete and run.state is not None:
             seeds_done.append(run)
-            run.weights = f"model2_s{seed}"
+            run.weights = f"model2_s{args.seed + seed}"
             outs.write_weights(run.weights, half_state(run.state))
         outs.log["runs"] = [r.summary() for r in runs]
         say(f"{run.name} seed {seed}: val score {run.val.get('score')}")

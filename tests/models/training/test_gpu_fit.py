@@ -189,6 +189,22 @@ def test_quick_fit_writes_weights_the_serving_classes_load(tmp_path: Path) -> No
     assert len(z["val_key_hash"]) == 10 and len(z["test_key_hash"]) == 5
 
 
+def test_a_fit_with_another_seed_names_its_weights_by_that_seed(tmp_path: Path) -> None:
+    pack = tmp_path / "p.npz"
+    _tiny_pack(pack)
+    out = tmp_path / "out"
+    argv = ["--pack", str(pack), "--out", str(out), "--quick", "--candidates", "tiny:32"]
+    argv += ["--threads", "1", "--view-epochs", "0", "--long-factor", "1", "--seed", "3"]
+    assert gpu_fit.main([*argv, "--budget-s", "120", "--reserve-s", "1"]) == 0
+    log = json.loads((out / "fit_log.json").read_text())
+    assert [(r["seed"], r["weights"]) for r in log["runs"]] == [(3, "model2_s3")]
+    assert (out / "model2_s3.safetensors").exists()
+    assert not (out / "model2_s0.safetensors").exists()
+    from models.training.finish import pick_weights
+
+    assert pick_weights(log, "auto")["seed"] == 3
+
+
 def test_stricter_operating_points_call_fewer_findings_on_normals() -> None:
     from models.training.finish import normals_tradeoff
 
