@@ -53,9 +53,11 @@ def _nets(
         if p.exists():
             card, net = load_classifier(p)
             size = card.input_size
+            what = f"{len(card.members) or 1} x DenseNet"
         else:
             net, size = MultiViewClassifier(1 if name == "model1" else 14), 224
-        out[f"{name} frontal (DenseNet-121)"] = (net, net, size)
+            what = "random DenseNet"
+        out[f"{name} frontal ({what})"] = (net, net, size)
         out[f"{name} frontal+lateral (studies/s)"] = ((lambda x, n=net: n(x, x)), net, size)
     p = weights_dir / "view_classifier.json"
     if p.exists():

@@ -27,9 +27,9 @@ Steps, all on the device:
    :mod:`.finish` ships whichever of the winner's runs scores best on validation.
 
 With ``--balance-sources`` the loss weights each label's positives and negatives equally within
-each source (:func:`source_balance`), so that the site alone predicts little; Model 2 3.1.0's
-second member was trained so, on the CPU (``--device cpu --candidates small:224 --epochs 12
---long-factor 1 --view-epochs 0``, 25 minutes on 2 cores).
+each source (:func:`source_balance`), so that the site alone predicts little; Model 2 3.2.0's four
+members were trained so, on the CPU (``--device cpu --candidates small:224 --epochs 12
+--long-factor 1 --view-epochs 0 --seed N``, 9-25 minutes each on 2 cores).
 
 Training: GPU augmentation per image (gamma exp(U(-0.3, 0.3)), rotation +-10 deg, zoom +-10%,
 shift +-6% with affine_grid/grid_sample, contrast/brightness +-15%; never a flip), lateral
