@@ -37,7 +37,9 @@ weights file copied byte for byte as ``<out stem>.member<i>.safetensors`` with i
 machine it was trained on and how). ``--member-of ENSEMBLE_CARD`` puts an earlier ensemble's
 members first (their records rebuilt from that card), so a new network can join them. The fit
 folder supplies the design measurements, unless ``--design-from CARD`` keeps an earlier card's
-(for a fit that trained one network and compared nothing).
+(for a fit that trained one network and compared nothing). ``--selection REPORT`` copies the
+ranking that :mod:`.select_members` wrote (every subset of the candidate networks, scored within
+source and pooled on validation) into ``metrics.ensemble_selection.within_source``.
 
 With ``--view-out`` the view classifier of the fit is scored on its held-out images and CheXpert
 test (whole images through :class:`models.view_classifier.ViewClassifier`) and its card written.
@@ -294,6 +296,18 @@ def ensemble_metrics(
             "ensemble_mean_logits": ens,
         },
     }
+
+
+def read_selection(path: Path, members: list[tuple[Path, ModelCard, Member]]) -> dict[str, Any]:
+    """:mod:`.select_members`' report, checked to have scored this ensemble (its members by
+    SHA-256), with the shipped set marked."""
+    report: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    shas = sorted(m.sha256 for *_, m in members)
+    shipped = [r for r in report["ranking"] if sorted(r.get("sha256", [])) == shas]
+    if not shipped:
+        raise SystemExit(f"{path} did not score these members together: run select_members on them")
+    shipped[0]["shipped"] = True
+    return report
 
 
 def members_note(members: list[tuple[Path, ModelCard, Member]]) -> str:
@@ -687,6 +701,13 @@ def run(args: argparse.Namespace) -> int:
             f"(torch {fit_log.get('torch')}); calibrated and evaluated on the CPU",
         }
     )
+    if args.selection:
+        if not members:
+            raise SystemExit(
+                "--selection records how an ensemble's members were chosen: give --member"
+            )
+        chosen = read_selection(args.selection, members)
+        metrics["ensemble_selection"]["within_source"] = chosen
     metrics.update(
         {
             "studies": counts,
@@ -835,6 +856,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--design-from",
         type=Path,
         help="keep this card's metrics.design_measurements (a fit that compared no candidates)",
+    )
+    extra.add_argument(
+        "--selection",
+        type=Path,
+        help="select_members' --report: recorded in metrics.ensemble_selection.within_source",
     )
     extra.add_argument("--specificity", type=float, default=0.95)
     extra.add_argument("--version", default="3.0.0")

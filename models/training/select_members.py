@@ -141,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
     within = args.within.split(",")
     sources = [r.source for r, k in zip(val, ok, strict=True) if k]
     rows = subset_scores(names, [z[ok] for z in logits], raw[ok], sources, within)
+    sha = {n: card.sha256 for n, (_, card, _) in zip(names, members, strict=True)}
+    for r in rows:
+        r["sha256"] = [sha[n] for n in r["members"]]
     print(f"{'within':>7} {'pooled':>7}  " + "  ".join(f"{s:>14}" for s in within) + "  networks")
     for r in rows:
         per = "  ".join(figures(r["per_source"][s]).rjust(14) for s in within)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from models.labels import OBSERVATIONS
 from models.training.select_members import subset_scores
@@ -45,3 +49,32 @@ def test_an_ensemble_is_the_mean_of_its_members_logits() -> None:
     pair = next(r for r in both if r["members"] == ["a", "b"])
     assert pair["within_source_score"] == mean["within_source_score"]
     assert pair["pooled"] == mean["pooled"]
+
+
+def test_finish_records_the_ranking_that_scored_its_members(tmp_path: Path) -> None:
+    from models.registry import Member, ModelCard
+    from models.training.finish import read_selection
+
+    a, b, c = ("a" * 64, "b" * 64, "c" * 64)
+    rows = [
+        {"members": ["A", "C"], "sha256": [a, c], "within_source_score": 0.82},
+        {"members": ["A", "B"], "sha256": [a, b], "within_source_score": 0.81},
+    ]
+    report = tmp_path / "select.json"
+    report.write_text(json.dumps({"rule": "r", "ranking": rows}))
+    card = ModelCard(
+        name="model2",
+        version="t",
+        architecture="x",
+        weights_file="x",
+        sha256=a,
+        input_size=8,
+        labels=["x"],
+    )
+    members = [
+        (Path(f"{s[0]}.safetensors"), card, Member(weights_file="x", sha256=s)) for s in (b, a)
+    ]
+    got = read_selection(report, members)
+    assert [r.get("shipped", False) for r in got["ranking"]] == [False, True]
+    with pytest.raises(SystemExit, match="did not score these members"):
+        read_selection(report, members[:1])
