@@ -831,7 +831,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from models.training.pack import parse_args as pack_args
+    from models.training.pack import parse_with_sources
 
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--fit", type=Path, required=True, help="folder gpu_fit wrote")
@@ -874,11 +874,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     extra.add_argument("--skip-evaluate", action="store_true")
     extra.add_argument("--limit", type=int, default=0, help="debug: score N studies per split")
     extra.add_argument("--pack", type=Path, default=Path("var/pack/pack.npz"))
-    known, rest = extra.parse_known_args(argv)
-    args = pack_args(rest)
-    for k, v in vars(known).items():
-        setattr(args, k, v)
-    return args
+    return parse_with_sources(extra, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

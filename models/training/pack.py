@@ -300,6 +300,18 @@ def read_pack(path: Path) -> dict[str, Any]:
     return out
 
 
+def parse_with_sources(
+    extra: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> argparse.Namespace:
+    """The pack's source, split and crop arguments (:func:`parse_args`) together with
+    ``extra``'s (an ``add_help=False`` parser), read from one command line."""
+    known, rest = extra.parse_known_args(argv)
+    args = parse_args(rest)
+    for k, v in vars(known).items():
+        setattr(args, k, v)
+    return args
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m models.training.pack",

@@ -166,18 +166,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from models.training.pack import parse_args as pack_args
+    from models.training.pack import parse_with_sources
 
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--member-of", type=Path, action="append", help="an ensemble card")
     extra.add_argument("--member", type=Path, action="append", help="a one-network card")
     extra.add_argument("--within", default=",".join(WITHIN), help="sources of the rule")
     extra.add_argument("--report", type=Path, help="write the ranking as JSON")
-    known, rest = extra.parse_known_args(argv)
-    args = pack_args(rest)
-    for k, v in vars(known).items():
-        setattr(args, k, v)
-    return args
+    return parse_with_sources(extra, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
