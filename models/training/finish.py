@@ -764,9 +764,10 @@ def run(args: argparse.Namespace) -> int:
             "10%, shift 6%, contrast/brightness 15%; no flips"
         )
         if fit_log["args"].get("balance_sources") == "True":
+            clip = float(fit_log["args"].get("balance_clip", BALANCE_CLIP))
             hp["loss_weighting"] = (
                 "source-balanced: within each source, each label's positives and negatives "
-                f"weigh n / (2 n_class), clipped to [{1 / BALANCE_CLIP:g}, {BALANCE_CLIP:g}] "
+                f"weigh n / (2 n_class), clipped to [{1 / clip:g}, {clip:g}] "
                 "(gpu_fit.source_balance)"
             )
         hp["epochs"] = fitted["epochs"]

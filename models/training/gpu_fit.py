@@ -517,13 +517,18 @@ class Fitter:
     gamma: float
     eval_batch: int = 128
     balance_sources: bool = False
+    balance_clip: float = BALANCE_CLIP
     weights: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         d = self.data
         if self.balance_sources:
             w = source_balance(
-                d.target.cpu().numpy(), d.mask.cpu().numpy(), d.source, d.rows("train")
+                d.target.cpu().numpy(),
+                d.mask.cpu().numpy(),
+                d.source,
+                d.rows("train"),
+                clip=self.balance_clip,
             )
             self.weights = torch.from_numpy(w).to(self.device)
 
@@ -914,6 +919,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="weight the loss so each label's positives and negatives balance within each source",
     )
+    p.add_argument(
+        "--balance-clip",
+        type=float,
+        default=BALANCE_CLIP,
+        help="with --balance-sources: class weights clipped to [1/clip, clip]",
+    )
     p.add_argument("--uncertainty", default="u-ignore", choices=["u-ignore", "u-zeros", "u-ones"])
     p.add_argument("--view-epochs", type=int, default=40, help="0 = no view classifier")
     p.add_argument("--time-steps", type=int, default=8, help="timed steps per candidate")
@@ -1003,6 +1014,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lateral_dropout=args.lateral_dropout,
         gamma=args.gamma,
         balance_sources=args.balance_sources,
+        balance_clip=args.balance_clip,
     )
     # timing -> epochs
     epoch_s: dict[tuple[str, int], float] = {}

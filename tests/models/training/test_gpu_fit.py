@@ -270,6 +270,23 @@ def test_source_balance_evens_each_sources_prior() -> None:
     assert w3[0, 0] / w3[1, 0] == pytest.approx(5.0 / (101 / 200), rel=1e-5)
 
 
+def test_the_fitter_balances_with_its_own_clip(tmp_path: Path) -> None:
+    pack = tmp_path / "p.npz"
+    _tiny_pack(pack)
+    cpu = torch.device("cpu")
+    data = gpu_fit.load_data(pack, [48], cpu, "u-ignore", 1)
+    opts = {"batch_size": 8, "lr": 1e-3, "weight_decay": 0.0, "lateral_dropout": 0.0, "gamma": 0.0}
+    tight = gpu_fit.Fitter(data, cpu, **opts, balance_sources=True, balance_clip=1.01)
+    default = gpu_fit.Fitter(data, cpu, **opts, balance_sources=True)
+    plain = gpu_fit.Fitter(data, cpu, **opts)
+    want = gpu_fit.source_balance(
+        data.target.numpy(), data.mask.numpy(), data.source, data.rows("train"), clip=1.01
+    )
+    assert tight.weights is not None and default.weights is not None and plain.weights is None
+    assert np.array_equal(tight.weights.numpy(), want)
+    assert not np.array_equal(default.weights.numpy(), want)
+
+
 def test_a_fit_records_where_it_ran() -> None:
     from models.training.finish import trained_on
 
