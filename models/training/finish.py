@@ -16,9 +16,9 @@
 
 Steps: the studies are read and split exactly as the pack was (same sources, seed and fractions;
 the pack's key hashes are checked against them). The fitted weights (``--weights``; default
-the winning candidate's run with the best validation score: seed 0 or the longer run) are
-scored **through the serving path** (:class:`models.analyzer.Analyzer`: decode, lung mask,
-crop, resize, normalisation) with calibration switched off, giving raw logits per validation,
+the winning candidate's run with the best validation score: its ``--seed`` run or the longer
+run) are scored **through the serving path** (:class:`models.analyzer.Analyzer`: decode, lung
+mask, crop, resize, normalisation) with calibration switched off, giving raw logits per validation,
 test and CheXpert-test study. Platt scaling per label is fitted on the validation logits,
 thresholds are set there (pathologies at ``--specificity`` of validation negatives, No Finding
 at Youden's J, as :mod:`.train_model2`), test and CheXpert test are only measured. The cards,
@@ -384,11 +384,11 @@ def design_measurements(fit_log: dict[str, Any], pack_meta: dict[str, Any]) -> d
     return {
         "how": (
             f"gpu_fit on {fit_log.get('device')}: every candidate trained "
-            f"{fit_log['selection']['epochs']} epochs with seed 0 on the same patient-level "
-            "split and scored on the validation split (pack images: lung crops by the serving "
-            f"lung mask, JPEG quality {pack_meta.get('jpeg_quality')}, mean error "
-            f"{pack_meta.get('jpeg_mae_255')}/255); score = mean of the 5-label competition "
-            "AUROC and Model 1 AUROC; the test split was never used to choose"
+            f"{fit_log['selection']['epochs']} epochs with seed {fit_log['args'].get('seed', 0)} "
+            "on the same patient-level split and scored on the validation split (pack images: "
+            f"lung crops by the serving lung mask, JPEG quality {pack_meta.get('jpeg_quality')}, "
+            f"mean error {pack_meta.get('jpeg_mae_255')}/255); score = mean of the 5-label "
+            "competition AUROC and Model 1 AUROC; the test split was never used to choose"
         ),
         "candidates": {
             f"{r['candidate']} seed {r['seed']}": {

@@ -41,7 +41,7 @@ Outputs under ``--out`` (7 files, each < 16 MB, about 45 MB at most): ``fit_log.
 run's validation metrics and curve, epochs/s, images/s, losses, the choice), ``logits.npz``
 (val / test / chexpert_test logits of every run with the pack's key hashes and raw labels, and
 the view classifier's probabilities), ``model2_s<seed>.safetensors`` and ``model2_long.safetensors``
-(the winner, float16), ``candidates.safetensors`` (other candidates' seed-0 weights as fit
+(the winner, float16), ``candidates.safetensors`` (other candidates' weights (``--seed``) as fit
 in 15 MB, keys prefixed ``<candidate>/``), ``view_classifier.safetensors`` and ``fit.log``.
 Files are rewritten as runs finish, so a run cut short still leaves its finished results.
 """
